@@ -1,0 +1,440 @@
+//! The event schema (rkyv 0.8): [`Trade`], [`Book`] and [`Kline`].
+//!
+//! Every event is fixed-size, with no out-of-line data, so its archive is exactly
+//! `size_of::<Archived…>()` bytes and a producer knows how much ring space to claim before it
+//! serialises straight into ring memory. Prices and quantities are [`Decimal`]s: an integer
+//! mantissa and a decimal scale, normalised (no trailing zeros), so any 8-decimal Binance input
+//! round-trips exactly.
+
+use std::fmt;
+
+use rkyv::rancor;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::frame::Kind;
+
+/// An exact decimal: `mantissa / 10^scale`, normalised so that `mantissa % 10 != 0` unless
+/// `scale == 0`. Two equal values therefore have equal representations.
+#[derive(Archive, Serialize, Deserialize, Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[rkyv(derive(Debug))]
+pub struct Decimal {
+    /// The digits, with the sign.
+    pub mantissa: i64,
+    /// How many of the digits are after the point (0..=18).
+    pub scale: u8,
+}
+
+/// Why a decimal string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid decimal {input:?}: {reason}")]
+pub struct DecimalError {
+    /// The input.
+    pub input: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl Decimal {
+    /// Parses `-?digits(.digits)?`. Exact: fails rather than rounds.
+    pub fn parse(s: &str) -> Result<Decimal, DecimalError> {
+        let err = |reason| DecimalError {
+            input: s.to_string(),
+            reason,
+        };
+        let (neg, body) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s.strip_prefix('+').unwrap_or(s)),
+        };
+        let (int, frac) = match body.split_once('.') {
+            Some((i, f)) => (i, f),
+            None => (body, ""),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return Err(err("no digits"));
+        }
+        if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+            return Err(err("not a decimal number"));
+        }
+        let frac = frac.trim_end_matches('0');
+        if frac.len() > 18 {
+            return Err(err("more than 18 decimals"));
+        }
+        let mut m: i64 = 0;
+        for b in int.bytes().chain(frac.bytes()) {
+            m = m
+                .checked_mul(10)
+                .and_then(|m| m.checked_add((b - b'0') as i64))
+                .ok_or_else(|| err("out of range"))?;
+        }
+        Ok(Decimal {
+            mantissa: if neg { -m } else { m },
+            scale: frac.len() as u8,
+        })
+    }
+}
+
+impl fmt::Display for Decimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_decimal(f, self.mantissa, self.scale)
+    }
+}
+
+impl fmt::Display for ArchivedDecimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_decimal(f, self.mantissa.to_native(), self.scale)
+    }
+}
+
+impl ArchivedDecimal {
+    /// The native value.
+    pub fn get(&self) -> Decimal {
+        Decimal {
+            mantissa: self.mantissa.to_native(),
+            scale: self.scale,
+        }
+    }
+}
+
+fn write_decimal(f: &mut fmt::Formatter<'_>, mantissa: i64, scale: u8) -> fmt::Result {
+    if mantissa < 0 {
+        f.write_str("-")?;
+    }
+    let digits = mantissa.unsigned_abs().to_string();
+    let scale = scale as usize;
+    if scale == 0 {
+        return f.write_str(&digits);
+    }
+    if digits.len() > scale {
+        let (i, d) = digits.split_at(digits.len() - scale);
+        write!(f, "{i}.{d}")
+    } else {
+        write!(f, "0.{}{digits}", "0".repeat(scale - digits.len()))
+    }
+}
+
+/// Bytes of a [`Symbol`].
+pub const SYMBOL_LEN: usize = 16;
+
+/// A short ASCII name (a symbol or an interval), zero-padded. Fixed-size so that events have
+/// no out-of-line data.
+#[derive(Archive, Serialize, Deserialize, Copy, Clone, PartialEq, Eq, Hash, Default)]
+#[rkyv(derive(Debug))]
+pub struct Symbol(pub [u8; SYMBOL_LEN]);
+
+impl Symbol {
+    /// Makes a symbol from 1 to 16 ASCII letters, digits, `_`, `-` or `.`.
+    pub fn new(s: &str) -> Result<Symbol, String> {
+        if s.is_empty() || s.len() > SYMBOL_LEN {
+            return Err(format!("symbol {s:?} must be 1 to {SYMBOL_LEN} characters"));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(format!(
+                "symbol {s:?} has characters outside [A-Za-z0-9._-]"
+            ));
+        }
+        let mut out = [0u8; SYMBOL_LEN];
+        out[..s.len()].copy_from_slice(s.as_bytes());
+        Ok(Symbol(out))
+    }
+
+    /// The symbol as text.
+    pub fn as_str(&self) -> &str {
+        symbol_str(&self.0)
+    }
+}
+
+impl ArchivedSymbol {
+    /// The symbol as text (invalid UTF-8 shows as `?`).
+    pub fn as_str(&self) -> &str {
+        symbol_str(&self.0)
+    }
+}
+
+fn symbol_str(b: &[u8; SYMBOL_LEN]) -> &str {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(SYMBOL_LEN);
+    std::str::from_utf8(&b[..end]).unwrap_or("?")
+}
+
+impl fmt::Debug for Symbol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// A trade (Binance `trades` or `aggTrades`).
+#[derive(Archive, Serialize, Deserialize, Copy, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct Trade {
+    /// The symbol, e.g. `BTCUSDT`.
+    pub symbol: Symbol,
+    /// Trade id (aggregate trade id for aggTrades).
+    pub id: u64,
+    /// Price.
+    pub price: Decimal,
+    /// Quantity.
+    pub qty: Decimal,
+    /// Whether the buyer was the maker.
+    pub buyer_maker: bool,
+}
+
+/// Best bid and ask (Binance `bookTicker`).
+#[derive(Archive, Serialize, Deserialize, Copy, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct Book {
+    /// The symbol.
+    pub symbol: Symbol,
+    /// Order-book update id.
+    pub update_id: u64,
+    /// Best bid price.
+    pub bid_price: Decimal,
+    /// Best bid quantity.
+    pub bid_qty: Decimal,
+    /// Best ask price.
+    pub ask_price: Decimal,
+    /// Best ask quantity.
+    pub ask_qty: Decimal,
+}
+
+/// A closed bar (Binance kline). Its event time is its close time.
+#[derive(Archive, Serialize, Deserialize, Copy, Clone, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct Kline {
+    /// The symbol.
+    pub symbol: Symbol,
+    /// The interval, e.g. `1m`.
+    pub interval: Symbol,
+    /// Open time, ns since the epoch.
+    pub open_time: u64,
+    /// Close time, ns since the epoch (the event time).
+    pub close_time: u64,
+    /// Open price.
+    pub open: Decimal,
+    /// High price.
+    pub high: Decimal,
+    /// Low price.
+    pub low: Decimal,
+    /// Close price.
+    pub close: Decimal,
+    /// Base volume.
+    pub volume: Decimal,
+    /// Quote volume.
+    pub quote_volume: Decimal,
+    /// Number of trades.
+    pub trades: u64,
+    /// Taker buy base volume.
+    pub taker_buy_base: Decimal,
+    /// Taker buy quote volume.
+    pub taker_buy_quote: Decimal,
+}
+
+/// An event type that can travel in a frame.
+pub trait Event: Archive + for<'a, 'b> Serialize<HighSerializer<'a, 'b>> + Sized {
+    /// The frame kind of this event.
+    const KIND: Kind;
+    /// Exact size of the archive (events have no out-of-line data).
+    const ARCHIVED_LEN: usize = std::mem::size_of::<Self::Archived>();
+}
+
+/// The rkyv serializer used to write events into ring memory.
+pub type HighSerializer<'a, 'b> = rkyv::api::high::HighSerializer<
+    rkyv::ser::writer::Buffer<'b>,
+    rkyv::ser::allocator::ArenaHandle<'a>,
+    rancor::Error,
+>;
+
+impl Event for Trade {
+    const KIND: Kind = Kind::Trade;
+}
+impl Event for Book {
+    const KIND: Kind = Kind::Book;
+}
+impl Event for Kline {
+    const KIND: Kind = Kind::Kline;
+}
+
+/// Serialises `ev` into `buf` (straight into ring memory on the hot path) and returns the
+/// archive's length. Fails only if `buf` is shorter than `E::ARCHIVED_LEN`.
+pub fn encode_into<E: Event>(ev: &E, buf: &mut [u8]) -> Result<usize, rancor::Error> {
+    let out =
+        rkyv::api::high::to_bytes_in::<_, rancor::Error>(ev, rkyv::ser::writer::Buffer::from(buf))?;
+    Ok(out.len())
+}
+
+/// Any event, native.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum AnyEvent {
+    /// A trade.
+    Trade(Trade),
+    /// A book update.
+    Book(Book),
+    /// A kline.
+    Kline(Kline),
+}
+
+impl AnyEvent {
+    /// The event's frame kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            AnyEvent::Trade(_) => Kind::Trade,
+            AnyEvent::Book(_) => Kind::Book,
+            AnyEvent::Kline(_) => Kind::Kline,
+        }
+    }
+
+    /// Serialises the event into `buf`; see [`encode_into`].
+    pub fn encode_into(&self, buf: &mut [u8]) -> Result<usize, rancor::Error> {
+        match self {
+            AnyEvent::Trade(e) => encode_into(e, buf),
+            AnyEvent::Book(e) => encode_into(e, buf),
+            AnyEvent::Kline(e) => encode_into(e, buf),
+        }
+    }
+
+    /// Exact archive length.
+    pub fn archived_len(&self) -> usize {
+        match self {
+            AnyEvent::Trade(_) => Trade::ARCHIVED_LEN,
+            AnyEvent::Book(_) => Book::ARCHIVED_LEN,
+            AnyEvent::Kline(_) => Kline::ARCHIVED_LEN,
+        }
+    }
+}
+
+/// An event read in place from ring memory.
+#[derive(Copy, Clone, Debug)]
+pub enum EventRef<'a> {
+    /// A trade.
+    Trade(&'a ArchivedTrade),
+    /// A book update.
+    Book(&'a ArchivedBook),
+    /// A kline.
+    Kline(&'a ArchivedKline),
+}
+
+/// Why a payload could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The frame is not an event (control frame).
+    #[error("frame kind {0:?} carries no event")]
+    NotAnEvent(Kind),
+    /// rkyv's validation refused the bytes.
+    #[error("invalid payload: {0}")]
+    Invalid(String),
+    /// The payload is too short, or misaligned, for the archived type.
+    #[error("payload of {len} bytes cannot hold a {kind:?}")]
+    BadSize {
+        /// The kind.
+        kind: Kind,
+        /// Bytes available.
+        len: usize,
+    },
+}
+
+/// Reads the event in `payload` in place, validating it with bytecheck. Costs one pass over
+/// the archive's fields.
+pub fn decode(kind: Kind, payload: &[u8]) -> Result<EventRef<'_>, DecodeError> {
+    let inv = |e: rancor::Error| DecodeError::Invalid(e.to_string());
+    Ok(match kind {
+        Kind::Trade => {
+            EventRef::Trade(rkyv::access::<ArchivedTrade, rancor::Error>(payload).map_err(inv)?)
+        }
+        Kind::Book => {
+            EventRef::Book(rkyv::access::<ArchivedBook, rancor::Error>(payload).map_err(inv)?)
+        }
+        Kind::Kline => {
+            EventRef::Kline(rkyv::access::<ArchivedKline, rancor::Error>(payload).map_err(inv)?)
+        }
+        Kind::Control => return Err(DecodeError::NotAnEvent(kind)),
+    })
+}
+
+/// Reads the event in `payload` in place without validating its contents. Checks only the
+/// length and the alignment, so the reference is at least in bounds.
+///
+/// # Safety
+/// `payload` must hold an archive of the event `kind` names, written by [`encode_into`] (for
+/// instance, a frame that came through an Aegis ring from a trusted producer).
+pub unsafe fn decode_unchecked(kind: Kind, payload: &[u8]) -> Result<EventRef<'_>, DecodeError> {
+    fn get<T: rkyv::Portable>(kind: Kind, p: &[u8]) -> Result<&T, DecodeError> {
+        if p.len() < std::mem::size_of::<T>()
+            || p.as_ptr() as usize % std::mem::align_of::<T>() != 0
+        {
+            return Err(DecodeError::BadSize { kind, len: p.len() });
+        }
+        // SAFETY: the length and alignment were just checked; the caller guarantees the bytes
+        // are a valid archive of T.
+        Ok(unsafe { rkyv::access_unchecked::<T>(p) })
+    }
+    Ok(match kind {
+        Kind::Trade => EventRef::Trade(get(kind, payload)?),
+        Kind::Book => EventRef::Book(get(kind, payload)?),
+        Kind::Kline => EventRef::Kline(get(kind, payload)?),
+        Kind::Control => return Err(DecodeError::NotAnEvent(kind)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_round_trip_exactly() {
+        for (input, shown) in [
+            ("63201.05000000", "63201.05"),
+            ("0.00100000", "0.001"),
+            ("63186.00000000", "63186"),
+            ("689505.82620870", "689505.8262087"),
+            ("-1.5", "-1.5"),
+            ("0", "0"),
+            ("0.00000001", "0.00000001"),
+            ("92233720368.54775807", "92233720368.54775807"),
+            ("10000000000000.00000000", "10000000000000"),
+        ] {
+            let d = Decimal::parse(input).unwrap();
+            assert_eq!(d.to_string(), shown, "{input}");
+            assert_eq!(Decimal::parse(shown).unwrap(), d);
+        }
+        for bad in [
+            "",
+            ".",
+            "1e5",
+            "abc",
+            "1.2.3",
+            "99999999999999999999",
+            "--1",
+        ] {
+            assert!(Decimal::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn events_encode_to_their_fixed_size_and_decode_in_place() {
+        let t = Trade {
+            symbol: Symbol::new("BTCUSDT").unwrap(),
+            id: 7,
+            price: Decimal::parse("63201.05").unwrap(),
+            qty: Decimal::parse("0.001").unwrap(),
+            buyer_maker: true,
+        };
+        #[repr(align(16))]
+        struct Buf([u8; 256]);
+        let mut buf = Buf([0; 256]);
+        let n = encode_into(&t, &mut buf.0).unwrap();
+        assert_eq!(n, Trade::ARCHIVED_LEN);
+        match decode(Kind::Trade, &buf.0[..n]).unwrap() {
+            EventRef::Trade(a) => {
+                assert_eq!(a.symbol.as_str(), "BTCUSDT");
+                assert_eq!(a.price.to_string(), "63201.05");
+                assert!(a.buyer_maker);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A bool byte that is neither 0 nor 1 is refused by the checked path.
+        // Layout: symbol 0..16, id 16..24, price 24..40, qty 40..56, buyer_maker at 56.
+        buf.0[56] = 7;
+        assert!(decode(Kind::Trade, &buf.0[..n]).is_err());
+    }
+}

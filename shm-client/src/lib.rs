@@ -1,0 +1,62 @@
+//! # aegis-shm-client
+//!
+//! Everything a co-located process needs to take part in an Aegis session: the event schema,
+//! the frame and segment layouts, the SPSC source ring (producers), the broadcast bus
+//! (consumers) and the wait strategies.
+//!
+//! ## Lifecycle
+//! 1. **Setup.** The daemon creates the session's segments in `/dev/shm` (`aegis-<sid>-src-<name>`,
+//!    `aegis-<sid>-bus`). A producer opens its source ring with [`spsc::Producer::open`]; a
+//!    consumer attaches to the bus with [`spmc::BusReader::open`]. Opening checks magic, layout
+//!    version, session epoch, initialisation and size, and fails with a specific
+//!    [`segment::OpenError`].
+//! 2. **Publish.** [`spsc::Producer::try_push`] serialises an event with rkyv straight into
+//!    ring memory (claim, write, commit) and hands the event back if the ring is full;
+//!    [`spsc::Producer::push`] waits with a [`wait::WaitStrategy`] until a deadline. Commits are
+//!    batched: the cursor is published once per batch, or on [`spsc::Producer::flush`].
+//! 3. **Consume.** [`spmc::BusReader::try_next`] returns the next frame in bus order, read in
+//!    place; [`event::decode`] gives the archived event, validated by bytecheck (or
+//!    [`event::decode_unchecked`] on the opt-in fast path).
+//! 4. **Shutdown.** The producer ends its stream with [`spsc::Producer::finish`] (an EOF
+//!    frame); the sequencer writes END-OF-STREAM to the bus once every source has ended; the
+//!    consumer sees a frame with the EOF flag and detaches.
+//!
+//! ## Example (on a heap region, as the unit tests do)
+//! ```
+//! use aegis_shm_client::event::{decode, Decimal, EventRef, Symbol, Trade};
+//! use aegis_shm_client::spsc::{Producer, RingReader};
+//! use aegis_shm_client::segment::HeapRegion;
+//! use std::sync::Arc;
+//!
+//! let region = Arc::new(HeapRegion::new(aegis_shm_client::spsc::region_len(4096)));
+//! let mut tx = Producer::create(region.clone(), 4096, 1, 0).unwrap();
+//! let mut rx = RingReader::open(region, Some(1)).unwrap();
+//! let trade = Trade {
+//!     symbol: Symbol::new("BTCUSDT").unwrap(),
+//!     id: 1,
+//!     price: Decimal::parse("63201.05").unwrap(),
+//!     qty: Decimal::parse("0.5").unwrap(),
+//!     buyer_maker: false,
+//! };
+//! tx.try_push(1_000, 0, &trade).unwrap();
+//! tx.flush();
+//! let frame = rx.peek().unwrap().expect("one frame");
+//! match decode(frame.kind(), frame.payload).unwrap() {
+//!     EventRef::Trade(t) => assert_eq!(t.price.to_string(), "63201.05"),
+//!     _ => unreachable!(),
+//! }
+//! ```
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+pub mod event;
+pub mod frame;
+pub mod segment;
+pub mod spmc;
+pub mod spsc;
+pub(crate) mod sync;
+pub mod wait;
+
+pub use frame::{FrameHeader, Kind, Seq};
