@@ -360,7 +360,7 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<EventRef<'_>, DecodeError> {
 pub unsafe fn decode_unchecked(kind: Kind, payload: &[u8]) -> Result<EventRef<'_>, DecodeError> {
     fn get<T: rkyv::Portable>(kind: Kind, p: &[u8]) -> Result<&T, DecodeError> {
         if p.len() < std::mem::size_of::<T>()
-            || p.as_ptr() as usize % std::mem::align_of::<T>() != 0
+            || !(p.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
         {
             return Err(DecodeError::BadSize { kind, len: p.len() });
         }

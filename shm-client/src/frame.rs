@@ -30,8 +30,10 @@ pub mod flags {
     pub const HEARTBEAT: u8 = 4;
     /// Filler up to the end of the ring; skip it.
     pub const PADDING: u8 = 8;
+    /// With EOF on the bus: the session failed; the stream is incomplete.
+    pub const ABORT: u8 = 16;
     /// Every flag this build knows.
-    pub const KNOWN: u8 = EOF | LATE | HEARTBEAT | PADDING;
+    pub const KNOWN: u8 = EOF | LATE | HEARTBEAT | PADDING | ABORT;
 }
 
 /// What a frame carries.
@@ -138,7 +140,9 @@ pub enum FrameError {
 /// Bytes a frame with a payload of `len` bytes occupies.
 #[inline]
 pub const fn stride(len: usize) -> usize {
-    (FRAME_HEADER_LEN + len + FRAME_ALIGN - 1) & !(FRAME_ALIGN - 1)
+    // Saturating, so that an absurd length (`try_claim(usize::MAX)`) is refused as too large
+    // instead of overflowing. Regression test: `regression_try_claim_huge_len_is_too_large`.
+    len.saturating_add(FRAME_HEADER_LEN + FRAME_ALIGN - 1) & !(FRAME_ALIGN - 1)
 }
 
 /// Whether a reader at ring offset `off` must skip straight to the wrap: fewer than a header's

@@ -51,8 +51,11 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod client;
+pub mod control;
 pub mod event;
 pub mod frame;
+pub mod protocol;
 pub mod segment;
 pub mod spmc;
 pub mod spsc;

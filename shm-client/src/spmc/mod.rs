@@ -331,7 +331,9 @@ impl BusWriter {
     /// visible on [`BusWriter::publish`]. `Err(Full)` only under the block policy.
     pub fn try_write(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<Seq, WriteError> {
         let stride = frame::stride(payload.len()) as u64;
-        if stride > self.m.cap {
+        // At most half the bus, so that it fits after padding at any offset (see
+        // `Producer::try_claim`).
+        if stride > self.m.cap / 2 {
             return Err(WriteError::TooLarge {
                 stride: stride as usize,
                 capacity: self.m.cap as usize,
@@ -346,12 +348,21 @@ impl BusWriter {
         };
         match self.m.policy {
             Policy::Block => {
-                if self.tail + need - self.gate > self.m.cap {
-                    self.gate = self.min_cursor().unwrap_or(self.tail);
-                    if self.tail + need - self.gate > self.m.cap {
+                if stride > contiguous {
+                    // Wrap as a step of its own, as soon as the bytes to the end are free, and
+                    // publish it even if the frame does not fit yet: waiting for `need` bytes
+                    // at once waits forever when `need > cap` (the consumers cannot pass
+                    // padding that was never written). Regression test:
+                    // `regression_bus_block_large_frame_after_wrap_livelock`.
+                    if !self.has_room(contiguous) {
                         self.publish();
                         return Err(WriteError::Full);
                     }
+                    self.wrap(off, contiguous);
+                }
+                if !self.has_room(stride) {
+                    self.publish();
+                    return Err(WriteError::Full);
                 }
             }
             Policy::Overwrite => {
@@ -363,20 +374,10 @@ impl BusWriter {
                     .claim
                     .store(self.tail + need, Ordering::Relaxed);
                 fence(Ordering::Release);
+                if stride > contiguous {
+                    self.wrap(off, contiguous);
+                }
             }
-        }
-        if stride > contiguous {
-            if !frame::skip_to_wrap(contiguous as usize) {
-                // SAFETY: `off` is inside the data area and 16-aligned; the bytes to the end are
-                // free (block) or announced in `claim` (overwrite).
-                unsafe {
-                    frame::write_header(
-                        self.m.data.add(off as usize),
-                        &FrameHeader::padding(contiguous as usize),
-                    )
-                };
-            }
-            self.tail += contiguous;
         }
         let off = (self.tail & self.m.mask) as usize;
         let mut h = *header;
@@ -387,10 +388,42 @@ impl BusWriter {
             let p = self.m.data.add(off);
             frame::write_header(p, &h);
             std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(FRAME_HEADER_LEN), payload.len());
+            // Zero the alignment padding, as the frame format promises (it holds an earlier
+            // lap's bytes). Regression test: `regression_alignment_padding_is_zeroed`.
+            p.add(FRAME_HEADER_LEN + payload.len())
+                .write_bytes(0, stride as usize - FRAME_HEADER_LEN - payload.len());
         }
         self.tail += stride;
         self.next_seq += 1;
         Ok(h.bus_seq)
+    }
+
+    /// Block policy: whether `n` bytes from `tail` are free, rescanning the consumers' cursors
+    /// if they look taken.
+    fn has_room(&mut self, n: u64) -> bool {
+        if self.tail + n - self.gate > self.m.cap {
+            self.gate = self.min_cursor().unwrap_or(self.tail);
+            if self.tail + n - self.gate > self.m.cap {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Fills the `contiguous` bytes from ring offset `off` to the end with padding (a PADDING
+    /// frame, or nothing when fewer than a header's bytes remain) and moves `tail` past them.
+    fn wrap(&mut self, off: u64, contiguous: u64) {
+        if !frame::skip_to_wrap(contiguous as usize) {
+            // SAFETY: `off` is inside the data area and 16-aligned; the bytes to the end are
+            // free (block) or announced in `claim` (overwrite).
+            unsafe {
+                frame::write_header(
+                    self.m.data.add(off as usize),
+                    &FrameHeader::padding(contiguous as usize),
+                )
+            };
+        }
+        self.tail += contiguous;
     }
 
     /// Like [`BusWriter::try_write`], waiting with `wait` until room appears or `deadline`.
@@ -626,9 +659,13 @@ impl BusReader {
         let mut chosen = None;
         for i in candidates {
             let s = &ctrl.slots[i];
-            // Cursor 0 while attaching holds a block-policy writer back until we publish our
-            // real starting point below, never letting it run past us.
-            s.cursor.store(0, Ordering::Relaxed);
+            // Nothing is stored into a slot before we own it: the cursor of a slot another
+            // consumer holds must not be touched (it used to be reset to 0 here, and a caught-up
+            // consumer never stores its cursor again, so a block-policy writer waited forever;
+            // regression test: `regression_attach_does_not_clobber_an_attached_slot_cursor`).
+            // Until we store our starting point below, a writer that sees the slot attached
+            // reads the previous occupant's cursor (or 0): never ahead of the tail we start
+            // at, so it holds the writer back and never lets it run past us.
             if s.state
                 .compare_exchange(
                     SLOT_FREE,

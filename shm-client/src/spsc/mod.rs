@@ -227,6 +227,18 @@ impl Claim<'_> {
         }
         // SAFETY: `ptr` is 16-aligned, inside the claimed region, and unpublished.
         unsafe { frame::write_header(self.ptr, &header) };
+        let len = header.len as usize;
+        if len <= self.max_len {
+            // Zero the alignment padding after the payload, as the frame format promises: the
+            // bytes still hold whatever an earlier lap left there. Regression test:
+            // `regression_alignment_padding_is_zeroed`.
+            // SAFETY: `48 + len .. stride(len)` lies inside the claim (`len <= max_len`).
+            unsafe {
+                self.ptr
+                    .add(FRAME_HEADER_LEN + len)
+                    .write_bytes(0, frame::stride(len) - FRAME_HEADER_LEN - len)
+            };
+        }
         p.tail += frame::stride(header.len as usize) as u64;
         p.next_seq += 1;
         p.pending += 1;
@@ -305,11 +317,15 @@ impl Producer {
         self.pending = 0;
     }
 
-    /// Claims room for a frame with a payload of up to `max_len` bytes. On `Err(())` the ring
-    /// is full (the pending batch has been flushed so the reader can make room).
+    /// Claims room for a frame with a payload of up to `max_len` bytes. On `Err(Full)` the ring
+    /// is full (the pending batch, and the padding of a wrap already made, have been flushed so
+    /// the reader can make room).
     pub fn try_claim(&mut self, max_len: usize) -> Result<Claim<'_>, ClaimError> {
         let stride = frame::stride(max_len) as u64;
-        if stride > self.m.cap || max_len > frame::MAX_PAYLOAD_LEN {
+        // A frame may take at most half the ring: then it fits after the padding at any offset
+        // (padding < stride, so padding + stride <= cap). A larger frame could wait forever on
+        // an empty ring whose free space is split by the wrap.
+        if stride > self.m.cap / 2 || max_len > frame::MAX_PAYLOAD_LEN {
             return Err(ClaimError::TooLarge {
                 stride: stride as usize,
                 capacity: self.m.cap as usize,
@@ -317,21 +333,17 @@ impl Producer {
         }
         let off = self.tail & self.m.mask;
         let contiguous = self.m.cap - off;
-        let need = if stride <= contiguous {
-            stride
-        } else {
-            contiguous + stride
-        };
-        if self.tail + need - self.cached_head > self.m.cap {
-            // Acquire: pairs with the Release store of `head` in `RingReader::release`; the
-            // reader is done with the bytes below `head` before we overwrite them.
-            self.cached_head = self.m.ctrl().head.load(Ordering::Acquire);
-            if self.tail + need - self.cached_head > self.m.cap {
+        if stride > contiguous {
+            // Wrap as a step of its own: fill the end of the ring as soon as *those* bytes are
+            // free, and keep (and, on Full, publish) the padding even if the frame does not fit
+            // yet. Waiting for `contiguous + stride` bytes at once would wait forever when that
+            // is more than the ring (a frame longer than both the space before the end and the
+            // space before the current offset): the reader's head cannot pass padding that was
+            // never written. Regression test: `regression_spsc_large_frame_after_wrap_livelock`.
+            if !self.has_room(contiguous) {
                 self.flush();
                 return Err(ClaimError::Full);
             }
-        }
-        if stride > contiguous {
             if !frame::skip_to_wrap(contiguous as usize) {
                 // SAFETY: `off` is inside the ring and 16-aligned; the bytes up to the end are
                 // free (checked above) and unpublished.
@@ -344,6 +356,10 @@ impl Producer {
             }
             self.tail += contiguous;
         }
+        if !self.has_room(stride) {
+            self.flush();
+            return Err(ClaimError::Full);
+        }
         let off = (self.tail & self.m.mask) as usize;
         Ok(Claim {
             // SAFETY: `off + stride <= cap`, so the claim lies inside the data area.
@@ -351,6 +367,20 @@ impl Producer {
             max_len,
             producer: self,
         })
+    }
+
+    /// Whether `n` bytes from `tail` are free, reloading the reader's head if they look taken.
+    #[inline]
+    fn has_room(&mut self, n: u64) -> bool {
+        if self.tail + n - self.cached_head > self.m.cap {
+            // Acquire: pairs with the Release store of `head` in `RingReader::release`; the
+            // reader is done with the bytes below `head` before we overwrite them.
+            self.cached_head = self.m.ctrl().head.load(Ordering::Acquire);
+            if self.tail + n - self.cached_head > self.m.cap {
+                return false;
+            }
+        }
+        true
     }
 
     /// Serialises `event` with rkyv straight into ring memory and commits it. On a full ring
@@ -522,6 +552,12 @@ impl RingReader {
     pub fn open(region: Arc<dyn Region>, epoch: Option<u64>) -> Result<RingReader, OpenError> {
         let m = Mapped::open(region, epoch)?;
         let head = m.ctrl().head.load(Ordering::Acquire);
+        // The head sits in memory the producer can write: a misaligned one would make `peek`
+        // read a header through a misaligned pointer. Regression test:
+        // `regression_reader_open_refuses_misaligned_head`.
+        if head & (FRAME_ALIGN as u64 - 1) != 0 {
+            return Err(OpenError::Corrupt("ring head is not 16-byte aligned"));
+        }
         Ok(RingReader {
             m,
             head,
@@ -542,15 +578,16 @@ impl RingReader {
         if t - self.head > self.m.cap {
             return Err(FrameError::BadCursor("tail is more than a ring ahead"));
         }
-        if t % FRAME_ALIGN as u64 != 0 {
+        if !t.is_multiple_of(FRAME_ALIGN as u64) {
             return Err(FrameError::BadCursor("tail is not 16-byte aligned"));
         }
         self.cached_tail = t;
         Ok(())
     }
 
-    /// Returns the next frame without consuming it, or `None` when the ring is empty. Padding
-    /// is skipped. A malformed cursor or header is an error: the ring is then unusable.
+    /// Returns the next frame without consuming it, or `None` when the ring is empty (after
+    /// releasing every consumed byte). Padding is skipped. A malformed cursor or header is an
+    /// error: the ring is then unusable.
     pub fn peek(&mut self) -> Result<Option<FrameRef<'_>>, FrameError> {
         if self.peeked.is_none() && !self.peek_inner()? {
             return Ok(None);
@@ -572,22 +609,25 @@ impl RingReader {
         Ok(self.peeked.map(|p| p.0))
     }
 
-    fn peek_inner(&mut self) -> Result<bool, FrameError> {
+    /// Finds the first frame at or after position `pos` (skipping padding) in the published
+    /// data, validated. Returns the position reached (the frame's, or the end of the
+    /// published data after skipping padding) and the frame's header and stride, if any.
+    fn locate(&mut self, mut pos: u64) -> Result<(u64, Option<(FrameHeader, u64)>), FrameError> {
         loop {
-            if self.head == self.cached_tail {
+            if pos == self.cached_tail {
                 self.refresh()?;
-                if self.head == self.cached_tail {
-                    return Ok(false);
+                if pos == self.cached_tail {
+                    return Ok((pos, None));
                 }
             }
-            let off = (self.head & self.m.mask) as usize;
+            let off = (pos & self.m.mask) as usize;
             let contiguous = self.m.cap as usize - off;
-            let published = (self.cached_tail - self.head) as usize;
+            let published = (self.cached_tail - pos) as usize;
             if frame::skip_to_wrap(contiguous) {
                 if published < contiguous {
                     return Err(FrameError::BadCursor("tail inside the implicit padding"));
                 }
-                self.head += contiguous as u64;
+                pos += contiguous as u64;
                 continue;
             }
             if published < FRAME_HEADER_LEN {
@@ -603,17 +643,51 @@ impl RingReader {
                         available: contiguous,
                     });
                 }
-                self.head += contiguous as u64;
+                pos += contiguous as u64;
                 continue;
             }
             let stride = h.validate(contiguous.min(published))?;
-            self.peeked = Some((h, off, stride as u64));
-            return Ok(true);
+            return Ok((pos, Some((h, stride as u64))));
         }
     }
 
+    fn peek_inner(&mut self) -> Result<bool, FrameError> {
+        let (pos, found) = self.locate(self.head)?;
+        self.head = pos;
+        match found {
+            None => {
+                // Drained: hand back everything consumed, including padding skipped at the
+                // wrap. A producer waiting for room behind that padding would otherwise wait
+                // for a release that a caller releasing only after moving frames never makes.
+                // No frame from an earlier peek can still be borrowed here.
+                // Regression test: `regression_spsc_large_frame_after_wrap_livelock`.
+                self.release();
+                Ok(false)
+            }
+            Some((h, stride)) => {
+                self.peeked = Some((h, (pos & self.m.mask) as usize, stride));
+                Ok(true)
+            }
+        }
+    }
+
+    /// Looks ahead without consuming: the header of the first frame at or after position
+    /// `pos` (which must be at or after the read position, on a frame boundary), and the
+    /// position after it. `None` when `pos` is at the end of the published data. Used by the
+    /// sequencer to see a whole run of equal timestamps before it orders it.
+    pub fn header_at(&mut self, pos: u64) -> Result<Option<(FrameHeader, u64)>, FrameError> {
+        debug_assert!(pos >= self.head);
+        let (p, found) = self.locate(pos)?;
+        Ok(found.map(|(h, stride)| (h, p + stride)))
+    }
+
+    /// The position right after the frame under the read position (once peeked).
+    pub fn peeked_end(&self) -> Option<u64> {
+        self.peeked.map(|(_, _, stride)| self.head + stride)
+    }
+
     /// Consumes the frame returned by the last `peek`. Its bytes stay valid until
-    /// [`RingReader::release`].
+    /// [`RingReader::release`], or until a `peek` finds the ring drained (which releases).
     pub fn consume(&mut self) {
         if let Some((_, _, stride)) = self.peeked.take() {
             self.head += stride;

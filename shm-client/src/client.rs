@@ -1,0 +1,379 @@
+//! The component side of the control protocol: connect, register, map, READY, wait for
+//! STARTED, heartbeat in the background, FINISHED.
+//!
+//! ```no_run
+//! use aegis_shm_client::client::Component;
+//! use aegis_shm_client::protocol::{Register, Role};
+//! use aegis_shm_client::wait::{Backoff, Deadline};
+//! use std::time::Duration;
+//!
+//! // A consumer: AEGIS_SOCKET and AEGIS_SESSION_TOKEN come from `aegis-shmctl session run`.
+//! let c = Component::from_env("my-strategy", Role::Consumer, vec![])?;
+//! let mut bus = c.consumer()?;
+//! c.ready(Duration::from_secs(60))?;
+//! loop {
+//!     let f = bus.next(&mut Backoff::default(), Deadline::after(Duration::from_secs(30)))?;
+//!     if f.is_eof() { break; }
+//!     let _event = f.event()?;
+//! }
+//! c.finished()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::io::{BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{self, Ack, Register, Reply, Request, Role, SourceDecl};
+use crate::segment::{OpenError, ShmRegion};
+use crate::spmc::{AttachError, BusReader};
+use crate::spsc::Producer;
+
+/// Why a control-plane call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No daemon listens on the socket.
+    #[error("no daemon at {0} — start one with `aegis-shmctl serve`")]
+    NoDaemon(PathBuf),
+    /// `AEGIS_SESSION_TOKEN` is not set.
+    #[error("AEGIS_SESSION_TOKEN is not set: start this component with `aegis-shmctl session run`, or export the token printed by `session create`")]
+    NoToken,
+    /// The daemon refused.
+    #[error("daemon refused ({code}): {message}")]
+    Refused {
+        /// Error code.
+        code: String,
+        /// Message.
+        message: String,
+    },
+    /// The daemon said something unexpected.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The deadline passed.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    /// The session was stopped.
+    #[error("session stopped: {0}")]
+    Stopped(String),
+    /// A segment could not be mapped.
+    #[error("cannot map {path}: {source}")]
+    Map {
+        /// Segment path.
+        path: String,
+        /// Why.
+        source: OpenError,
+    },
+    /// The bus could not be attached.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// No such source in the ACK.
+    #[error("source {0} was not registered by this component")]
+    UnknownSource(String),
+    /// I/O.
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What STARTED carried.
+#[derive(Clone, Debug, Default)]
+pub struct Started {
+    /// Topic table (name → id).
+    pub topics: std::collections::BTreeMap<String, u32>,
+    /// Source names by rank.
+    pub source_names: Vec<String>,
+}
+
+#[derive(Default)]
+struct Status {
+    started: Option<Started>,
+    stopped: Option<String>,
+    finished_ack: bool,
+    closed: bool,
+}
+
+struct Shared {
+    status: Mutex<Status>,
+    changed: Condvar,
+    quit: AtomicBool,
+}
+
+/// A registered component. Dropping it closes the connection (the daemon then treats the
+/// component as gone).
+pub struct Component {
+    writer: Arc<Mutex<UnixStream>>,
+    shared: Arc<Shared>,
+    ack: Ack,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Component {
+    /// Registers with the daemon found through `$AEGIS_SOCKET` (or the default socket) using
+    /// `$AEGIS_SESSION_TOKEN`.
+    pub fn from_env(
+        name: &str,
+        role: Role,
+        sources: Vec<SourceDecl>,
+    ) -> Result<Component, ClientError> {
+        let token = std::env::var("AEGIS_SESSION_TOKEN").map_err(|_| ClientError::NoToken)?;
+        Component::connect(
+            None,
+            Register {
+                component_name: name.to_string(),
+                session_token: token,
+                role: Some(role),
+                sources,
+                pid: Some(std::process::id()),
+                ..Register::default()
+            },
+        )
+    }
+
+    /// Connects to the daemon at `socket` (see [`protocol::socket_path`]) and registers.
+    /// Fails with the daemon's ERROR, or after a 5 s deadline.
+    pub fn connect(socket: Option<&Path>, reg: Register) -> Result<Component, ClientError> {
+        let path = protocol::socket_path(socket);
+        let stream = UnixStream::connect(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NoDaemon(path.clone())
+            }
+            _ => ClientError::Io(e),
+        })?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let mut writer = stream.try_clone()?;
+        writer.write_all(&protocol::encode(&Request::Register(reg)))?;
+        let mut reader = BufReader::new(stream);
+        let ack = match read_reply(&mut reader)? {
+            Reply::Ack { ack: Some(ack), .. } => ack,
+            Reply::Error { code, message } => return Err(ClientError::Refused { code, message }),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected ACK, got {other:?}"
+                )))
+            }
+        };
+        reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)))?;
+        let shared = Arc::new(Shared {
+            status: Mutex::new(Status::default()),
+            changed: Condvar::new(),
+            quit: AtomicBool::new(false),
+        });
+        let writer = Arc::new(Mutex::new(writer));
+        let mut threads = Vec::new();
+        {
+            let shared = shared.clone();
+            threads.push(std::thread::spawn(move || reader_loop(reader, &shared)));
+        }
+        {
+            let shared = shared.clone();
+            let writer = writer.clone();
+            threads.push(std::thread::spawn(move || heartbeat_loop(&writer, &shared)));
+        }
+        Ok(Component {
+            writer,
+            shared,
+            ack,
+            threads,
+        })
+    }
+
+    /// The daemon's ACK: segment paths, slot, topic ids.
+    pub fn ack(&self) -> &Ack {
+        &self.ack
+    }
+
+    /// Opens the producer end of `source` (declared at REGISTER). Returns the producer and
+    /// the topic id to stamp on its frames.
+    pub fn producer(&self, source: &str) -> Result<(Producer, u32), ClientError> {
+        let s = self
+            .ack
+            .sources
+            .iter()
+            .find(|s| s.name == source)
+            .ok_or_else(|| ClientError::UnknownSource(source.to_string()))?;
+        let map = |e| ClientError::Map {
+            path: s.path.clone(),
+            source: e,
+        };
+        let region = Arc::new(ShmRegion::open(Path::new(&s.path)).map_err(map)?);
+        let p = Producer::open(region, Some(self.ack.epoch), 0).map_err(map)?;
+        Ok((p, s.topic_id))
+    }
+
+    /// Attaches to the bus in the slot the daemon assigned.
+    pub fn consumer(&self) -> Result<BusReader, ClientError> {
+        let map = |e| ClientError::Map {
+            path: self.ack.bus.clone(),
+            source: e,
+        };
+        let region = Arc::new(ShmRegion::open(Path::new(&self.ack.bus)).map_err(map)?);
+        Ok(BusReader::attach(
+            region,
+            Some(self.ack.epoch),
+            self.ack.slot,
+        )?)
+    }
+
+    fn send(&self, req: &Request) -> Result<(), ClientError> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.write_all(&protocol::encode(req))?;
+        Ok(())
+    }
+
+    /// Sends READY and waits for STARTED (the READY barrier), at most `timeout`.
+    pub fn ready(&self, timeout: Duration) -> Result<Started, ClientError> {
+        self.send(&Request::Ready)?;
+        self.wait_for(timeout, "STARTED", |s| s.started.clone())
+    }
+
+    fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        what: &'static str,
+        f: impl Fn(&Status) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let end = Instant::now() + timeout;
+        let mut st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(v) = f(&st) {
+                return Ok(v);
+            }
+            if let Some(r) = &st.stopped {
+                return Err(ClientError::Stopped(r.clone()));
+            }
+            if st.closed {
+                return Err(ClientError::Protocol(format!(
+                    "daemon closed the connection while we waited for {what}"
+                )));
+            }
+            let now = Instant::now();
+            if now >= end {
+                return Err(ClientError::Timeout(timeout, what));
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, end - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Why the daemon asked us to stop, if it did.
+    pub fn stop_requested(&self) -> Option<String> {
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stopped
+            .clone()
+    }
+
+    /// Tells the daemon we are done, waits (5 s at most) for its ACK, and disconnects.
+    pub fn finished(self) -> Result<(), ClientError> {
+        self.send(&Request::Finished)?;
+        self.wait_for(IO_TIMEOUT, "the ACK of FINISHED", |s| {
+            s.finished_ack.then_some(())
+        })
+    }
+
+    /// Reports a failure to the daemon and disconnects.
+    pub fn error(self, code: &str, message: &str) -> Result<(), ClientError> {
+        self.send(&Request::Error {
+            code: code.to_string(),
+            message: message.to_string(),
+        })
+    }
+}
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        self.shared.quit.store(true, Ordering::Relaxed);
+        if let Ok(w) = self.writer.lock() {
+            let _ = w.shutdown(std::net::Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn read_reply(r: &mut BufReader<UnixStream>) -> Result<Reply, ClientError> {
+    let mut buf = Vec::new();
+    match protocol::read_line(r, &mut buf) {
+        Ok(Some(())) => serde_json::from_slice(&buf)
+            .map_err(|e| ClientError::Protocol(format!("bad reply: {e}"))),
+        Ok(None) => Err(ClientError::Protocol("daemon closed the connection".into())),
+        Err(protocol::LineError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(ClientError::Timeout(IO_TIMEOUT, "the daemon's reply"))
+        }
+        Err(e) => Err(ClientError::Protocol(e.to_string())),
+    }
+}
+
+fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared) {
+    let mut buf = Vec::new();
+    while !shared.quit.load(Ordering::Relaxed) {
+        let reply = match protocol::read_line(&mut r, &mut buf) {
+            Ok(Some(())) => match serde_json::from_slice::<Reply>(&buf) {
+                Ok(r) => r,
+                Err(_) => continue,
+            },
+            Err(protocol::LineError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            _ => break,
+        };
+        let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        match reply {
+            Reply::Started {
+                topics,
+                source_names,
+            } => {
+                st.started = Some(Started {
+                    topics,
+                    source_names,
+                })
+            }
+            Reply::Stop { reason } => st.stopped = Some(reason),
+            Reply::Error { code, message } => st.stopped = Some(format!("{code}: {message}")),
+            Reply::Ack { .. } => st.finished_ack = true,
+            Reply::Wait { .. } | Reply::Heartbeat => continue,
+        }
+        shared.changed.notify_all();
+    }
+    shared
+        .status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .closed = true;
+    shared.changed.notify_all();
+}
+
+fn heartbeat_loop(w: &Mutex<UnixStream>, shared: &Shared) {
+    let line = protocol::encode(&Request::Heartbeat);
+    while !shared.quit.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(protocol::HEARTBEAT_INTERVAL_MS));
+        let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
+        if g.write_all(&line).is_err() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,692 @@
+//! The sequencer: merges a session's source rings into the bus, deterministically.
+//!
+//! Merge key, compared left to right (SPEC section 3): `ts`, kind priority (Trade < Book <
+//! Kline), source rank (position of the source's name in the sorted list of names), source
+//! sequence. The key is packed into a `u128` so one comparison decides.
+//!
+//! The heads of all sources are cached, and the minimum is found by a linear scan over them:
+//! for the k <= 64 sources a session may have, the scan over a small contiguous array beats a
+//! binary heap (see `benches/merge.rs`, which measures both), and it needs no rebalancing when a
+//! source runs dry.
+//!
+//! - **Backtest (exact):** the minimum is emitted only when every source that has not ended has
+//!   a head. The output therefore depends only on the input, never on timing. The bus uses the
+//!   block policy: the sequencer waits for the slowest consumer.
+//! - **Live (bounded lateness):** a source with nothing waiting holds the merge back only while
+//!   the candidate is newer than its watermark and for at most `max_lateness` since it ran dry.
+//!   An event older than one already emitted goes out flagged LATE and is counted. The bus
+//!   uses the overwrite policy and never waits.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aegis_shm_client::control::{Control, SourceState};
+use aegis_shm_client::frame::{flags, FrameHeader, Kind};
+use aegis_shm_client::spmc::{BusWriter, WriteError};
+use aegis_shm_client::spsc::RingReader;
+use aegis_shm_client::wait::{Deadline, WaitKind, WaitStrategy};
+
+/// Session mode.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Exact merge, block policy.
+    Backtest,
+    /// Bounded lateness, overwrite policy.
+    Live {
+        /// How long an idle source may hold the merge back.
+        max_lateness: Duration,
+    },
+}
+
+/// Sequencer settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The session mode.
+    pub mode: Mode,
+    /// Frames moved per pass before the bus cursor is published.
+    pub batch: usize,
+    /// Core to pin the sequencer thread to (`None`: unpinned).
+    pub core: Option<usize>,
+    /// How to wait when starved (backoff by default; spin for pinned latency runs).
+    pub wait: WaitKind,
+}
+
+impl Config {
+    /// Defaults for `mode`: batches of 256 frames, unpinned.
+    pub fn new(mode: Mode) -> Config {
+        Config {
+            mode,
+            batch: 256,
+            core: None,
+            wait: WaitKind::Backoff,
+        }
+    }
+}
+
+/// One input of the merge.
+pub struct Input {
+    /// The source's name (its rank is its position among the sorted names).
+    pub name: String,
+    /// The topic id stamped on its frames on the bus (`None`: keep the producer's). The
+    /// daemon numbers topics by sorted name, so ids never depend on connection order.
+    pub topic_id: Option<u32>,
+    /// The reading end of its ring.
+    pub reader: RingReader,
+}
+
+/// Why the sequencer stopped without finishing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SequencerError {
+    /// Backtest: a source failed; determinism cannot hold without it.
+    #[error("source {source_name} failed: {reason}")]
+    SourceFailed {
+        /// The source.
+        source_name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Asked to stop before the end.
+    #[error("stopped before the end of the stream")]
+    Stopped,
+    /// Too many sources, or duplicate names.
+    #[error("bad configuration: {0}")]
+    Config(String),
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Events written to the bus (without END-OF-STREAM).
+    pub merged: u64,
+    /// Late events (live).
+    pub late: u64,
+    /// Refused events (ts backwards within a source).
+    pub rejected: u64,
+}
+
+/// Packs the merge key into one `u128`: ts (64 bits) | priority (2) | rank (16) | seq (46).
+#[inline]
+pub fn merge_key(ts: u64, kind: Kind, rank: u16, seq: u64) -> u128 {
+    ((ts as u128) << 64)
+        | ((kind.priority() as u128 & 3) << 62)
+        | ((rank as u128) << 46)
+        | (seq as u128 & ((1 << 46) - 1))
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum State {
+    Active,
+    Ended,
+    Failed,
+    Removed,
+}
+
+struct Source {
+    name: String,
+    rank: u16,
+    topic_id: Option<u32>,
+    reader: RingReader,
+    state: State,
+    /// Merge key of the frame under the reader, if any.
+    head: Option<u128>,
+    last_ts: u64,
+    watermark: u64,
+    /// Live: when the source was first seen empty in its current dry spell.
+    dry_since: Option<Instant>,
+    events: u64,
+    rejected: u64,
+    /// Backtest: ring position up to which frames are known to be in merge-key order with
+    /// their whole run of equal timestamps seen, so they can go out straight from the ring.
+    sorted_until: u64,
+    /// Backtest: a run of equal timestamps that arrived out of key order (say a kline, then a
+    /// trade, at one ts), copied out of the ring and sorted. Served before the ring.
+    staged: std::collections::VecDeque<Staged>,
+    /// The ts of the run being copied into `staged`, while it may still grow.
+    collecting: Option<u64>,
+}
+
+/// A frame copied out of its ring to be reordered within its run.
+struct Staged {
+    key: u128,
+    header: FrameHeader,
+    payload: Vec<u8>,
+}
+
+/// The merge, ready to run on its own thread.
+pub struct Sequencer {
+    sources: Vec<Source>,
+    bus: BusWriter,
+    config: Config,
+    control: Option<Control>,
+    /// Highest ts emitted (live: LATE detection).
+    emitted_ts: u64,
+    merged: u64,
+    late: u64,
+    source_stalls: u64,
+    source_stall_ns: u64,
+    consumer_stalls: u64,
+    consumer_stall_ns: u64,
+    scratch: Vec<u8>,
+    /// Bit i set: remove source i from a live merge (set from another thread).
+    removals: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What a look at a run of equal timestamps found.
+enum Run {
+    /// Complete and in key order: the head may go.
+    Ordered,
+    /// Not complete yet: wait for more frames.
+    Incomplete,
+    /// Out of key order (or too long to wait for): copy it out and sort it.
+    Unordered,
+}
+
+/// What one pass achieved.
+enum Pass {
+    /// Frames moved or state changed.
+    Progress,
+    /// Nothing to do: waiting on a source.
+    Starved,
+    /// Every source ended and the rings are drained.
+    Done,
+}
+
+impl Sequencer {
+    /// Builds a sequencer. Sources are ranked by name; connection order never matters.
+    pub fn new(
+        mut inputs: Vec<Input>,
+        bus: BusWriter,
+        config: Config,
+        control: Option<Control>,
+    ) -> Result<Sequencer, SequencerError> {
+        if inputs.len() > aegis_shm_client::control::MAX_SOURCES {
+            return Err(SequencerError::Config(format!(
+                "{} sources, at most 64",
+                inputs.len()
+            )));
+        }
+        inputs.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(w) = inputs.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(SequencerError::Config(format!(
+                "duplicate source name {}",
+                w[0].name
+            )));
+        }
+        let sources: Vec<Source> = inputs
+            .into_iter()
+            .enumerate()
+            .map(|(rank, input)| Source {
+                name: input.name,
+                rank: rank as u16,
+                topic_id: input.topic_id,
+                reader: input.reader,
+                state: State::Active,
+                head: None,
+                last_ts: 0,
+                watermark: 0,
+                dry_since: None,
+                events: 0,
+                rejected: 0,
+                sorted_until: 0,
+                staged: std::collections::VecDeque::new(),
+                collecting: None,
+            })
+            .collect();
+        if let Some(c) = &control {
+            for s in &sources {
+                c.set_source(s.rank as usize, &s.name);
+            }
+        }
+        Ok(Sequencer {
+            sources,
+            bus,
+            config,
+            control,
+            emitted_ts: 0,
+            merged: 0,
+            late: 0,
+            source_stalls: 0,
+            source_stall_ns: 0,
+            consumer_stalls: 0,
+            consumer_stall_ns: 0,
+            scratch: Vec::new(),
+            removals: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        })
+    }
+
+    /// A handle another thread uses to remove sources from a live merge (a dead producer):
+    /// set bit `rank`. The sequencer applies it at its next pass.
+    pub fn removals(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.removals.clone()
+    }
+
+    /// The rank of each source, by name.
+    pub fn ranks(&self) -> Vec<(String, u16)> {
+        self.sources
+            .iter()
+            .map(|s| (s.name.clone(), s.rank))
+            .collect()
+    }
+
+    /// Runs the merge to the end: every source ended (or, live, removed) and drained, then
+    /// END-OF-STREAM on the bus. Checks `stop` between passes; waits with `wait`.
+    pub fn run(
+        mut self,
+        stop: &AtomicBool,
+        wait: &mut impl WaitStrategy,
+    ) -> Result<Summary, SequencerError> {
+        if let Some(core) = self.config.core {
+            core_affinity::set_for_current(core_affinity::CoreId { id: core });
+        }
+        let mut stalled_since: Option<Instant> = None;
+        let result = loop {
+            if stop.load(Ordering::Relaxed) {
+                break Err(SequencerError::Stopped);
+            }
+            match self.pass(stop) {
+                Ok(Pass::Progress) => {
+                    if let Some(t) = stalled_since.take() {
+                        self.source_stall_ns += t.elapsed().as_nanos() as u64;
+                    }
+                    wait.reset();
+                }
+                Ok(Pass::Starved) => {
+                    if stalled_since.is_none() {
+                        stalled_since = Some(Instant::now());
+                        self.source_stalls += 1;
+                    }
+                    wait.wait();
+                }
+                Ok(Pass::Done) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        self.publish_counters();
+        let abort = result.is_err();
+        let eof = FrameHeader {
+            kind: Kind::Control as u8,
+            flags: flags::EOF | if abort { flags::ABORT } else { 0 },
+            ts: self.emitted_ts,
+            ..FrameHeader::default()
+        };
+        // The END-OF-STREAM frame is written even after a failure (flagged ABORT) so that
+        // consumers stop; under the block policy it waits for room, bounded by `stop`.
+        self.write_frame(&eof, &[], stop).ok();
+        self.bus.publish();
+        result.map(|()| Summary {
+            merged: self.merged,
+            late: self.late,
+            rejected: self.sources.iter().map(|s| s.rejected).sum(),
+        })
+    }
+
+    /// Writes one frame to the bus, waiting on consumers under the block policy.
+    fn write_frame(
+        &mut self,
+        h: &FrameHeader,
+        payload: &[u8],
+        stop: &AtomicBool,
+    ) -> Result<(), SequencerError> {
+        match self.bus.try_write(h, payload) {
+            Ok(_) => return Ok(()),
+            Err(WriteError::TooLarge { stride, capacity }) => {
+                unreachable!("frames ({stride} bytes) are checked against the bus ({capacity} bytes) in emit")
+            }
+            Err(_) => {}
+        }
+        let start = Instant::now();
+        self.consumer_stalls += 1;
+        let mut wait = aegis_shm_client::wait::Backoff::default();
+        let r = loop {
+            if stop.load(Ordering::Relaxed) {
+                break Err(SequencerError::Stopped);
+            }
+            match self.bus.write(
+                h,
+                payload,
+                &mut wait,
+                Deadline::after(Duration::from_millis(50)),
+            ) {
+                Ok(_) => break Ok(()),
+                Err(WriteError::Timeout | WriteError::Full) => {
+                    self.publish_counters();
+                }
+                Err(WriteError::TooLarge { .. }) => unreachable!("checked above"),
+            }
+        };
+        self.consumer_stall_ns += start.elapsed().as_nanos() as u64;
+        r
+    }
+
+    /// Gives source `i` a head if it has a frame waiting. Handles control frames, backwards
+    /// timestamps and corrupt frames. Returns whether its state changed.
+    fn refill(&mut self, i: usize) -> Result<bool, SequencerError> {
+        let live = matches!(self.config.mode, Mode::Live { .. });
+        let mut changed = false;
+        loop {
+            let s = &mut self.sources[i];
+            if s.head.is_some() {
+                return Ok(changed);
+            }
+            if s.collecting.is_none() {
+                if let Some(f) = s.staged.front() {
+                    s.head = Some(f.key);
+                    return Ok(changed);
+                }
+            }
+            if s.state != State::Active {
+                return Ok(changed);
+            }
+            let h = match s.reader.peek_header() {
+                Ok(Some(h)) => h,
+                Ok(None) => {
+                    if live && s.dry_since.is_none() {
+                        s.dry_since = Some(Instant::now());
+                    }
+                    return Ok(changed);
+                }
+                Err(e) => return self.fail(i, e.to_string()).map(|()| true),
+            };
+            changed = true;
+            s.dry_since = None;
+            let kind = h.kind().unwrap_or(Kind::Control);
+            if let Some(run_ts) = s.collecting {
+                // Copying a run of equal timestamps out of key order: it ends at the first
+                // frame with another ts, or at end-of-stream.
+                if kind != Kind::Control && h.ts == run_ts {
+                    let f = s.reader.peek().ok().flatten().expect("peeked");
+                    let staged = Staged {
+                        key: merge_key(h.ts, kind, s.rank, h.source_seq),
+                        header: h,
+                        payload: f.payload.to_vec(),
+                    };
+                    s.reader.consume();
+                    s.staged.push_back(staged);
+                    continue;
+                }
+                if !(kind == Kind::Control && h.has(flags::HEARTBEAT)) {
+                    s.collecting = None;
+                    s.staged.make_contiguous().sort_by_key(|f| f.key);
+                    continue;
+                }
+            }
+            if kind == Kind::Control {
+                s.reader.consume();
+                if h.has(flags::EOF) {
+                    s.state = State::Ended;
+                    s.collecting = None;
+                    s.staged.make_contiguous().sort_by_key(|f| f.key);
+                    if let Some(c) = &self.control {
+                        c.set_state(i, SourceState::Ended, None);
+                    }
+                } else if h.has(flags::HEARTBEAT) && h.ts >= s.watermark {
+                    s.watermark = h.ts;
+                }
+                continue;
+            }
+            if h.ts < s.last_ts {
+                // A producer bug: refuse the event, count it, keep the stream in order.
+                s.rejected += 1;
+                s.reader.consume();
+                continue;
+            }
+            s.last_ts = h.ts;
+            s.watermark = s.watermark.max(h.ts);
+            if !live {
+                match self.check_run(i, &h) {
+                    Ok(Run::Ordered) => {}
+                    Ok(Run::Incomplete) => return Ok(changed),
+                    Ok(Run::Unordered) => {
+                        self.sources[i].collecting = Some(h.ts);
+                        continue;
+                    }
+                    Err(e) => return self.fail(i, e.to_string()).map(|()| true),
+                }
+            }
+            let s = &mut self.sources[i];
+            s.head = Some(merge_key(h.ts, kind, s.rank, h.source_seq));
+            return Ok(changed);
+        }
+    }
+
+    /// Backtest: whether the run of frames with the head's ts is complete and in key order.
+    /// Looks ahead in the ring without consuming; a run already checked is not rescanned.
+    fn check_run(
+        &mut self,
+        i: usize,
+        head: &FrameHeader,
+    ) -> Result<Run, aegis_shm_client::frame::FrameError> {
+        let s = &mut self.sources[i];
+        let end = s.reader.peeked_end().expect("peeked");
+        if end <= s.sorted_until {
+            return Ok(Run::Ordered);
+        }
+        let mut prio = head.kind().map_or(3, Kind::priority);
+        let mut pos = end;
+        loop {
+            match s.reader.header_at(pos)? {
+                None => {
+                    // The run may still grow. If the ring is filling up, stop waiting for its
+                    // end inside the ring (which could never come if the run is longer than the
+                    // ring) and copy it out instead.
+                    let full = s.reader.backlog() * 4 >= s.reader.capacity() as u64;
+                    return Ok(if full {
+                        Run::Unordered
+                    } else {
+                        Run::Incomplete
+                    });
+                }
+                Some((g, next)) => {
+                    let kind = g.kind().unwrap_or(Kind::Control);
+                    if kind == Kind::Control {
+                        if g.has(flags::EOF) {
+                            break;
+                        }
+                        pos = next;
+                        continue;
+                    }
+                    if g.ts != head.ts {
+                        break;
+                    }
+                    if kind.priority() < prio {
+                        return Ok(Run::Unordered);
+                    }
+                    prio = kind.priority();
+                    pos = next;
+                }
+            }
+        }
+        s.sorted_until = pos;
+        Ok(Run::Ordered)
+    }
+
+    /// Marks source `i` failed. Backtest: the whole merge fails. Live: the others go on.
+    fn fail(&mut self, i: usize, reason: String) -> Result<(), SequencerError> {
+        let s = &mut self.sources[i];
+        s.state = State::Failed;
+        s.head = None;
+        s.collecting = None;
+        s.staged.clear();
+        if let Some(c) = &self.control {
+            c.set_state(i, SourceState::Failed, Some(&reason));
+        }
+        match self.config.mode {
+            Mode::Live { .. } => Ok(()),
+            Mode::Backtest => Err(SequencerError::SourceFailed {
+                source_name: s.name.clone(),
+                reason,
+            }),
+        }
+    }
+
+    /// Moves up to `batch` frames. Publishes the bus and releases the rings once.
+    fn pass(&mut self, stop: &AtomicBool) -> Result<Pass, SequencerError> {
+        let mut progress = false;
+        let removals = self.removals.swap(0, Ordering::Relaxed);
+        if removals != 0 {
+            for rank in (0..self.sources.len()).filter(|r| removals & (1 << r) != 0) {
+                self.remove_source(rank);
+                progress = true;
+            }
+        }
+        for i in 0..self.sources.len() {
+            if self.sources[i].head.is_none() {
+                progress |= self.refill(i)?;
+            }
+        }
+        let mut moved = 0;
+        while moved < self.config.batch {
+            let Some(i) = self.pick() else { break };
+            self.emit(i, stop)?;
+            moved += 1;
+            progress |= self.refill(i)?;
+        }
+        if moved > 0 {
+            self.bus.publish();
+            for s in &mut self.sources {
+                s.reader.release();
+            }
+            self.publish_counters();
+        }
+        if self
+            .sources
+            .iter()
+            .all(|s| s.state != State::Active && s.head.is_none())
+        {
+            return Ok(Pass::Done);
+        }
+        Ok(if progress || moved > 0 {
+            Pass::Progress
+        } else {
+            Pass::Starved
+        })
+    }
+
+    /// The source whose head goes next, if the rules allow emitting now.
+    fn pick(&mut self) -> Option<usize> {
+        let mut best: Option<(u128, usize)> = None;
+        let mut missing = false;
+        for (i, s) in self.sources.iter().enumerate() {
+            match s.head {
+                Some(k) => {
+                    if best.is_none_or(|(b, _)| k < b) {
+                        best = Some((k, i));
+                    }
+                }
+                None => missing |= s.state == State::Active,
+            }
+        }
+        let (key, i) = best?;
+        if !missing {
+            return Some(i);
+        }
+        match self.config.mode {
+            Mode::Backtest => None,
+            Mode::Live { max_lateness } => {
+                let ts = (key >> 64) as u64;
+                let now = Instant::now();
+                let held = self.sources.iter().any(|s| {
+                    s.state == State::Active
+                        && s.head.is_none()
+                        && s.watermark < ts
+                        && s.dry_since
+                            .is_none_or(|t| now.duration_since(t) < max_lateness)
+                });
+                (!held).then_some(i)
+            }
+        }
+    }
+
+    /// Copies the head of source `i` to the bus.
+    fn emit(&mut self, i: usize, stop: &AtomicBool) -> Result<(), SequencerError> {
+        let bus_cap = self.bus.capacity();
+        let s = &mut self.sources[i];
+        s.head = None;
+        // The frame is copied out first (from the staging queue, or from the ring): the
+        // borrow of the reader must end before we borrow the bus mutably.
+        let (mut h, payload) = match s.staged.pop_front() {
+            Some(f) => (f.header, f.payload),
+            None => {
+                let frame = s.reader.peek().ok().flatten().expect("a head was peeked");
+                self.scratch.clear();
+                self.scratch.extend_from_slice(frame.payload);
+                let h = frame.header;
+                s.reader.consume();
+                (h, std::mem::take(&mut self.scratch))
+            }
+        };
+        if aegis_shm_client::frame::stride(payload.len()) > bus_cap / 2 {
+            let reason = format!(
+                "frame of {} bytes is larger than half the bus ({bus_cap} bytes)",
+                payload.len()
+            );
+            return self.fail(i, reason);
+        }
+        s.events += 1;
+        h.source_id = s.rank;
+        if let Some(t) = s.topic_id {
+            h.topic_id = t;
+        }
+        h.flags &= !flags::LATE;
+        if h.ts < self.emitted_ts {
+            h.flags |= flags::LATE;
+            self.late += 1;
+        }
+        self.emitted_ts = self.emitted_ts.max(h.ts);
+        let r = self.write_frame(&h, &payload, stop);
+        self.scratch = payload;
+        r?;
+        self.merged += 1;
+        Ok(())
+    }
+
+    fn publish_counters(&self) {
+        let Some(c) = &self.control else { return };
+        let k = c.counters();
+        k.merged.store(self.merged, Ordering::Relaxed);
+        k.late.store(self.late, Ordering::Relaxed);
+        k.rejected.store(
+            self.sources.iter().map(|s| s.rejected).sum(),
+            Ordering::Relaxed,
+        );
+        k.source_stalls.store(self.source_stalls, Ordering::Relaxed);
+        k.source_stall_ns
+            .store(self.source_stall_ns, Ordering::Relaxed);
+        k.consumer_stalls
+            .store(self.consumer_stalls, Ordering::Relaxed);
+        k.consumer_stall_ns
+            .store(self.consumer_stall_ns, Ordering::Relaxed);
+        k.bus_fill.store(self.bus.fill(), Ordering::Relaxed);
+        for s in &self.sources {
+            c.update_source(s.rank as usize, s.events, s.rejected, s.watermark);
+        }
+    }
+
+    /// Removes a source from the merge (its producer died): whatever it had not yet
+    /// delivered is dropped.
+    fn remove_source(&mut self, rank: usize) {
+        let s = &mut self.sources[rank];
+        if s.state == State::Active {
+            s.state = State::Removed;
+            s.head = None;
+            if let Some(c) = &self.control {
+                c.set_state(rank, SourceState::Removed, Some("producer is gone"));
+            }
+        }
+    }
+}
+
+/// Runs a sequencer on a new thread named `aegis-seq-<session>`.
+pub fn spawn(
+    session: &str,
+    seq: Sequencer,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<Result<Summary, SequencerError>>> {
+    std::thread::Builder::new()
+        .name(format!("aegis-seq-{session}"))
+        .spawn(move || {
+            let mut wait = aegis_shm_client::wait::strategy(seq.config.wait);
+            seq.run(&stop, &mut wait)
+        })
+}
