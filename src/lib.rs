@@ -6,4 +6,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod daemon;
 pub mod sequencer;
+pub mod session;

@@ -522,6 +522,12 @@ pub struct BusMonitor {
     m: Mapped,
 }
 
+// SAFETY: a monitor only reads atomics of the control block (and stores a slot's state
+// atomically); it never touches ring data.
+unsafe impl Send for BusMonitor {}
+// SAFETY: as above.
+unsafe impl Sync for BusMonitor {}
+
 impl BusMonitor {
     /// Maps the bus for monitoring.
     pub fn open(region: Arc<dyn Region>, epoch: Option<u64>) -> Result<BusMonitor, OpenError> {
