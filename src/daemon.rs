@@ -76,15 +76,23 @@ impl Daemon {
         };
         if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
-                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(io)?;
             }
             use std::os::unix::fs::MetadataExt;
             let meta = std::fs::metadata(dir).map_err(io)?;
             if meta.uid() != nix::unistd::getuid().as_raw() {
-                return Err(ServeError::UnsafeDir(format!("socket directory {} belongs to another user", dir.display())));
+                return Err(ServeError::UnsafeDir(format!(
+                    "socket directory {} belongs to another user",
+                    dir.display()
+                )));
             }
             if meta.mode() & 0o077 != 0 && dir.starts_with("/tmp/aegis") {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io)?;
             }
         }
         if socket.exists() {
@@ -112,7 +120,11 @@ impl Daemon {
     /// Installs SIGINT / SIGTERM handlers that make [`Daemon::run`] return.
     pub fn handle_signals() {
         use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-        let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+        let action = SigAction::new(
+            SigHandler::Handler(on_signal),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
         for sig in [Signal::SIGINT, Signal::SIGTERM] {
             // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
             unsafe { sigaction(sig, &action) }.expect("install a signal handler");
@@ -132,7 +144,9 @@ impl Daemon {
         while !self.shared.shutdown.load(Ordering::Relaxed) && !SIGNALLED.load(Ordering::Relaxed) {
             match self.listener.accept() {
                 Ok((stream, _)) => self.accept(stream),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
                 Err(e) => {
                     eprintln!("aegis: accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(100));
@@ -141,7 +155,13 @@ impl Daemon {
         }
         self.shared.shutdown.store(true, Ordering::Relaxed);
         let _ = monitor.join();
-        let sessions = std::mem::take(&mut *self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner()));
+        let sessions = std::mem::take(
+            &mut *self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         for (_, mut s) in sessions {
             s.stop(State::Stopped, "the daemon is shutting down");
             s.shutdown();
@@ -157,7 +177,8 @@ impl Daemon {
 
     fn accept(&self, stream: UnixStream) {
         let _ = stream.set_nonblocking(false);
-        let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+        let cred =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
         let (uid, pid) = match cred {
             Ok(c) => (c.uid(), c.pid() as u32),
             Err(_) => (u32::MAX, 0),
@@ -173,10 +194,12 @@ impl Daemon {
         self.shared.connections.fetch_add(1, Ordering::Relaxed);
         let shared = self.shared.clone();
         let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let spawned = std::thread::Builder::new().name(format!("aegis-conn-{conn}")).spawn(move || {
-            serve_connection(&shared, stream, conn, pid);
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
-        });
+        let spawned = std::thread::Builder::new()
+            .name(format!("aegis-conn-{conn}"))
+            .spawn(move || {
+                serve_connection(&shared, stream, conn, pid);
+                shared.connections.fetch_sub(1, Ordering::Relaxed);
+            });
         if spawned.is_err() {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         }
@@ -188,7 +211,9 @@ pub fn check_peer(peer_uid: u32, daemon_uid: u32) -> Result<(), String> {
     if peer_uid == daemon_uid || peer_uid == 0 {
         Ok(())
     } else {
-        Err(format!("peer uid {peer_uid} is neither the daemon's uid ({daemon_uid}) nor root"))
+        Err(format!(
+            "peer uid {peer_uid} is neither the daemon's uid ({daemon_uid}) nor root"
+        ))
     }
 }
 
@@ -243,13 +268,26 @@ fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
                 discarding = false;
                 continue;
             }
-            let reply = handle_line(shared, &line[..line.len() - 1], conn, pid, &writer, &mut peer);
+            let reply = handle_line(
+                shared,
+                &line[..line.len() - 1],
+                conn,
+                pid,
+                &writer,
+                &mut peer,
+            );
             if let Some(r) = reply {
                 session::send(&writer, &r);
             }
         }
         if buf.len() >= protocol::MAX_LINE {
-            session::send(&writer, &Reply::error("line_too_long", format!("line longer than {} bytes", protocol::MAX_LINE)));
+            session::send(
+                &writer,
+                &Reply::error(
+                    "line_too_long",
+                    format!("line longer than {} bytes", protocol::MAX_LINE),
+                ),
+            );
             buf.clear();
             discarding = true;
         }
@@ -258,7 +296,10 @@ fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
         }
         if let Some(t) = partial_since {
             if t.elapsed() > PARTIAL_LINE_TIMEOUT {
-                session::send(&writer, &Reply::error("timeout", "incomplete line: no newline within 5 s"));
+                session::send(
+                    &writer,
+                    &Reply::error("timeout", "incomplete line: no newline within 5 s"),
+                );
                 break 'conn;
             }
         }
@@ -278,7 +319,13 @@ fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
                     buf.extend_from_slice(&chunk[..n]);
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
             Err(_) => break,
         }
     }
@@ -309,7 +356,10 @@ fn handle_line(
     // Component messages.
     if let Peer::Component(name) = &*peer {
         let Some(s) = sessions.get_mut(name) else {
-            return Some(Reply::error("session_gone", format!("session {name} no longer exists")));
+            return Some(Reply::error(
+                "session_gone",
+                format!("session {name} no longer exists"),
+            ));
         };
         if let Some(c) = s.component_mut(conn) {
             c.last_seen = Instant::now();
@@ -332,7 +382,11 @@ fn handle_line(
                 }
                 Some(Reply::Wait {
                     reason: match s.spec.expect {
-                        Some(n) => format!("waiting for {} READY components ({} so far)", n, s.ready_count()),
+                        Some(n) => format!(
+                            "waiting for {} READY components ({} so far)",
+                            n,
+                            s.ready_count()
+                        ),
                         None => format!("waiting for `aegis-shmctl session start {}`", s.name),
                     },
                 })
@@ -342,15 +396,27 @@ fn handle_line(
                     c.state = CompState::Finished;
                 }
                 s.tick();
-                Some(Reply::Ack { ack: None, data: None })
+                Some(Reply::Ack {
+                    ack: None,
+                    data: None,
+                })
             }
             Request::Error { code, message } => {
                 s.component_error(conn, format!("{code}: {message}"));
-                Some(Reply::Ack { ack: None, data: None })
+                Some(Reply::Ack {
+                    ack: None,
+                    data: None,
+                })
             }
             Request::Ack | Request::Wait { .. } => None,
-            Request::Register(_) => Some(Reply::error("already_registered", "this connection is already registered")),
-            _ => Some(Reply::error("bad_request", "session commands come from a separate connection")),
+            Request::Register(_) => Some(Reply::error(
+                "already_registered",
+                "this connection is already registered",
+            )),
+            _ => Some(Reply::error(
+                "bad_request",
+                "session commands come from a separate connection",
+            )),
         };
     }
     match req {
@@ -370,14 +436,20 @@ fn handle_line(
             match s.register(&reg, real_pid, conn, writer.clone()) {
                 Ok(ack) => {
                     *peer = Peer::Component(name);
-                    Some(Reply::Ack { ack: Some(ack), data: None })
+                    Some(Reply::Ack {
+                        ack: Some(ack),
+                        data: None,
+                    })
                 }
                 Err((code, msg)) => Some(Reply::error(code, msg)),
             }
         }
         Request::SessionCreate(spec) => {
             if sessions.contains_key(&spec.name) {
-                return Some(Reply::error("exists", format!("session {} already exists", spec.name)));
+                return Some(Reply::error(
+                    "exists",
+                    format!("session {} already exists", spec.name),
+                ));
             }
             match Session::create(spec) {
                 Ok(s) => {
@@ -390,9 +462,16 @@ fn handle_line(
         }
         Request::SessionStart { name, timeout_ms } => {
             drop(sessions);
-            Some(start_session(shared, &name, Duration::from_millis(timeout_ms.unwrap_or(10_000).min(600_000))))
+            Some(start_session(
+                shared,
+                &name,
+                Duration::from_millis(timeout_ms.unwrap_or(10_000).min(600_000)),
+            ))
         }
-        Request::SessionList => Some(Reply::data(json!(sessions.values().map(|s| s.list_entry()).collect::<Vec<_>>()))),
+        Request::SessionList => Some(Reply::data(json!(sessions
+            .values()
+            .map(|s| s.list_entry())
+            .collect::<Vec<_>>()))),
         Request::SessionInspect { name } => Some(match sessions.get_mut(&name) {
             Some(s) => {
                 s.tick();
@@ -417,9 +496,12 @@ fn handle_line(
             }
             None => no_session(&name),
         }),
-        Request::Ready | Request::Finished | Request::Heartbeat | Request::Ack | Request::Wait { .. } | Request::Error { .. } => {
-            Some(Reply::error("not_registered", "REGISTER first"))
-        }
+        Request::Ready
+        | Request::Finished
+        | Request::Heartbeat
+        | Request::Ack
+        | Request::Wait { .. }
+        | Request::Error { .. } => Some(Reply::error("not_registered", "REGISTER first")),
     }
 }
 
@@ -437,12 +519,17 @@ fn start_session(shared: &Shared, name: &str, timeout: Duration) -> Reply {
                 return no_session(name);
             };
             if s.state != State::Created {
-                return Reply::error("session_started", format!("session {name} is already {}", s.state.name()));
+                return Reply::error(
+                    "session_started",
+                    format!("session {name} is already {}", s.state.name()),
+                );
             }
             let missing = s.not_ready();
             if missing.is_empty() && !s.components.is_empty() {
                 return match s.start() {
-                    Ok(()) => Reply::data(json!({"name": name, "state": s.state.name(), "components": s.components.len()})),
+                    Ok(()) => Reply::data(
+                        json!({"name": name, "state": s.state.name(), "components": s.components.len()}),
+                    ),
                     Err((code, msg)) => Reply::error(code, msg),
                 };
             }
@@ -452,7 +539,13 @@ fn start_session(shared: &Shared, name: &str, timeout: Duration) -> Reply {
                 } else {
                     format!("not READY: {}", missing.join(", "))
                 };
-                return Reply::error("not_ready", format!("session {name} did not start within {} ms: {what}", timeout.as_millis()));
+                return Reply::error(
+                    "not_ready",
+                    format!(
+                        "session {name} did not start within {} ms: {what}",
+                        timeout.as_millis()
+                    ),
+                );
             }
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -6,6 +6,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod cli;
+pub mod command;
 pub mod daemon;
 pub mod sequencer;
 pub mod session;

@@ -1,1 +1,26 @@
-fn main() {}
+//! `aegis-shmctl`: parses the command line, dispatches to `command/<verb>.rs`, reports errors.
+
+use clap::Parser;
+
+use aegis::cli::{Cli, Command};
+use aegis::command;
+
+fn main() {
+    let cli = Cli::parse();
+    let socket = command::socket(&cli.socket);
+    let result = match cli.command {
+        Command::Serve => command::serve::run(&socket).map(|()| true),
+        Command::Session(cmd) => command::session::run(&socket, cli.json, cmd),
+        Command::Gc => command::gc::run(&socket, cli.json).map(|()| true),
+        Command::Demo(a) => command::demo::run(&socket, &a),
+        Command::Bench(a) => command::bench::run(cli.json, &a).map(|()| true),
+    };
+    match result {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("aegis-shmctl: error: {}", e.0);
+            std::process::exit(1);
+        }
+    }
+}

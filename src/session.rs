@@ -89,7 +89,10 @@ impl CompState {
         }
     }
     fn gone(&self) -> bool {
-        matches!(self, CompState::Finished | CompState::Dead(_) | CompState::Error(_))
+        matches!(
+            self,
+            CompState::Finished | CompState::Dead(_) | CompState::Error(_)
+        )
     }
 }
 
@@ -183,7 +186,10 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 fn parse_pow2(v: Option<usize>, default: usize, what: &str) -> Result<usize, Refusal> {
     let v = v.unwrap_or(default);
     if !v.is_power_of_two() || !(4096..=1 << 32).contains(&v) {
-        return Err(("bad_request", format!("{what} must be a power of two between 4096 and 2^32, got {v}")));
+        return Err((
+            "bad_request",
+            format!("{what} must be a power of two between 4096 and 2^32, got {v}"),
+        ));
     }
     Ok(v)
 }
@@ -192,21 +198,37 @@ impl Session {
     /// Creates a session and its bus and control segments.
     pub fn create(spec: SessionSpec) -> Result<Session, Refusal> {
         if !protocol::valid_name(&spec.name) {
-            return Err(("bad_name", format!("session name {:?} must match [A-Za-z0-9._-]{{1,64}}", spec.name)));
+            return Err((
+                "bad_name",
+                format!(
+                    "session name {:?} must match [A-Za-z0-9._-]{{1,64}}",
+                    spec.name
+                ),
+            ));
         }
         let mode = match spec.mode.as_str() {
             "backtest" => Mode::Backtest,
             "live" => Mode::Live {
-                max_lateness: Duration::from_micros(spec.max_lateness_us.unwrap_or(DEFAULT_MAX_LATENESS_US)),
+                max_lateness: Duration::from_micros(
+                    spec.max_lateness_us.unwrap_or(DEFAULT_MAX_LATENESS_US),
+                ),
             },
-            m => return Err(("bad_request", format!("mode must be live or backtest, got {m:?}"))),
+            m => {
+                return Err((
+                    "bad_request",
+                    format!("mode must be live or backtest, got {m:?}"),
+                ))
+            }
         };
         let bus_bytes = parse_pow2(spec.bus_bytes, DEFAULT_BUS_BYTES, "--bus-bytes")?;
         parse_pow2(spec.source_bytes, DEFAULT_SOURCE_BYTES, "--source-bytes")?;
         if let Some(core) = spec.sequencer_core {
             let n = core_affinity::get_core_ids().map_or(0, |c| c.len());
             if core >= n {
-                return Err(("bad_request", format!("--sequencer-core {core}: this machine has {n} cores")));
+                return Err((
+                    "bad_request",
+                    format!("--sequencer-core {core}: this machine has {n} cores"),
+                ));
             }
         }
         let uuid = random_bytes::<16>();
@@ -225,9 +247,12 @@ impl Session {
             Mode::Live { .. } => Policy::Overwrite,
         };
         let io = |e: aegis_shm_client::segment::CreateError| ("internal", e.to_string());
-        let bus = Arc::new(spmc::create_shm(&segment_path(&sid, "bus"), bus_bytes, epoch, policy).map_err(io)?);
+        let bus = Arc::new(
+            spmc::create_shm(&segment_path(&sid, "bus"), bus_bytes, epoch, policy).map_err(io)?,
+        );
         let (control, ctl) = Control::create_shm(&segment_path(&sid, "ctl"), epoch).map_err(io)?;
-        let monitor = BusMonitor::open(bus.clone(), Some(epoch)).map_err(|e| ("internal", e.to_string()))?;
+        let monitor =
+            BusMonitor::open(bus.clone(), Some(epoch)).map_err(|e| ("internal", e.to_string()))?;
         Ok(Session {
             name: spec.name.clone(),
             id,
@@ -270,13 +295,31 @@ impl Session {
     }
 
     /// Handles a REGISTER that carried this session's token.
-    pub fn register(&mut self, reg: &Register, pid: u32, conn: u64, writer: Arc<Mutex<UnixStream>>) -> Result<Ack, Refusal> {
+    pub fn register(
+        &mut self,
+        reg: &Register,
+        pid: u32,
+        conn: u64,
+        writer: Arc<Mutex<UnixStream>>,
+    ) -> Result<Ack, Refusal> {
         if !protocol::valid_name(&reg.component_name) {
-            return Err(("bad_name", format!("component name {:?} must match [A-Za-z0-9._-]{{1,64}}", reg.component_name)));
+            return Err((
+                "bad_name",
+                format!(
+                    "component name {:?} must match [A-Za-z0-9._-]{{1,64}}",
+                    reg.component_name
+                ),
+            ));
         }
-        let role = reg.role.ok_or(("bad_request", "REGISTER needs a role: producer, consumer or both".to_string()))?;
+        let role = reg.role.ok_or((
+            "bad_request",
+            "REGISTER needs a role: producer, consumer or both".to_string(),
+        ))?;
         if self.state.is_final() {
-            return Err(("session_over", format!("session {} is {}", self.name, self.state.name())));
+            return Err((
+                "session_over",
+                format!("session {} is {}", self.name, self.state.name()),
+            ));
         }
         if self.state != State::Created {
             let late_consumer = matches!(self.mode, Mode::Live { .. }) && role == Role::Consumer;
@@ -287,32 +330,60 @@ impl Session {
                         "session {} already started: a {} session takes no new {}",
                         self.name,
                         self.mode_name(),
-                        if matches!(self.mode, Mode::Live { .. }) { "producers" } else { "components" }
+                        if matches!(self.mode, Mode::Live { .. }) {
+                            "producers"
+                        } else {
+                            "components"
+                        }
                     ),
                 ));
             }
         }
-        if self.components.iter().any(|c| c.name == reg.component_name && !c.state.gone()) {
-            return Err(("duplicate_name", format!("component {} is already registered", reg.component_name)));
+        if self
+            .components
+            .iter()
+            .any(|c| c.name == reg.component_name && !c.state.gone())
+        {
+            return Err((
+                "duplicate_name",
+                format!("component {} is already registered", reg.component_name),
+            ));
         }
         if role.produces() && reg.sources.is_empty() {
-            return Err(("bad_request", "a producer must declare at least one source".into()));
+            return Err((
+                "bad_request",
+                "a producer must declare at least one source".into(),
+            ));
         }
         if !role.produces() && !reg.sources.is_empty() {
             return Err(("bad_request", "only producers declare sources".into()));
         }
         for (i, s) in reg.sources.iter().enumerate() {
             if !protocol::valid_name(&s.name) {
-                return Err(("bad_name", format!("source name {:?} must match [A-Za-z0-9._-]{{1,64}}", s.name)));
+                return Err((
+                    "bad_name",
+                    format!("source name {:?} must match [A-Za-z0-9._-]{{1,64}}", s.name),
+                ));
             }
             if !protocol::valid_name(&s.topic) {
-                return Err(("bad_name", format!("topic {:?} must match [A-Za-z0-9._-]{{1,64}}", s.topic)));
+                return Err((
+                    "bad_name",
+                    format!("topic {:?} must match [A-Za-z0-9._-]{{1,64}}", s.topic),
+                ));
             }
             if !matches!(s.kind.as_str(), "trade" | "book" | "kline") {
-                return Err(("bad_request", format!("source {}: kind must be trade, book or kline", s.name)));
+                return Err((
+                    "bad_request",
+                    format!("source {}: kind must be trade, book or kline", s.name),
+                ));
             }
-            if self.sources.contains_key(&s.name) || reg.sources[..i].iter().any(|o| o.name == s.name) {
-                return Err(("duplicate_name", format!("source {} is already registered", s.name)));
+            if self.sources.contains_key(&s.name)
+                || reg.sources[..i].iter().any(|o| o.name == s.name)
+            {
+                return Err((
+                    "duplicate_name",
+                    format!("source {} is already registered", s.name),
+                ));
             }
         }
         if self.sources.len() + reg.sources.len() > aegis_shm_client::control::MAX_SOURCES {
@@ -325,8 +396,13 @@ impl Session {
                 .filter(|c| !matches!(c.state, CompState::Dead(_) | CompState::Error(_)))
                 .filter_map(|c| c.slot)
                 .collect();
-            let free = (0..MAX_CONSUMERS).find(|s| !used.contains(s) && !self.monitor.slot_stats().iter().any(|st| st.slot == *s));
-            Some(free.ok_or(("too_many", format!("all {MAX_CONSUMERS} consumer slots are taken")))?)
+            let free = (0..MAX_CONSUMERS).find(|s| {
+                !used.contains(s) && !self.monitor.slot_stats().iter().any(|st| st.slot == *s)
+            });
+            Some(free.ok_or((
+                "too_many",
+                format!("all {MAX_CONSUMERS} consumer slots are taken"),
+            ))?)
         } else {
             None
         };
@@ -394,7 +470,11 @@ impl Session {
         let mut names: Vec<&String> = self.sources.values().map(|s| &s.topic).collect();
         names.sort();
         names.dedup();
-        names.into_iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect()
+        names
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect()
     }
 
     /// Components not READY yet (by name).
@@ -408,40 +488,55 @@ impl Session {
 
     /// Components READY.
     pub fn ready_count(&self) -> usize {
-        self.components.iter().filter(|c| c.state == CompState::Ready).count()
+        self.components
+            .iter()
+            .filter(|c| c.state == CompState::Ready)
+            .count()
     }
 
     /// Whether `--expect N` is met.
     pub fn expect_met(&self) -> bool {
-        self.spec.expect.is_some_and(|n| n > 0 && self.ready_count() >= n as usize && self.not_ready().is_empty())
+        self.spec.expect.is_some_and(|n| {
+            n > 0 && self.ready_count() >= n as usize && self.not_ready().is_empty()
+        })
     }
 
     /// Starts the flow: the sequencer, then STARTED to every component.
     pub fn start(&mut self) -> Result<(), Refusal> {
         if self.state != State::Created {
-            return Err(("session_started", format!("session {} is already {}", self.name, self.state.name())));
+            return Err((
+                "session_started",
+                format!("session {} is already {}", self.name, self.state.name()),
+            ));
         }
         if self.sources.is_empty() {
-            return Err(("not_ready", format!("session {} has no producer registered", self.name)));
+            return Err((
+                "not_ready",
+                format!("session {} has no producer registered", self.name),
+            ));
         }
         let topics = self.topic_table();
         let mut inputs = Vec::new();
         for (name, s) in &self.sources {
-            let reader = RingReader::open(s.region.clone(), Some(self.epoch)).map_err(|e| ("internal", e.to_string()))?;
+            let reader = RingReader::open(s.region.clone(), Some(self.epoch))
+                .map_err(|e| ("internal", e.to_string()))?;
             inputs.push(Input {
                 name: name.clone(),
                 topic_id: Some(topics[&s.topic]),
                 reader,
             });
         }
-        let bus = BusWriter::open(self.bus.clone(), Some(self.epoch)).map_err(|e| ("internal", e.to_string()))?;
+        let bus = BusWriter::open(self.bus.clone(), Some(self.epoch))
+            .map_err(|e| ("internal", e.to_string()))?;
         let mut config = Config::new(self.mode);
         config.core = self.spec.sequencer_core;
-        let seq = sequencer::Sequencer::new(inputs, bus, config, Some(self.control.clone())).map_err(|e| ("internal", e.to_string()))?;
+        let seq = sequencer::Sequencer::new(inputs, bus, config, Some(self.control.clone()))
+            .map_err(|e| ("internal", e.to_string()))?;
         let removals = seq.removals();
         let ranks = seq.ranks().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = sequencer::spawn(&self.name, seq, stop.clone()).map_err(|e| ("internal", e.to_string()))?;
+        let handle = sequencer::spawn(&self.name, seq, stop.clone())
+            .map_err(|e| ("internal", e.to_string()))?;
         self.running = Some(Running {
             handle: Some(handle),
             stop,
@@ -466,7 +561,11 @@ impl Session {
     pub fn started_reply(&self) -> Reply {
         Reply::Started {
             topics: self.topic_table(),
-            source_names: self.running.as_ref().map(|r| r.ranks.clone()).unwrap_or_default(),
+            source_names: self
+                .running
+                .as_ref()
+                .map(|r| r.ranks.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -479,7 +578,9 @@ impl Session {
             self.state = state;
             self.finished = Some(Instant::now());
         }
-        let msg = Reply::Stop { reason: reason.to_string() };
+        let msg = Reply::Stop {
+            reason: reason.to_string(),
+        };
         for c in &self.components {
             if c.connected && !c.state.gone() {
                 send(&c.writer, &msg);
@@ -503,7 +604,9 @@ impl Session {
         }
         match self.mode {
             Mode::Backtest => {
-                let why = format!("producer {name} died ({reason}): a backtest cannot be exact without it");
+                let why = format!(
+                    "producer {name} died ({reason}): a backtest cannot be exact without it"
+                );
                 self.stop(State::Failed(why.clone()), &why);
             }
             Mode::Live { .. } => {
@@ -530,7 +633,10 @@ impl Session {
             let reason = if !c.connected {
                 Some("its connection closed".to_string())
             } else if now.duration_since(c.last_seen) > timeout {
-                Some(format!("no heartbeat for {} ms", now.duration_since(c.last_seen).as_millis()))
+                Some(format!(
+                    "no heartbeat for {} ms",
+                    now.duration_since(c.last_seen).as_millis()
+                ))
             } else if c.pid != 0 && !pid_alive(c.pid) {
                 Some(format!("pid {} is gone", c.pid))
             } else {
@@ -550,7 +656,10 @@ impl Session {
                         let why = e.to_string();
                         self.stop(State::Failed(why.clone()), &why);
                     }
-                    Err(_) => self.stop(State::Failed("the sequencer panicked".into()), "internal error"),
+                    Err(_) => self.stop(
+                        State::Failed("the sequencer panicked".into()),
+                        "internal error",
+                    ),
                 }
             }
         }
@@ -567,7 +676,10 @@ impl Session {
             .iter()
             .filter(|c| c.role.consumes())
             .all(|c| c.state.gone());
-        if matches!(self.state, State::Running | State::Draining) && self.summary.is_some() && consumers_done {
+        if matches!(self.state, State::Running | State::Draining)
+            && self.summary.is_some()
+            && consumers_done
+        {
             self.state = State::Finished;
             self.finished = Some(Instant::now());
         }
@@ -673,7 +785,7 @@ impl Session {
     /// One line for `session list`.
     pub fn list_entry(&self) -> serde_json::Value {
         json!({
-            "name": self.name, "id": self.id, "mode": self.mode_name(), "state": self.state.name(),
+            "name": self.name, "id": self.id, "sid": self.sid, "mode": self.mode_name(), "state": self.state.name(),
             "components": self.components.len(), "sources": self.sources.len(),
             "events_merged": self.control.counters().merged.load(Ordering::Relaxed),
         })

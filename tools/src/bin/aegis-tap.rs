@@ -1,1 +1,243 @@
-fn main() {}
+//! `aegis-tap`: a consumer that prints the bus as NDJSON (SPEC section 7), a digest, or
+//! counts, and reports its events/s and end-to-end latency percentiles on stderr.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use aegis_shm_client::client::Component;
+use aegis_shm_client::frame::{flags, monotonic_ns};
+use aegis_shm_client::protocol::{Register, Role};
+use aegis_shm_client::spmc::ReadError;
+use aegis_shm_client::wait::{self, Deadline, WaitKind};
+use aegis_tools::digest::{Counts, StreamDigest};
+use aegis_tools::ndjson;
+use clap::{Parser, ValueEnum};
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Ndjson,
+    Digest,
+    Count,
+}
+
+/// Read an Aegis session's bus.
+#[derive(Parser, Debug)]
+#[command(name = "aegis-tap", version)]
+struct Args {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Ndjson)]
+    format: Format,
+    /// Only these topics (comma-separated), e.g. trades.BTCUSDT,klines.BTCUSDT.1m.
+    #[arg(long, value_delimiter = ',')]
+    topics: Vec<String>,
+    /// Write to FILE instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Component name (default: tap-<pid>).
+    #[arg(long)]
+    name: Option<String>,
+    /// Control socket (default: $AEGIS_SOCKET, else /tmp/aegis/aegis-components.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Print a JSON stats line (events, events/s, latency percentiles, digest) on stderr.
+    #[arg(long)]
+    json: bool,
+    /// Wait strategy: backoff (default), yield or spin.
+    #[arg(long, default_value = "backoff")]
+    wait: WaitKind,
+    /// Skip payload validation (bytecheck); trusts every producer of the session.
+    #[arg(long)]
+    unchecked: bool,
+    /// How long to wait for the session to start, in seconds.
+    #[arg(long, default_value_t = 300)]
+    start_timeout: u64,
+    /// Give up when nothing arrives for this long, in seconds.
+    #[arg(long, default_value_t = 120)]
+    idle_timeout: u64,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("aegis-tap: error: {msg}");
+    std::process::exit(1);
+}
+
+fn main() {
+    let args = Args::parse();
+    let token = std::env::var("AEGIS_SESSION_TOKEN").unwrap_or_else(|_| {
+        fail("AEGIS_SESSION_TOKEN is not set: run under `aegis-shmctl session run`, or export the token printed by `session create`")
+    });
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("tap-{}", std::process::id()));
+    let comp = Component::connect(
+        args.socket.as_deref(),
+        Register {
+            component_name: name.clone(),
+            session_token: token,
+            role: Some(Role::Consumer),
+            topics: args.topics.clone(),
+            pid: Some(std::process::id()),
+            ..Register::default()
+        },
+    )
+    .unwrap_or_else(|e| fail(e));
+    let mut bus = comp.consumer().unwrap_or_else(|e| fail(e));
+    if args.unchecked {
+        // SAFETY: the user asked for it: every producer of the session is trusted to write
+        // archives with aegis-shm-client.
+        unsafe { bus.set_unchecked() };
+    }
+    let started = comp
+        .ready(Duration::from_secs(args.start_timeout))
+        .unwrap_or_else(|e| fail(e));
+    let topic_names: HashMap<u32, String> = started
+        .topics
+        .iter()
+        .map(|(n, id)| (*id, n.clone()))
+        .collect();
+    if !args.topics.is_empty() {
+        let mut ids = Vec::new();
+        for t in &args.topics {
+            match started.topics.get(t) {
+                Some(id) => ids.push(*id),
+                None => {
+                    eprintln!("aegis-tap: warning: no source publishes topic {t:?} in this session")
+                }
+            }
+        }
+        bus.subscribe(Some(&ids));
+    }
+    let mut out: Box<dyn Write> = match &args.out {
+        Some(p) => Box::new(BufWriter::with_capacity(
+            1 << 20,
+            File::create(p).unwrap_or_else(|e| fail(format!("{}: {e}", p.display()))),
+        )),
+        None => Box::new(BufWriter::with_capacity(1 << 20, std::io::stdout().lock())),
+    };
+    let mut digest = StreamDigest::new();
+    let mut counts = Counts::new();
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+        .expect("histogram bounds");
+    let mut w = wait::strategy(args.wait);
+    let mut events = 0u64;
+    let mut overruns = 0u64;
+    let mut missed = 0u64;
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal() && args.out.is_some();
+    let mut last_progress = Instant::now();
+    let unknown = String::from("?");
+    let aborted = loop {
+        let f = match bus.next(&mut w, Deadline::after(Duration::from_millis(500))) {
+            Ok(f) => f,
+            Err(ReadError::Timeout) => {
+                if let Some(r) = comp.stop_requested() {
+                    fail(format!("the daemon stopped the session: {r}"));
+                }
+                if last_progress.elapsed() > Duration::from_secs(args.idle_timeout) {
+                    fail(format!("nothing arrived for {} s", args.idle_timeout));
+                }
+                continue;
+            }
+            Err(ReadError::Overrun { missed: m }) => {
+                overruns += 1;
+                missed += m;
+                eprintln!("aegis-tap: overrun: {m} events missed (resumed at the head)");
+                continue;
+            }
+            Err(e) => fail(e),
+        };
+        last_progress = Instant::now();
+        if f.is_eof() {
+            break f.header.has(flags::ABORT);
+        }
+        let h = f.header;
+        if h.publish_ns != 0 {
+            let _ = hist.record(monotonic_ns().saturating_sub(h.publish_ns).max(1));
+        }
+        let topic = topic_names.get(&h.topic_id).unwrap_or(&unknown);
+        let res = match args.format {
+            Format::Ndjson => {
+                let ev = f
+                    .event()
+                    .unwrap_or_else(|e| fail(format!("bus frame {}: {e}", h.bus_seq)));
+                let source = started
+                    .source_names
+                    .get(h.source_id as usize)
+                    .unwrap_or(&unknown);
+                ndjson::write_line(&mut out, h.bus_seq, &h, source, topic, ev)
+            }
+            Format::Digest => {
+                if let Err(e) = f.event() {
+                    fail(format!("bus frame {}: {e}", h.bus_seq));
+                }
+                digest.update(&h, f.payload);
+                Ok(())
+            }
+            Format::Count => {
+                counts.add(&h, topic);
+                Ok(())
+            }
+        };
+        res.unwrap_or_else(|e| fail(format!("write: {e}")));
+        events += 1;
+        if tty && events % (1 << 20) == 0 {
+            eprint!("\raegis-tap: {events} events");
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let digest_hex = digest.finish();
+    match args.format {
+        Format::Digest => writeln!(out, "{digest_hex}"),
+        Format::Count => writeln!(
+            out,
+            "{}",
+            if args.json {
+                counts.render_json()
+            } else {
+                counts.render_human()
+            }
+        ),
+        Format::Ndjson => Ok(()),
+    }
+    .and_then(|()| out.flush())
+    .unwrap_or_else(|e| fail(format!("write: {e}")));
+    let q = |p: f64| hist.value_at_quantile(p) / 1000;
+    let pct = |p: f64| {
+        if hist.is_empty() {
+            "n/a".to_string()
+        } else {
+            format!("{}", q(p))
+        }
+    };
+    if args.json {
+        eprintln!(
+            "{{\"name\":{:?},\"events\":{events},\"seconds\":{secs:.6},\"events_per_s\":{:.0},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"overruns\":{overruns},\"missed\":{missed},\"digest\":{:?}}}",
+            name,
+            events as f64 / secs,
+            q(0.5),
+            q(0.99),
+            q(0.999),
+            hist.max() / 1000,
+            if args.format == Format::Digest { digest_hex.as_str() } else { "" }
+        );
+    } else {
+        eprintln!(
+            "aegis-tap {name}: {events} events in {secs:.3} s ({:.0} events/s); latency µs p50 {} p99 {} p99.9 {} max {}{}",
+            events as f64 / secs,
+            pct(0.5),
+            pct(0.99),
+            pct(0.999),
+            if hist.is_empty() { "n/a".into() } else { (hist.max() / 1000).to_string() },
+            if overruns > 0 { format!("; {overruns} overruns, {missed} missed") } else { String::new() }
+        );
+    }
+    if aborted {
+        let _ = comp.error("aborted", "the session aborted: the stream is incomplete");
+        fail("the session aborted: the stream is incomplete");
+    }
+    comp.finished().unwrap_or_else(|e| fail(e));
+}

@@ -1,0 +1,134 @@
+//! The command line of `aegis-shmctl` (clap definitions only; see `command/`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Aegis: one deterministic, time-ordered market-data stream over shared memory.
+#[derive(Parser, Debug)]
+#[command(name = "aegis-shmctl", version, about)]
+pub struct Cli {
+    /// Control socket (default: $AEGIS_SOCKET, else /tmp/aegis/aegis-components.sock).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon in the foreground (SIGINT/SIGTERM: clean shutdown, segments removed).
+    Serve,
+    /// Manage sessions.
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// Remove /dev/shm/aegis-* segments whose daemon or session is gone, and a stale socket.
+    Gc,
+    /// The embedded demo: a backtest of bundled data with two consumers.
+    Demo(DemoArgs),
+    /// The cross-process comparison table (latency and throughput against baselines).
+    Bench(BenchArgs),
+}
+
+/// Settings of a new session.
+#[derive(Args, Debug, Clone)]
+pub struct CreateArgs {
+    /// Session name ([A-Za-z0-9._-]{1,64}).
+    pub name: String,
+    /// live or backtest.
+    #[arg(long)]
+    pub mode: String,
+    /// Start automatically once N components are READY.
+    #[arg(long)]
+    pub expect: Option<u32>,
+    /// Pin the sequencer to this core.
+    #[arg(long)]
+    pub sequencer_core: Option<usize>,
+    /// Bus size in bytes (power of two).
+    #[arg(long)]
+    pub bus_bytes: Option<usize>,
+    /// Source ring size in bytes (power of two).
+    #[arg(long)]
+    pub source_bytes: Option<usize>,
+    /// Live: how long an idle source may hold the merge back (µs, default 1000).
+    #[arg(long)]
+    pub max_lateness_us: Option<u64>,
+}
+
+/// `session` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum SessionCommand {
+    /// Create a session; prints its token.
+    Create(CreateArgs),
+    /// Create a session, run the components, start when all are READY, wait, summarise.
+    Run(RunArgs),
+    /// The trigger: start once every registered component is READY.
+    Start {
+        /// Session name.
+        name: String,
+        /// How long to wait for missing READYs, in seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// List sessions.
+    List,
+    /// Show a session's components, sources, consumers and counters.
+    Inspect {
+        /// Session name.
+        name: String,
+    },
+    /// Stop a session.
+    Stop {
+        /// Session name.
+        name: String,
+    },
+    /// Stop a session and remove its segments.
+    Destroy {
+        /// Session name.
+        name: String,
+    },
+}
+
+/// `session run`.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Session settings.
+    #[command(flatten)]
+    pub create: CreateArgs,
+    /// A component to start (run with `sh -c`); repeat for each.
+    #[arg(short = 'c', long = "command", required = true)]
+    pub commands: Vec<String>,
+    /// Give up (and kill the components) after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    /// Keep the session (and its segments) after the run, for `inspect`.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// `demo`.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Generated trade and book events (besides the bundled klines).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Consumers to run (at least 2).
+    #[arg(long, default_value_t = 2)]
+    pub consumers: usize,
+}
+
+/// `bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Events for the throughput rows.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub events: u64,
+    /// Samples for the latency rows.
+    #[arg(long, default_value_t = 100_000)]
+    pub samples: u64,
+}

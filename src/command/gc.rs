@@ -1,0 +1,132 @@
+//! `aegis-shmctl gc`: removes segments whose daemon or session is gone, and a stale socket.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aegis_shm_client::protocol::Request;
+use aegis_shm_client::segment::{SEGMENT_MAGIC, SHM_DIR};
+use serde_json::json;
+
+use super::CliError;
+use crate::session::pid_alive;
+
+/// What `gc` found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Segments removed, with the reason.
+    pub removed: Vec<(PathBuf, String)>,
+    /// Segments kept (their daemon and session are alive).
+    pub kept: Vec<PathBuf>,
+    /// Whether a stale socket was removed.
+    pub socket_removed: bool,
+}
+
+/// The creator pid of a segment, if its header is readable and valid.
+fn creator_pid(path: &Path) -> Option<u32> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut b = [0u8; 52];
+    f.read_exact(&mut b).ok()?;
+    let magic = u64::from_le_bytes(b[0..8].try_into().ok()?);
+    (magic == SEGMENT_MAGIC).then(|| u32::from_le_bytes(b[48..52].try_into().unwrap_or_default()))
+}
+
+/// Cleans up. `socket`: the daemon to ask which sessions still exist.
+pub fn collect(socket: &Path) -> Result<Report, CliError> {
+    let mut report = Report::default();
+    let live_sids: Option<Vec<String>> =
+        match super::request(socket, &Request::SessionList, Duration::from_secs(5)) {
+            Ok(v) => Some(
+                v.as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|s| s["sid"].as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
+            Err(_) => {
+                if socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_err() {
+                    std::fs::remove_file(socket)?;
+                    report.socket_removed = true;
+                }
+                None
+            }
+        };
+    for entry in std::fs::read_dir(SHM_DIR)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("aegis-") else {
+            continue;
+        };
+        let path = entry.path();
+        let sid = rest.split('-').next().unwrap_or("");
+        let reason = match creator_pid(&path) {
+            None => {
+                let age = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                // A segment still being created has no header yet: leave young ones alone.
+                if age.is_some_and(|a| a > Duration::from_secs(10)) {
+                    Some("no valid header".to_string())
+                } else {
+                    None
+                }
+            }
+            Some(pid) if !pid_alive(pid) => Some(format!("its creator (pid {pid}) is gone")),
+            Some(_) => match &live_sids {
+                Some(sids)
+                    if !sids.iter().any(|s| s == sid) && creator_is_daemon(&path, socket) =>
+                {
+                    Some("its session no longer exists".to_string())
+                }
+                _ => None,
+            },
+        };
+        match reason {
+            Some(r) => {
+                std::fs::remove_file(&path)?;
+                report.removed.push((path, r));
+            }
+            None => report.kept.push(path),
+        }
+    }
+    Ok(report)
+}
+
+/// Whether the segment was created by the daemon answering on `socket` (compares the
+/// socket's peer pid with the segment's creator).
+fn creator_is_daemon(path: &Path, socket: &Path) -> bool {
+    let Some(pid) = creator_pid(path) else {
+        return false;
+    };
+    let Ok(s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.pid() as u32 == pid)
+        .unwrap_or(false)
+}
+
+/// `aegis-shmctl gc`.
+pub fn run(socket: &Path, json_out: bool) -> Result<(), CliError> {
+    let r = collect(socket)?;
+    if json_out {
+        super::print_json(&json!({
+            "removed": r.removed.iter().map(|(p, why)| json!({"path": p, "reason": why})).collect::<Vec<_>>(),
+            "kept": r.kept,
+            "socket_removed": r.socket_removed,
+        }));
+    } else {
+        for (p, why) in &r.removed {
+            println!("removed {} ({why})", p.display());
+        }
+        if r.socket_removed {
+            println!("removed stale socket {}", socket.display());
+        }
+        println!("{} removed, {} kept", r.removed.len(), r.kept.len());
+    }
+    Ok(())
+}

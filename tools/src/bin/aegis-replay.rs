@@ -1,0 +1,376 @@
+//! `aegis-replay`: a producer that replays Binance CSV files or journals into an Aegis session,
+//! one source per file, as fast as possible (or paced with `--speed`). `--convert OUT`
+//! turns one CSV file into a journal instead.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aegis_shm_client::client::Component;
+use aegis_shm_client::event::AnyEvent;
+use aegis_shm_client::protocol::{Register, Role, SourceDecl};
+use aegis_shm_client::spsc::{ClaimError, Producer, PushError};
+use aegis_shm_client::wait::{Backoff, Deadline, WaitStrategy};
+use aegis_tools::csv::CsvReader;
+use aegis_tools::journal::{self, JournalReader};
+use aegis_tools::names::{self, FileInfo, FileKind};
+use clap::Parser;
+
+/// Replay Binance CSV files or journals into an Aegis session.
+#[derive(Parser, Debug)]
+#[command(name = "aegis-replay", version)]
+struct Args {
+    /// Source name (default: the file name without extension; one FILE only).
+    #[arg(long)]
+    source: Option<String>,
+    /// File kind: kline, trade, aggtrade or book (default: from the file name).
+    #[arg(long)]
+    kind: Option<FileKind>,
+    /// Symbol (default: from the file name).
+    #[arg(long)]
+    symbol: Option<String>,
+    /// Kline interval (default: from the file name).
+    #[arg(long)]
+    interval: Option<String>,
+    /// Pace by event time: 1 = real time, 10 = ten times faster. Default: as fast as possible.
+    #[arg(long)]
+    speed: Option<f64>,
+    /// Convert the (single) CSV FILE into a journal at this path, then exit.
+    #[arg(long)]
+    convert: Option<PathBuf>,
+    /// Component name (default: replay-<pid>).
+    #[arg(long)]
+    name: Option<String>,
+    /// Control socket (default: $AEGIS_SOCKET, else /tmp/aegis/aegis-components.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// How long to wait for the session to start, in seconds.
+    #[arg(long, default_value_t = 300)]
+    start_timeout: u64,
+    /// Give up when the ring stays full this long (a stuck session), in seconds.
+    #[arg(long, default_value_t = 120)]
+    stall_timeout: u64,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Input files (CSV, or journals made with --convert).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+struct Input {
+    path: PathBuf,
+    name: String,
+    info: FileInfo,
+    journal: bool,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("aegis-replay: error: {msg}");
+    std::process::exit(1);
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.source.is_some() && args.files.len() > 1 {
+        fail("--source names one source: give one FILE per process, or let names default to file stems");
+    }
+    if let Some(out) = &args.convert {
+        convert(&args, out);
+        return;
+    }
+    let inputs: Vec<Input> = args
+        .files
+        .iter()
+        .map(|p| {
+            let journal =
+                journal::is_journal(p).unwrap_or_else(|e| fail(format!("{}: {e}", p.display())));
+            let info = if journal {
+                JournalReader::open(p)
+                    .unwrap_or_else(|e| fail(e))
+                    .info()
+                    .clone()
+            } else {
+                names::resolve(
+                    p,
+                    args.kind,
+                    args.symbol.as_deref(),
+                    args.interval.as_deref(),
+                )
+                .unwrap_or_else(|e| fail(e))
+            };
+            let name = match &args.source {
+                Some(s) => s.clone(),
+                None => names::default_source_name(p).unwrap_or_else(|e| fail(e)),
+            };
+            Input {
+                path: p.clone(),
+                name,
+                info,
+                journal,
+            }
+        })
+        .collect();
+    let sources = inputs
+        .iter()
+        .map(|i| SourceDecl {
+            name: i.name.clone(),
+            kind: i.info.kind.event_kind().name().to_string(),
+            topic: i.info.topic(),
+        })
+        .collect();
+    let token = std::env::var("AEGIS_SESSION_TOKEN").unwrap_or_else(|_| {
+        fail("AEGIS_SESSION_TOKEN is not set: run under `aegis-shmctl session run`, or export the token printed by `session create`")
+    });
+    let comp = Component::connect(
+        args.socket.as_deref(),
+        Register {
+            component_name: args
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("replay-{}", std::process::id())),
+            session_token: token,
+            role: Some(Role::Producer),
+            sources,
+            pid: Some(std::process::id()),
+            ..Register::default()
+        },
+    )
+    .unwrap_or_else(|e| fail(e));
+    let producers: Vec<(Producer, u32)> = inputs
+        .iter()
+        .map(|i| comp.producer(&i.name).unwrap_or_else(|e| fail(e)))
+        .collect();
+    comp.ready(Duration::from_secs(args.start_timeout))
+        .unwrap_or_else(|e| fail(e));
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let (stop, total) = (stop.clone(), total.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                let n = total.load(Ordering::Relaxed);
+                eprint!(
+                    "\raegis-replay: {n} events, {:.0} events/s   ",
+                    n as f64 / start.elapsed().as_secs_f64()
+                );
+            }
+            eprintln!();
+        })
+    });
+    let comp = Arc::new(comp);
+    let mut handles = Vec::new();
+    for (input, (producer, topic)) in inputs.into_iter().zip(producers) {
+        let (stop, total, comp) = (stop.clone(), total.clone(), comp.clone());
+        let speed = args.speed;
+        let stall = Duration::from_secs(args.stall_timeout);
+        handles.push(std::thread::spawn(move || {
+            replay(input, producer, topic, speed, stall, &stop, &total, &comp)
+        }));
+    }
+    let mut errors = Vec::new();
+    let mut counts = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(c)) => counts.push(c),
+            Ok(Err(e)) => {
+                stop.store(true, Ordering::Relaxed);
+                errors.push(e)
+            }
+            Err(_) => errors.push("a replay thread panicked".to_string()),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(p) = progress {
+        let _ = p.join();
+    }
+    let comp = Arc::try_unwrap(comp).unwrap_or_else(|_| fail("internal: component still shared"));
+    if !errors.is_empty() {
+        let msg = errors.join("; ");
+        let _ = comp.error("replay_failed", &msg);
+        fail(msg);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n: u64 = counts.iter().sum();
+    if args.json {
+        println!(
+            "{{\"events\":{n},\"seconds\":{secs:.6},\"events_per_s\":{:.0}}}",
+            n as f64 / secs
+        );
+    } else {
+        eprintln!(
+            "aegis-replay: {n} events from {} sources in {secs:.3} s ({:.0} events/s)",
+            counts.len(),
+            n as f64 / secs
+        );
+    }
+    comp.finished().unwrap_or_else(|e| fail(e));
+}
+
+/// Paces by event time when `speed` is set.
+struct Pacer {
+    speed: Option<f64>,
+    first: Option<(u64, Instant)>,
+}
+
+impl Pacer {
+    fn wait(&mut self, ts: u64) {
+        let Some(speed) = self.speed else { return };
+        let (t0, i0) = *self.first.get_or_insert((ts, Instant::now()));
+        let due = Duration::from_secs_f64(ts.saturating_sub(t0) as f64 / 1e9 / speed);
+        let now = i0.elapsed();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn replay(
+    input: Input,
+    mut p: Producer,
+    topic: u32,
+    speed: Option<f64>,
+    stall: Duration,
+    stop: &AtomicBool,
+    total: &AtomicU64,
+    comp: &Component,
+) -> Result<u64, String> {
+    p.set_batch(if speed.is_some() { 1 } else { 64 });
+    let mut pacer = Pacer { speed, first: None };
+    let mut wait = Backoff::default();
+    let mut n = 0u64;
+    let check = |n: u64| -> Result<(), String> {
+        if n % 4096 == 0 {
+            total.fetch_add(4096, Ordering::Relaxed);
+            if stop.load(Ordering::Relaxed) {
+                return Err("stopped".into());
+            }
+            if let Some(r) = comp.stop_requested() {
+                return Err(format!("the daemon stopped the session: {r}"));
+            }
+        }
+        Ok(())
+    };
+    let src = input.path.display().to_string();
+    if input.journal {
+        let mut r = JournalReader::open(&input.path).map_err(|e| e.to_string())?;
+        r.for_each(|f| -> Result<(), ReplayError> {
+            pacer.wait(f.header.ts);
+            let mut h = f.header;
+            h.topic_id = topic;
+            let deadline = Deadline::after(stall);
+            loop {
+                match p.try_push_frame(&h, f.payload) {
+                    Ok(_) => break,
+                    Err(ClaimError::Full) if !deadline.expired() => wait.wait(),
+                    Err(ClaimError::Full) => {
+                        return Err(ReplayError(format!(
+                            "{src}: the ring stayed full for {stall:?}"
+                        )))
+                    }
+                    Err(e) => return Err(ReplayError(format!("{src}: {e}"))),
+                }
+            }
+            wait.reset();
+            n += 1;
+            check(n).map_err(ReplayError)
+        })
+        .map_err(|e| e.0)?;
+    } else {
+        let reader =
+            CsvReader::open(&input.path, &input.info).map_err(|e| format!("{src}: {e}"))?;
+        for item in reader {
+            let (ts, ev) = item.map_err(|e| format!("{src}: {e}"))?;
+            pacer.wait(ts);
+            let deadline = Deadline::after(stall);
+            let r = match ev {
+                AnyEvent::Trade(e) => p
+                    .push(ts, topic, e, &mut wait, deadline)
+                    .map(drop)
+                    .map_err(describe),
+                AnyEvent::Book(e) => p
+                    .push(ts, topic, e, &mut wait, deadline)
+                    .map(drop)
+                    .map_err(describe),
+                AnyEvent::Kline(e) => p
+                    .push(ts, topic, e, &mut wait, deadline)
+                    .map(drop)
+                    .map_err(describe),
+            };
+            r.map_err(|e| format!("{src}: {e}"))?;
+            n += 1;
+            check(n)?;
+        }
+    }
+    total.fetch_add(n % 4096, Ordering::Relaxed);
+    p.finish(&mut wait, Deadline::after(stall))
+        .map_err(|_| format!("{src}: could not write end-of-stream within {stall:?}"))?;
+    Ok(n)
+}
+
+/// An error in the journal path: ours, or the journal's.
+struct ReplayError(String);
+
+impl From<journal::JournalError> for ReplayError {
+    fn from(e: journal::JournalError) -> ReplayError {
+        ReplayError(e.to_string())
+    }
+}
+
+fn describe<T>(e: PushError<T>) -> String {
+    match e {
+        PushError::Full(_) => "ring full".into(),
+        PushError::Timeout(_) => {
+            "the ring stayed full past the stall timeout (is the session stuck?)".into()
+        }
+        PushError::TooLarge {
+            stride, capacity, ..
+        } => format!("frame of {stride} bytes cannot fit a ring of {capacity} bytes"),
+    }
+}
+
+fn convert(args: &Args, out: &Path) {
+    if args.files.len() != 1 {
+        fail("--convert takes exactly one input FILE");
+    }
+    let input = &args.files[0];
+    let info = names::resolve(
+        input,
+        args.kind,
+        args.symbol.as_deref(),
+        args.interval.as_deref(),
+    )
+    .unwrap_or_else(|e| fail(e));
+    let tty = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let n = journal::convert_csv_with_progress(input, out, &info, 0, |bytes, events| {
+        if tty {
+            eprint!(
+                "\raegis-replay: {events} events ({} MB) converted",
+                bytes / 1_000_000
+            );
+        }
+    })
+    .unwrap_or_else(|e| fail(e));
+    if tty {
+        eprintln!();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{{\"events\":{n},\"seconds\":{secs:.6},\"journal\":{:?}}}",
+            out.display().to_string()
+        );
+    } else {
+        println!(
+            "{n} events converted to {} in {secs:.3} s ({:.0} events/s)",
+            out.display(),
+            n as f64 / secs
+        );
+    }
+}
