@@ -41,6 +41,13 @@ use aegis_shm_client::wait::{Backoff, BusySpin, Deadline};
 const EPOCH: u64 = 0xAE61_5000_0000_0001;
 const SRC: u16 = 7;
 
+/// The largest payload a ring or bus of `cap` bytes takes: a frame may fill at most half of
+/// it (so that it always fits after the padding of a wrap: see
+/// `regression_large_frames_never_livelock_an_empty_ring`).
+fn max_payload(cap: usize) -> usize {
+    cap / 2 - FRAME_HEADER_LEN
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
@@ -313,10 +320,13 @@ fn push_and_check(
     let contiguous = cap - k;
     let s = stride(len);
     let wraps = s > contiguous;
-    // The frame fits without waiting for the reader iff, counting the wrap, it needs no more
-    // than the ring: it fits before the end, or after the start next to the skipped end.
-    let fits_now = !wraps || contiguous + s <= cap;
     let ctx = format!("cap {cap} pos {pos} (offset {k}) len {len} stride {s}");
+    // In an empty ring a frame must go in at once, wrap included: the padding and the frame
+    // together never need more than the ring (frames take at most half of it).
+    assert!(
+        !wraps || contiguous + s <= cap,
+        "{ctx}: a frame that could never fit"
+    );
     assert_eq!(ring.tail(), pos, "{ctx}");
     assert_eq!(ring.head(), pos, "{ctx}");
 
@@ -339,30 +349,7 @@ fn push_and_check(
         Vec::new()
     };
 
-    let mut r = tx.try_push_frame(&header, &payload);
-    if !fits_now {
-        // The frame needs the bytes of the skipped end: it cannot go in before the reader has
-        // passed the wrap. The wrap itself is published, so the reader can.
-        assert_eq!(r, Err(ClaimError::Full), "{ctx}");
-        assert_eq!(
-            ring.tail(),
-            pos + contiguous as u64,
-            "{ctx}: wrap published"
-        );
-        if contiguous >= FRAME_HEADER_LEN {
-            assert_eq!(ring.header_at(k), FrameHeader::padding(contiguous), "{ctx}");
-        }
-        assert!(
-            rx.peek().unwrap().is_none(),
-            "{ctx}: only the wrap is published"
-        );
-        assert_eq!(
-            ring.head(),
-            pos + contiguous as u64,
-            "{ctx}: a drained reader hands the skipped wrap back"
-        );
-        r = tx.try_push_frame(&header, &payload);
-    }
+    let r = tx.try_push_frame(&header, &payload);
     assert_eq!(r, Ok(seq), "{ctx}");
 
     let fpos = if wraps { pos + contiguous as u64 } else { pos };
@@ -377,14 +364,11 @@ fn push_and_check(
     // Byte ranges the producer may have written.
     let mut written: Vec<(usize, usize)> = Vec::new();
     if wraps && contiguous >= FRAME_HEADER_LEN {
-        // (When the frame did not fit at once it has since overwritten the padding frame.)
-        if fits_now {
-            assert_eq!(
-                ring.header_at(k),
-                FrameHeader::padding(contiguous),
-                "{ctx}: explicit padding frame"
-            );
-        }
+        assert_eq!(
+            ring.header_at(k),
+            FrameHeader::padding(contiguous),
+            "{ctx}: explicit padding frame"
+        );
         written.push((k, k + FRAME_HEADER_LEN));
     }
     let expect = FrameHeader {
@@ -448,16 +432,16 @@ fn push_and_check(
 }
 
 /// Payload lengths to try for a ring: all of them up to 512-byte rings; for larger rings the
-/// small ones, every 37th, the ones around half the ring and the largest ones.
+/// small ones, every 73rd, the ones around a quarter of the ring and the largest ones.
 fn wrap_lens(cap: usize) -> Vec<usize> {
-    let max = cap - FRAME_HEADER_LEN;
+    let max = max_payload(cap);
     if cap <= 512 {
         return (1..=max).collect();
     }
     let mut v: Vec<usize> = (1..=33).collect();
     v.extend([47, 48, 49, 63, 64, 65]);
-    v.extend((66..max).step_by(151));
-    v.extend((cap / 2 - 64..=cap / 2 + 16).step_by(3));
+    v.extend((66..max).step_by(73));
+    v.extend((cap / 4 - 64..=cap / 4 + 16).step_by(3));
     v.extend(max - 17..=max);
     v.sort_unstable();
     v.dedup();
@@ -487,7 +471,7 @@ fn spsc_wrap_at_every_offset_cursor_placed() {
                     &mut tx,
                     &mut rx,
                     p,
-                    cap - FRAME_HEADER_LEN - len + 1,
+                    max_payload(cap) - len + 1,
                     2,
                     false,
                 );
@@ -496,21 +480,31 @@ fn spsc_wrap_at_every_offset_cursor_placed() {
     }
 }
 
-/// Moves a fresh ring to offset `k` with real traffic: one frame of stride `k` (a heartbeat
-/// for 48, an event otherwise), pushed, read and released. Offsets 16 and 32 cannot be reached
-/// this way (a frame is at least 48 bytes and never straddles the end), hence the
-/// cursor-placing variant above.
-fn advance_naturally(tx: &mut Producer, rx: &mut RingReader, k: usize) {
-    match k {
-        0 => return,
-        48 => tx.try_push_frame(&heartbeat_header(1), &[]).unwrap(),
-        _ => tx
-            .try_push_frame(&event_header(1, 1), &vec![0x5A; k - FRAME_HEADER_LEN])
-            .unwrap(),
+/// Moves a fresh ring to offset `k` with real traffic: one or two frames of strides adding up
+/// to `k` (a heartbeat for a 48-byte stride, an event otherwise), pushed, read and released.
+/// Offsets 16 and 32 cannot be reached this way (a frame is at least 48 bytes and never
+/// straddles the end), hence the cursor-placing variant above.
+fn advance_naturally(tx: &mut Producer, rx: &mut RingReader, cap: usize, k: usize) {
+    let parts = if k == 0 {
+        vec![]
+    } else if k <= cap / 2 {
+        vec![k]
+    } else {
+        let a = (k / 2) & !15;
+        vec![a, k - a]
     };
-    assert!(rx.peek().unwrap().is_some());
-    rx.consume();
-    rx.release();
+    for part in parts {
+        assert!((FRAME_HEADER_LEN..=cap / 2).contains(&part));
+        if part == FRAME_HEADER_LEN {
+            tx.try_push_frame(&heartbeat_header(1), &[]).unwrap();
+        } else {
+            tx.try_push_frame(&event_header(1, 1), &vec![0x5A; part - FRAME_HEADER_LEN])
+                .unwrap();
+        }
+        assert!(rx.peek().unwrap().is_some());
+        rx.consume();
+        rx.release();
+    }
 }
 
 #[test]
@@ -521,14 +515,14 @@ fn spsc_wrap_at_every_offset_after_real_traffic() {
             // A 4096-byte ring: every 4th length is enough here (the placed-cursor test covers
             // them all).
             for (i, &len) in lens.iter().enumerate() {
-                if cap > 512 && i % 4 != 0 && len != cap - FRAME_HEADER_LEN {
+                if cap > 512 && i % 4 != 0 && len != max_payload(cap) {
                     continue;
                 }
                 let ring = Ring::new(cap);
                 ring.fill_data(0xC3);
                 let mut tx = ring.producer();
                 let mut rx = ring.reader();
-                advance_naturally(&mut tx, &mut rx, k);
+                advance_naturally(&mut tx, &mut rx, cap, k);
                 let seq = tx.next_seq();
                 let p = push_and_check(&ring, &mut tx, &mut rx, k as u64, len, seq, k == 0);
                 push_and_check(&ring, &mut tx, &mut rx, p, 1 + len % 23, seq + 1, false);

@@ -650,11 +650,12 @@ impl RingReader {
         self.head = pos;
         match found {
             None => {
-                // Drained: hand back everything consumed, including padding skipped at the
-                // wrap. A producer waiting for room behind that padding would otherwise wait
-                // for a release that a caller releasing only after moving frames never makes.
-                // No frame from an earlier peek can still be borrowed here.
-                // Regression test: `regression_spsc_large_frame_after_wrap_livelock`.
+                // Drained: hand back everything consumed (control frames, skipped padding).
+                // A caller that releases only after it moved frames (the sequencer) would
+                // otherwise never release a ring that carries nothing but heartbeats, and its
+                // producer would wait for room forever. No frame from an earlier peek can
+                // still be borrowed here. Regression test:
+                // `regression_drained_reader_releases_consumed_frames`.
                 self.release();
                 Ok(false)
             }
