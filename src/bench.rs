@@ -24,8 +24,9 @@
 //!   the sequencer. A backtest merge would not do: it holds the last frame of a run of equal
 //!   timestamps until it sees the next frame (or EOF), so a lone event would wait for the
 //!   next push. `max_lateness` plays no role with one source that always has a head.
-//!   With `spin` the sequencer and the consumer busy-spin (the pinned low-latency setup);
-//!   without, both use [`Backoff`], the daemon's default.
+//!   With `spin` the sequencer and the consumer busy-spin (the pinned low-latency setup) and
+//!   events go back to back; without, both use [`Backoff`], the daemon's default, and each
+//!   event follows [`BACKOFF_GAP`] of silence, so the sequencer has backed off to sleeping.
 //! - [`socket_json_latency`] — the design Aegis replaces: a Unix socket carrying one JSON line
 //!   per event. The producer (first core) stamps the message, serialises it and writes it;
 //!   the consumer (second core, blocked in `read`) reads the line, parses it, and records
@@ -71,7 +72,7 @@ use aegis_shm_client::frame::{self, flags, monotonic_ns, FrameHeader, Kind, FRAM
 use aegis_shm_client::segment::HeapRegion;
 use aegis_shm_client::spmc::{self, BusReader, BusWriter, Policy};
 use aegis_shm_client::spsc::{self, ClaimError, Producer, PushError, RingReader};
-use aegis_shm_client::wait::{Backoff, BusySpin, Deadline, SpinYield, WaitKind, WaitStrategy};
+use aegis_shm_client::wait::{Backoff, Deadline, SpinYield, WaitKind, WaitStrategy};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
@@ -360,13 +361,19 @@ fn sample_trade(i: u64) -> Trade {
             mantissa: 5 + (i % 7) as i64,
             scale: 1,
         },
-        buyer_maker: i % 3 == 0,
+        buyer_maker: i.is_multiple_of(3),
     }
 }
 
+/// Idle time before each event of `aegis_latency(_, false)`.
+pub const BACKOFF_GAP: Duration = Duration::from_micros(100);
+
 /// Producer → sequencer → consumer latency of one 64-byte `Trade`, the producer and the
 /// consumer being one thread on the first core and the sequencer pinned to the second (see the
-/// module docs). `spin`: sequencer and consumer busy-spin; otherwise they use [`Backoff`].
+/// module docs). `spin`: sequencer and consumer busy-spin, events back to back. Otherwise
+/// both use [`Backoff`] and every event follows [`BACKOFF_GAP`] of silence (the thread
+/// sleeps), so the figure shows what backing off costs on a sparse stream (back to back, a
+/// backoff never gets past its spinning phase and the figure would equal the spinning one).
 pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError> {
     const RING: usize = 1 << 16;
     const BUS: usize = 1 << 16;
@@ -418,10 +425,14 @@ pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError>
                 mut w: Waiter<W>,
                 total: u64,
                 skip: u64,
+                gap: Option<Duration>,
                 abort: &AtomicBool,
             ) -> Result<Histogram<u64>, BenchError> {
                 let mut h = histogram();
                 for i in 0..total {
+                    if let Some(gap) = gap {
+                        std::thread::sleep(gap);
+                    }
                     let ts = TS0 + i;
                     let mut ev = sample_trade(i);
                     loop {
@@ -487,9 +498,10 @@ pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError>
                 run(
                     &mut producer,
                     &mut consumer,
-                    Waiter::new(BusySpin, what),
+                    Waiter::new(spinning(), what),
                     total,
                     skip,
+                    None,
                     &a,
                 )
             } else {
@@ -499,6 +511,7 @@ pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError>
                     Waiter::new(Backoff::default(), what),
                     total,
                     skip,
+                    Some(BACKOFF_GAP),
                     &a,
                 )
             };
@@ -883,7 +896,7 @@ pub fn inproc_merge_throughput(events: u64) -> Result<ThroughputRow, BenchError>
 pub struct FramePusher {
     producer: Producer,
     abort: Arc<AtomicBool>,
-    waiter: Waiter<SpinYield>,
+    waiter: Waiter<Backoff>,
     pushed: u64,
 }
 
@@ -962,6 +975,11 @@ pub fn aegis_throughput(
 /// mode with a block bus, and one consumer (the calling thread) that reads every frame in
 /// place, touches its payload and checks merge-key order, until END-OF-STREAM. Timed from the
 /// start signal that releases the producers to END-OF-STREAM.
+///
+/// Waiting: producers with a full ring back off to short sleeps (see `producer_backoff`), the
+/// sequencer yields when starved ([`WaitKind::Yield`]), the consumer spins then yields. Rings
+/// of 1 MiB or more keep the sequencer fed across a producer's sleep; smaller rings work but
+/// measure the scheduler more than Aegis.
 pub fn aegis_throughput_feeds(
     name: &str,
     feeds: Vec<Feed>,
@@ -995,7 +1013,7 @@ pub fn aegis_throughput_feeds(
             FramePusher {
                 producer,
                 abort: abort.clone(),
-                waiter: Waiter::new(SpinYield::default(), "producer (ring full)"),
+                waiter: Waiter::new(producer_backoff(), "producer (ring full)"),
                 pushed: 0,
             },
         ));
@@ -1106,6 +1124,14 @@ pub fn aegis_throughput_feeds(
         )));
     }
     Ok(ThroughputRow::new(name, count, elapsed))
+}
+
+/// How a throughput producer waits for room: it spins and yields briefly, then sleeps in
+/// steps of at most 50 µs. Sleeping producers leave the (few) cores to the sequencer and the
+/// consumer — on a 2-core machine the five threads of a run cannot all spin — and 50 µs is
+/// far less than a ring of 1 MiB or more takes to drain, so the sequencer is not starved.
+fn producer_backoff() -> Backoff {
+    Backoff::new(64, 8, Duration::from_micros(50))
 }
 
 /// A copy of an error for reporting (I/O errors keep their kind and message).
@@ -1244,7 +1270,7 @@ pub fn socket_json_throughput(events: u64) -> Result<ThroughputRow, BenchError> 
                     let mut w = std::io::BufWriter::with_capacity(1 << 16, &tx);
                     let r = (|| {
                         for j in 0..count {
-                            if j % 4096 == 0 && a.load(Ordering::Relaxed) {
+                            if j.is_multiple_of(4096) && a.load(Ordering::Relaxed) {
                                 return Err(BenchError::Aborted);
                             }
                             w.write_all(&pool[j as usize % POOL])?;

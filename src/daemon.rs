@@ -313,6 +313,10 @@ fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
                 if discarding {
                     if let Some(nl) = chunk[..n].iter().position(|&b| b == b'\n') {
                         discarding = false;
+                        // The over-long line is over, and so is its partial-line clock. It
+                        // used to keep running: an idle connection was dropped with
+                        // "incomplete line" 5 s after an over-long line it had been told about.
+                        partial_since = None;
                         buf.extend_from_slice(&chunk[nl + 1..n]);
                     }
                 } else {
@@ -437,7 +441,7 @@ fn handle_line(
                 Ok(ack) => {
                     *peer = Peer::Component(name);
                     Some(Reply::Ack {
-                        ack: Some(ack),
+                        ack: Some(Box::new(ack)),
                         data: None,
                     })
                 }

@@ -176,9 +176,7 @@ pub struct Sequencer {
 enum Run {
     /// Complete and in key order: the head may go.
     Ordered,
-    /// Not complete yet: wait for more frames.
-    Incomplete,
-    /// Out of key order (or too long to wait for): copy it out and sort it.
+    /// Out of key order, or not complete yet: copy it out (sorted once complete).
     Unordered,
 }
 
@@ -436,7 +434,6 @@ impl Sequencer {
             if !live {
                 match self.check_run(i, &h) {
                     Ok(Run::Ordered) => {}
-                    Ok(Run::Incomplete) => return Ok(changed),
                     Ok(Run::Unordered) => {
                         self.sources[i].collecting = Some(h.ts);
                         continue;
@@ -467,15 +464,13 @@ impl Sequencer {
         loop {
             match s.reader.header_at(pos)? {
                 None => {
-                    // The run may still grow. If the ring is filling up, stop waiting for its
-                    // end inside the ring (which could never come if the run is longer than the
-                    // ring) and copy it out instead.
-                    let full = s.reader.backlog() * 4 >= s.reader.capacity() as u64;
-                    return Ok(if full {
-                        Run::Unordered
-                    } else {
-                        Run::Incomplete
-                    });
+                    // The run may still grow, and its end may never fit in the ring beside it:
+                    // the producer can be blocked by the very frames we hold (a frame needs
+                    // contiguous room, so one pending frame can be enough). Copy the run out
+                    // instead of waiting for it in the ring. This happens when the sequencer
+                    // has caught up with the producer, so the copy costs no throughput.
+                    // Regression test: `tiny_rings_with_runs_out_of_order`.
+                    return Ok(Run::Unordered);
                 }
                 Some((g, next)) => {
                     let kind = g.kind().unwrap_or(Kind::Control);
@@ -544,10 +539,14 @@ impl Sequencer {
         }
         if moved > 0 {
             self.bus.publish();
-            for s in &mut self.sources {
-                s.reader.release();
-            }
             self.publish_counters();
+        }
+        // Hand every consumed byte back, even when nothing moved to the bus: frames copied
+        // into a staging queue, heartbeats and refused events are consumed too, and a producer
+        // blocked on a full ring would otherwise wait for a release that never comes while we
+        // wait for the rest of its run. Regression test: `tiny_rings_with_runs_out_of_order`.
+        for s in &mut self.sources {
+            s.reader.release();
         }
         if self
             .sources
@@ -603,23 +602,20 @@ impl Sequencer {
         let bus_cap = self.bus.capacity();
         let s = &mut self.sources[i];
         s.head = None;
-        // The frame is copied out first (from the staging queue, or from the ring): the
-        // borrow of the reader must end before we borrow the bus mutably.
-        let (mut h, payload) = match s.staged.pop_front() {
-            Some(f) => (f.header, f.payload),
-            None => {
-                let frame = s.reader.peek().ok().flatten().expect("a head was peeked");
-                self.scratch.clear();
-                self.scratch.extend_from_slice(frame.payload);
-                let h = frame.header;
-                s.reader.consume();
-                (h, std::mem::take(&mut self.scratch))
-            }
+        let staged = s.staged.pop_front();
+        let mut h = match &staged {
+            Some(f) => f.header,
+            None => s
+                .reader
+                .peek_header()
+                .ok()
+                .flatten()
+                .expect("a head was peeked"),
         };
-        if aegis_shm_client::frame::stride(payload.len()) > bus_cap / 2 {
+        if aegis_shm_client::frame::stride(h.len as usize) > bus_cap / 2 {
             let reason = format!(
                 "frame of {} bytes is larger than half the bus ({bus_cap} bytes)",
-                payload.len()
+                h.len
             );
             return self.fail(i, reason);
         }
@@ -634,11 +630,41 @@ impl Sequencer {
             self.late += 1;
         }
         self.emitted_ts = self.emitted_ts.max(h.ts);
-        let r = self.write_frame(&h, &payload, stop);
-        self.scratch = payload;
-        r?;
-        self.merged += 1;
-        Ok(())
+        if let Some(f) = staged {
+            self.write_frame(&h, &f.payload, stop)?;
+            self.merged += 1;
+            return Ok(());
+        }
+        // Fast path: one copy, ring to bus. The ring and the bus are distinct fields, so
+        // both can be borrowed at once.
+        let Sequencer {
+            sources,
+            bus,
+            scratch,
+            ..
+        } = self;
+        let reader = &mut sources[i].reader;
+        let frame = reader.peek().ok().flatten().expect("a head was peeked");
+        match bus.try_write(&h, frame.payload) {
+            Ok(_) => {
+                reader.consume();
+                self.merged += 1;
+                Ok(())
+            }
+            Err(_) => {
+                // The bus is full (block policy): copy the frame out, hand the ring its bytes
+                // back, and wait for the slowest consumer.
+                scratch.clear();
+                scratch.extend_from_slice(frame.payload);
+                reader.consume();
+                let payload = std::mem::take(scratch);
+                let r = self.write_frame(&h, &payload, stop);
+                self.scratch = payload;
+                r?;
+                self.merged += 1;
+                Ok(())
+            }
+        }
     }
 
     fn publish_counters(&self) {

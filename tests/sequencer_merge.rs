@@ -34,7 +34,7 @@ fn make_event(kind: Kind, tag: u64) -> AnyEvent {
             id: tag,
             price: d,
             qty: d,
-            buyer_maker: tag % 2 == 0,
+            buyer_maker: tag.is_multiple_of(2),
         }),
         Kind::Book => AnyEvent::Book(Book {
             symbol: sym,
@@ -160,10 +160,12 @@ fn run(
         }
         order.push((h.source_id, tag_of(f.event().expect("valid payload"))));
     }
+    // The sequencer first: if it failed, the producers may be stuck on full rings, and its
+    // error says why.
+    handle.join().unwrap()?;
     for p in producers {
         p.join().unwrap();
     }
-    handle.join().unwrap()?;
     Ok(Run {
         order,
         digest: hasher.finalize().into(),
@@ -321,5 +323,37 @@ fn empty_sources_and_a_source_that_ends_first() {
         .collect();
     let sources = vec![Vec::new(), long, short];
     let run = run(&names, &sources, 512, 512, &[0, 50], 3).unwrap();
+    assert_eq!(run.order, reference(&names, &sources));
+}
+
+#[test]
+fn tiny_rings_with_runs_out_of_order() {
+    // Runs of equal timestamps written kline, book, trade (the reverse of key order), longer
+    // than the 512-byte rings hold: the sequencer must copy them out to reorder them, and must
+    // hand the ring space back while it waits for the end of the run.
+    let names: Vec<String> = ["p", "q"].iter().map(|s| s.to_string()).collect();
+    let mk = |n: u64| -> Vec<Ev> {
+        (0..n)
+            .flat_map(|i| {
+                let ts = 100 + i / 12;
+                [
+                    Ev {
+                        kind: Kind::Kline,
+                        ts,
+                    },
+                    Ev {
+                        kind: Kind::Book,
+                        ts,
+                    },
+                    Ev {
+                        kind: Kind::Trade,
+                        ts,
+                    },
+                ]
+            })
+            .collect()
+    };
+    let sources = vec![mk(60), mk(45)];
+    let run = run(&names, &sources, 512, 512, &[0, 20], 1).unwrap();
     assert_eq!(run.order, reference(&names, &sources));
 }

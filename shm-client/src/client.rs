@@ -149,7 +149,7 @@ impl Component {
         writer.write_all(&protocol::encode(&Request::Register(reg)))?;
         let mut reader = BufReader::new(stream);
         let ack = match read_reply(&mut reader)? {
-            Reply::Ack { ack: Some(ack), .. } => ack,
+            Reply::Ack { ack: Some(ack), .. } => *ack,
             Reply::Error { code, message } => return Err(ClientError::Refused { code, message }),
             other => {
                 return Err(ClientError::Protocol(format!(

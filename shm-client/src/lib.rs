@@ -38,7 +38,7 @@
 //!     qty: Decimal::parse("0.5").unwrap(),
 //!     buyer_maker: false,
 //! };
-//! tx.try_push(1_000, 0, &trade).unwrap();
+//! tx.try_push(1_000, 0, trade).unwrap();
 //! tx.flush();
 //! let frame = rx.peek().unwrap().expect("one frame");
 //! match decode(frame.kind(), frame.payload).unwrap() {

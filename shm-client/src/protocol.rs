@@ -242,7 +242,7 @@ pub enum Reply {
     Ack {
         /// REGISTER: the details.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        ack: Option<Ack>,
+        ack: Option<Box<Ack>>,
         /// CLI answers.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         data: Option<serde_json::Value>,

@@ -21,7 +21,8 @@
 //!   the reader has not released, is reported as a causality violation.
 #![cfg(loom)]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use aegis_shm_client::event::{decode, Decimal, EventRef, Symbol, Trade};
@@ -43,9 +44,11 @@ const UNIT: usize = frame::FRAME_ALIGN;
 /// fit the 16 bytes left (implicit padding); 576 bytes in all, the ring wraps twice.
 const CLAIM_LENS: [usize; 7] = [8, 24, 8, 40, 8, 24, 8];
 
-/// Payload lengths of the raw frames of the push model; `None` is a `Trade` pushed with
-/// `try_push` (rkyv straight into the ring).
-const PUSH_PLAN: [Option<usize>; 5] = [None, Some(8), None, Some(24), None];
+/// The frames of the push model: `None` is a `Trade` pushed with `try_push` (rkyv straight into
+/// the ring, a 64-byte archive: stride 112), `Some(len)` a raw frame pushed with
+/// `try_push_frame`. Three trades do not fit before the end (80, 64 and 48 bytes left: PADDING
+/// frames), the EOF frame comes last; 928 bytes in all.
+const PUSH_PLAN: [Option<usize>; 7] = [None, Some(8), None, Some(24), None, Some(40), None];
 
 fn payload_byte(seq: u64) -> u8 {
     0xA0 ^ seq as u8
@@ -63,32 +66,41 @@ fn trade_of(seq: u64) -> Trade {
     Trade {
         symbol: Symbol::new("LOOMUSDT").unwrap(),
         id: 10_000 + seq,
+        // Odd mantissas: normalised decimals (no trailing zero).
         price: Decimal {
-            mantissa: 6_320_105 + seq as i64,
+            mantissa: 6_320_101 + 2 * seq as i64,
             scale: 2,
         },
         qty: Decimal {
-            mantissa: 5 + seq as i64,
+            mantissa: 1 + 2 * seq as i64,
             scale: 1,
         },
-        buyer_maker: seq % 2 == 0,
+        buyer_maker: seq.is_multiple_of(2),
     }
 }
 
-/// Counts model iterations, for the report printed at the end of each test.
+thread_local! {
+    /// How many iterations a model ran and how often each interesting path was taken in all of
+    /// them: printed at the end, to show the model does reach those paths. Per test thread
+    /// (loom runs a model's threads as coroutines on the thread that calls `loom::model`).
+    static STATS: RefCell<BTreeMap<&'static str, u64>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// Counts one passage through an interesting path.
+fn hit(what: &'static str) {
+    STATS.with(|s| *s.borrow_mut().entry(what).or_default() += 1);
+}
+
+/// Checks a model under loom and prints what it explored.
 fn run_model(name: &str, f: impl Fn() + Sync + Send + 'static) {
-    static ITERATIONS: AtomicUsize = AtomicUsize::new(0);
-    ITERATIONS.store(0, Ordering::Relaxed);
+    STATS.with(|s| s.borrow_mut().clear());
     let start = std::time::Instant::now();
     loom::model(move || {
-        ITERATIONS.fetch_add(1, Ordering::Relaxed);
+        hit("iterations");
         f()
     });
-    eprintln!(
-        "{name}: {} iterations in {:.1?}",
-        ITERATIONS.load(Ordering::Relaxed),
-        start.elapsed()
-    );
+    let stats = STATS.with(|s| s.take());
+    eprintln!("{name}: {:.1?}, {stats:?}", start.elapsed());
 }
 
 /// Where the ring puts successive frames: the same rule as the producer and the reader (a frame
@@ -208,7 +220,10 @@ fn spsc_claim_commit_wraps_in_order() {
                             assert_eq!(got, seq);
                             break;
                         }
-                        Err(ClaimError::Full) => thread::yield_now(),
+                        Err(ClaimError::Full) => {
+                            hit("producer found the ring full");
+                            thread::yield_now()
+                        }
                         Err(e) => panic!("claim of frame {i}: {e}"),
                     }
                 }
@@ -224,6 +239,7 @@ fn spsc_claim_commit_wraps_in_order() {
             let f = match rx.peek().expect("the ring stays valid") {
                 Some(f) => f,
                 None => {
+                    hit("reader found the ring empty");
                     rx.release();
                     consumed_unreleased = 0;
                     thread::yield_now();
@@ -239,6 +255,7 @@ fn spsc_claim_commit_wraps_in_order() {
             );
             if let Some((off, _)) = place.padding {
                 // The reader read the PADDING header to skip it.
+                hit("reader skipped a PADDING frame");
                 shadow.read(off, FRAME_HEADER_LEN);
             }
             shadow.read(place.off, frame::stride(len));
@@ -272,9 +289,10 @@ fn spsc_claim_commit_wraps_in_order() {
 }
 
 /// Producer mixes `try_push` (a `Trade` serialised by rkyv in the ring) and `try_push_frame`
-/// (raw frames), batch of 2, retrying on `Full`, then ends the stream with `finish` (EOF frame
-/// + flush). The reader decodes every trade with bytecheck, checks every raw payload byte, and
-/// stops at EOF, which must come right after the last frame.
+/// (raw frames), batch of 2, retrying on `Full`, then ends the stream with `finish` (an EOF
+/// frame, then a flush). The reader decodes every trade with bytecheck, checks every raw payload
+/// byte, releases every other frame (and a drained `peek` releases the rest), and stops at EOF,
+/// which must come right after the last frame.
 #[test]
 fn spsc_push_and_finish_in_order() {
     run_model("spsc_push_and_finish_in_order", || {
@@ -310,6 +328,7 @@ fn spsc_push_and_finish_in_order() {
                     if !full {
                         break;
                     }
+                    hit("producer found the ring full");
                     thread::yield_now();
                 }
             }
@@ -322,7 +341,8 @@ fn spsc_push_and_finish_in_order() {
             let f = match rx.peek().expect("the ring stays valid") {
                 Some(f) => f,
                 None => {
-                    rx.release();
+                    // No explicit release: a drained `peek` releases what was consumed.
+                    hit("reader found the ring empty");
                     thread::yield_now();
                     continue;
                 }
@@ -369,7 +389,7 @@ fn spsc_push_and_finish_in_order() {
             }
             rx.consume();
             next += 1;
-            if next % 2 == 0 {
+            if next.is_multiple_of(2) {
                 rx.release();
             }
         }

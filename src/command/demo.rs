@@ -35,7 +35,7 @@ impl Rng {
 fn timestamps(n: u64, rng: &mut Rng) -> impl Iterator<Item = u64> + '_ {
     (0..n).map(move |i| {
         let t = DAY_START_MS + i * DAY_MS / n;
-        if rng.next() % 8 == 0 {
+        if rng.next().is_multiple_of(8) {
             // The close time of the minute this event falls in.
             (t / 60_000) * 60_000 + 59_999
         } else {
@@ -54,7 +54,11 @@ fn write_trades(path: &Path, n: u64) -> std::io::Result<()> {
     for (i, t) in ts.into_iter().enumerate() {
         price += (rng.next() % 21) as i64 - 10;
         let qty = 1 + rng.next() % 200_000; // 1e-5 units
-        let maker = if rng.next() % 2 == 0 { "True" } else { "False" };
+        let maker = if rng.next().is_multiple_of(2) {
+            "True"
+        } else {
+            "False"
+        };
         writeln!(
             out,
             "{},{}.{:02},{}.{:05},{:.7},{},{}",
@@ -282,13 +286,19 @@ pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
             l["max"],
             if digest.is_empty() { "(none)" } else { &digest }
         );
-        if !stats.is_empty() && !line.starts_with('{') {
-            eprint!("{stats}");
+        // Show what the tap said besides its stats line (its error, when it failed). The
+        // old test, `!line.starts_with('{')`, could never hold: `line` falls back to "{}".
+        for l in stats.lines().filter(|l| !l.starts_with('{')) {
+            eprintln!("tap-{i}: {l}");
         }
         digests.push(digest);
     }
     let same = !digests[0].is_empty() && digests.iter().all(|d| *d == digests[0]);
     println!("digests equal: {}", if same { "yes" } else { "NO" });
+    // Say why the session did not finish: the daemon's reason was not shown before.
+    if let Some(r) = s["reason"].as_str() {
+        println!("session reason: {r}");
+    }
     for c in outcome.summary["components"]
         .as_array()
         .into_iter()
@@ -303,12 +313,18 @@ pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
         }
     }
     drop(cleanup);
+    // Every segment of the session (`aegis-<sid>-*`, from the bus name `aegis-<sid>-bus`),
+    // not only the bus: the control and source segments were not checked before.
+    let prefix = s["segments"]["bus"]
+        .as_str()
+        .and_then(|b| Path::new(b).file_name()?.to_str()?.strip_suffix("bus"))
+        .map(str::to_string);
     let sid_left = std::fs::read_dir(aegis_shm_client::segment::SHM_DIR)?
         .filter_map(|e| e.ok())
         .filter(|e| {
-            s["segments"]["bus"]
-                .as_str()
-                .is_some_and(|b| Path::new(b).file_name() == Some(&e.file_name()))
+            prefix
+                .as_deref()
+                .is_some_and(|p| e.file_name().to_str().is_some_and(|n| n.starts_with(p)))
         })
         .count();
     if sid_left > 0 {

@@ -181,10 +181,53 @@ pub fn print_inspect(v: &Value) {
     );
 }
 
-/// Kills a child we started, by pid, and reaps it.
+/// Kills a child we started, by pid, and reaps it. The child is `sh -c CMD`, and a shell may
+/// fork CMD rather than exec it (dash does for `sh -c '/path/aegis-tap ...'`): killing only the
+/// shell used to leave the component itself running, orphaned. So every process descended
+/// from the child is killed as well (found in /proc, before any of them is killed).
 fn kill(child: &mut Child) {
+    for pid in descendants(child.id()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The pids of every process descended from `root` (children, grandchildren, ...).
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new(); // (pid, ppid)
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // `/proc/<pid>/stat` is "pid (comm) state ppid ...", and comm may hold spaces or ')'.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 /// `session run`: returns Ok(true) when every component exited 0 and the session finished.
@@ -219,6 +262,9 @@ pub fn run_session(socket: &Path, json_out: bool, a: &RunArgs) -> Result<bool, C
         );
         if let Some(r) = outcome.summary["session"]["reason"].as_str() {
             println!("  reason: {r}");
+        }
+        if let Some(r) = outcome.summary["reason"].as_str() {
+            println!("  run: {r}");
         }
     }
     Ok(outcome.ok)
@@ -276,6 +322,7 @@ pub fn run_components(
     let mut last: Value = Value::Null;
     let mut failed_at: Option<Instant> = None;
     let mut timed_out = false;
+    let mut reason: Option<String> = None;
     loop {
         for (i, (_, ch)) in children.iter_mut().enumerate() {
             if exits[i].is_none() {
@@ -288,6 +335,21 @@ pub fn run_components(
             last = v;
         }
         let state = last["state"].as_str().unwrap_or("");
+        // A component that exited while the session has not started yet (inspected after the
+        // exit was seen) means the barrier (one READY per -c) can never be met. Stop the
+        // session now: its components get STOP and exit. This used to wait for --timeout
+        // (default one hour).
+        if state == "created" && reason.is_none() {
+            if let Some(i) = exits.iter().position(|e| e.is_some()) {
+                reason = Some(format!(
+                    "component {:?} exited with status {} before the session started",
+                    children[i].0,
+                    exits[i].unwrap_or(-1)
+                ));
+                let _ = request(socket, &Request::SessionStop { name: name.clone() }, T);
+                continue;
+            }
+        }
         let all_exited = exits.iter().all(|e| e.is_some());
         if all_exited && matches!(state, "finished" | "failed" | "stopped") {
             break;
@@ -328,9 +390,13 @@ pub fn run_components(
     }
     let finished = last["state"].as_str() == Some("finished");
     let ok = finished && !timed_out && exits.iter().all(|e| *e == Some(0));
+    if timed_out && reason.is_none() {
+        reason = Some(format!("timed out after {} s", a.timeout));
+    }
     let summary = json!({
         "session": last,
         "timed_out": timed_out,
+        "reason": reason,
         "components": children.iter().zip(&exits).map(|((cmd, ch), e)| json!({"command": cmd, "pid": ch.id(), "exit": e})).collect::<Vec<_>>(),
         "ok": ok,
     });

@@ -72,6 +72,9 @@ pub struct Slot {
     overruns: AtomicU64,
     /// Frames the consumer missed in all.
     missed: AtomicU64,
+    /// Bumped on every attach, so that a consumer whose slot was released and handed to
+    /// someone else can no longer store its cursor there, nor free it.
+    generation: AtomicU64,
 }
 
 /// A snapshot of one slot, for `inspect`.
@@ -120,6 +123,7 @@ impl BusControl {
                     read: AtomicU64::new(0),
                     overruns: AtomicU64::new(0),
                     missed: AtomicU64::new(0),
+                    generation: AtomicU64::new(0),
                 })
             }),
         }
@@ -600,6 +604,8 @@ const CURSOR_BATCH: u32 = 64;
 pub struct BusReader {
     m: Mapped,
     slot: usize,
+    /// The slot's generation when we attached: the slot is ours while it is unchanged.
+    generation: u64,
     /// Next byte to read. Invariant: `published_cursor <= pos`.
     pos: u64,
     published_cursor: u64,
@@ -669,6 +675,7 @@ impl BusReader {
         fence(Ordering::SeqCst);
         let tail = ctrl.tail.load(Ordering::Acquire);
         let s = &ctrl.slots[slot_i];
+        let generation = s.generation.fetch_add(1, Ordering::AcqRel) + 1;
         s.pid.store(std::process::id(), Ordering::Relaxed);
         s.read.store(0, Ordering::Relaxed);
         s.overruns.store(0, Ordering::Relaxed);
@@ -678,6 +685,7 @@ impl BusReader {
         let scratch_words = (m.cap as usize).div_ceil(16);
         Ok(BusReader {
             slot: slot_i,
+            generation,
             pos: tail,
             published_cursor: tail,
             unpublished: 0,
@@ -743,7 +751,7 @@ impl BusReader {
     }
 
     fn publish_cursor(&mut self) {
-        if self.published_cursor != self.pos {
+        if self.published_cursor != self.pos && self.owns_slot() {
             let s = &self.m.ctrl().slots[self.slot];
             // Release: pairs with the Acquire load in `BusWriter::min_cursor`; we are done
             // reading the bytes below `pos` before the writer may reuse them.
@@ -754,9 +762,16 @@ impl BusReader {
         self.unpublished = 0;
     }
 
-    fn check_attached(&self) -> Result<(), ReadError> {
+    /// Whether the slot is still ours: attached, and not re-attached by another consumer
+    /// since (the daemon may release the slot of a consumer it believes dead).
+    fn owns_slot(&self) -> bool {
         let s = &self.m.ctrl().slots[self.slot];
-        if s.state.load(Ordering::Relaxed) != SLOT_ATTACHED {
+        s.state.load(Ordering::Acquire) == SLOT_ATTACHED
+            && s.generation.load(Ordering::Acquire) == self.generation
+    }
+
+    fn check_attached(&self) -> Result<(), ReadError> {
+        if !self.owns_slot() {
             return Err(ReadError::Detached(self.slot));
         }
         Ok(())
@@ -955,7 +970,11 @@ impl BusReader {
 
 impl Drop for BusReader {
     fn drop(&mut self) {
-        self.publish_cursor();
-        release_slot(self.m.ctrl(), self.slot);
+        // Only free a slot that is still ours: a consumer declared dead whose slot went to
+        // another consumer must not free its successor's slot.
+        if self.owns_slot() {
+            self.publish_cursor();
+            release_slot(self.m.ctrl(), self.slot);
+        }
     }
 }

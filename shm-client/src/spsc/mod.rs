@@ -549,7 +549,7 @@ impl RingReader {
         // The head sits in memory the producer can write: a misaligned one would make `peek`
         // read a header through a misaligned pointer. Regression test:
         // `regression_reader_open_refuses_misaligned_head`.
-        if head & (FRAME_ALIGN as u64 - 1) != 0 {
+        if !head.is_multiple_of(FRAME_ALIGN as u64) {
             return Err(OpenError::Corrupt("ring head is not 16-byte aligned"));
         }
         Ok(RingReader {
@@ -671,7 +671,15 @@ impl RingReader {
     /// position after it. `None` when `pos` is at the end of the published data. Used by the
     /// sequencer to see a whole run of equal timestamps before it orders it.
     pub fn header_at(&mut self, pos: u64) -> Result<Option<(FrameHeader, u64)>, FrameError> {
-        debug_assert!(pos >= self.head);
+        // `pos` comes from the caller: check it like a cursor. A misaligned one made `locate`
+        // read a header through a misaligned pointer, one past the published data underflowed
+        // or read bytes the producer may be writing. Regression test:
+        // `regression_header_at_refuses_bad_positions`.
+        if pos < self.head || pos > self.cached_tail || !pos.is_multiple_of(FRAME_ALIGN as u64) {
+            return Err(FrameError::BadCursor(
+                "look-ahead position outside the published data",
+            ));
+        }
         let (p, found) = self.locate(pos)?;
         Ok(found.map(|(h, stride)| (h, p + stride)))
     }

@@ -245,7 +245,7 @@ fn replay(
     let mut wait = Backoff::default();
     let mut n = 0u64;
     let check = |n: u64| -> Result<(), String> {
-        if n % 4096 == 0 {
+        if n.is_multiple_of(4096) {
             total.fetch_add(4096, Ordering::Relaxed);
             if stop.load(Ordering::Relaxed) {
                 return Err("stopped".into());

@@ -184,7 +184,7 @@ fn main() {
         };
         res.unwrap_or_else(|e| fail(format!("write: {e}")));
         events += 1;
-        if tty && events % (1 << 20) == 0 {
+        if tty && events.is_multiple_of(1 << 20) {
             eprint!("\raegis-tap: {events} events");
         }
     };
