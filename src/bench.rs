@@ -289,6 +289,52 @@ struct Line(AtomicU64);
 /// Raw cache-line ping-pong between the first two cores: the floor of any cross-core hand-off.
 /// One-way latency = round trip / 2.
 pub fn pingpong(samples: u64) -> Result<LatencyRow, BenchError> {
+    Ok(latency_row(PINGPONG, &pingpong_histogram(samples)?))
+}
+
+const PINGPONG: &str = "ping-pong (raw cache line)";
+
+fn aegis_latency_name(spin: bool) -> &'static str {
+    if spin {
+        "aegis (spin, pinned)"
+    } else {
+        "aegis (backoff, pinned)"
+    }
+}
+
+/// [`pingpong`] and [`aegis_latency`] interleaved: `rounds` alternating runs of
+/// `samples / rounds` samples each, merged into one row per measurement. On a virtual
+/// machine the hypervisor moves virtual cores between physical cores (same core, sibling,
+/// another complex) from one second to the next, and a cross-core hop then costs anywhere
+/// between 25 and 175 ns; interleaving makes both rows sample the same placements, so their
+/// ratio is meaningful. Returns `[ping-pong, aegis]`.
+pub fn latency_interleaved(
+    samples: u64,
+    rounds: u64,
+    spin: bool,
+) -> Result<[LatencyRow; 2], BenchError> {
+    let rounds = rounds.clamp(1, samples.max(1));
+    let per = samples / rounds;
+    let (mut pp, mut ae) = (histogram(), histogram());
+    for r in 0..rounds {
+        // The last round takes the remainder, so the rows hold exactly `samples` each.
+        let n = if r + 1 == rounds {
+            samples - per * (rounds - 1)
+        } else {
+            per
+        };
+        pp.add(pingpong_histogram(n)?)
+            .map_err(|e| BenchError::Failed(e.to_string()))?;
+        ae.add(aegis_latency_histogram(n, spin)?)
+            .map_err(|e| BenchError::Failed(e.to_string()))?;
+    }
+    Ok([
+        latency_row(PINGPONG, &pp),
+        latency_row(aegis_latency_name(spin), &ae),
+    ])
+}
+
+fn pingpong_histogram(samples: u64) -> Result<Histogram<u64>, BenchError> {
     let total = warmup(samples) + samples;
     let skip = warmup(samples);
     let cores = two_cores();
@@ -346,7 +392,7 @@ pub fn pingpong(samples: u64) -> Result<LatencyRow, BenchError> {
             unreachable!("one of them failed")
         }
     };
-    Ok(latency_row("ping-pong (raw cache line)", &h))
+    Ok(h)
 }
 
 fn sample_trade(i: u64) -> Trade {
@@ -375,6 +421,13 @@ pub const BACKOFF_GAP: Duration = Duration::from_micros(100);
 /// sleeps), so the figure shows what backing off costs on a sparse stream (back to back, a
 /// backoff never gets past its spinning phase and the figure would equal the spinning one).
 pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError> {
+    Ok(latency_row(
+        aegis_latency_name(spin),
+        &aegis_latency_histogram(samples, spin)?,
+    ))
+}
+
+fn aegis_latency_histogram(samples: u64, spin: bool) -> Result<Histogram<u64>, BenchError> {
     const RING: usize = 1 << 16;
     const BUS: usize = 1 << 16;
     let skip = warmup(samples);
@@ -537,12 +590,7 @@ pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError>
             summary.merged
         )));
     }
-    let name = if spin {
-        "aegis (spin, pinned)"
-    } else {
-        "aegis (backoff, pinned)"
-    };
-    Ok(latency_row(name, &h))
+    Ok(h)
 }
 
 /// A trade as the JSON design carried it.
@@ -1396,6 +1444,9 @@ mod tests {
         sane_latency(&pingpong(2_000).unwrap(), 2_000);
         sane_latency(&aegis_latency(2_000, true).unwrap(), 2_000);
         sane_latency(&aegis_latency(100, false).unwrap(), 100);
+        let [pp, ae] = latency_interleaved(1_001, 4, true).unwrap();
+        sane_latency(&pp, 1_001);
+        sane_latency(&ae, 1_001);
         sane_latency(&socket_json_latency(300).unwrap(), 300);
         sane_throughput(&inproc_merge_throughput(20_000).unwrap(), 20_000);
         sane_throughput(&aegis_throughput(20_000, 1 << 12, 1 << 13).unwrap(), 20_000);

@@ -11,7 +11,7 @@ pub const DEFAULT_SOCKET: &str = "/tmp/aegis/aegis-components.sock";
 /// Interval between client heartbeats.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 250;
 /// A component silent for this long is declared dead.
-pub const HEARTBEAT_TIMEOUT_MS: u64 = 3_000;
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 5_000;
 
 /// The socket path: `explicit`, else `$AEGIS_SOCKET`, else [`DEFAULT_SOCKET`].
 pub fn socket_path(explicit: Option<&std::path::Path>) -> std::path::PathBuf {
