@@ -9,11 +9,12 @@
 //! Timestamps interleave irregularly across sources (each event goes to a pseudo-random
 //! source) with ties, so the merge switches source at most events.
 //!
-//! `merge/pick/{linear,heap}/{1,3,8,32,64}`: the data-structure choice behind the sequencer.
-//! `k` sorted streams of `u128` merge keys are merged into an output vector either by a linear
-//! scan over the cached heads — kept, as in the sequencer, inside a per-source state of about
-//! the sequencer's `Source` size (320 bytes) — or by a `std::collections::BinaryHeap` of
-//! `Reverse((key, source))`. One element = one key emitted.
+//! `merge/pick/{linear,linear-packed,heap}/{1,3,8,32,64}`: the data-structure choice behind
+//! the sequencer. `k` sorted streams of `u128` merge keys are merged into an output vector by
+//! a linear scan over the cached heads kept, as in the sequencer, inside a per-source state of
+//! about the sequencer's `Source` size (320 bytes) (`linear`); by a linear scan over the heads
+//! packed in one array of `u128` (`linear-packed`); or by a `std::collections::BinaryHeap` of
+//! `Reverse((key, source))` (`heap`). One element = one key emitted.
 //!
 //! Every merge is checked (output in key order, exact count, same keys as a reference sort)
 //! before anything is timed.
@@ -271,6 +272,32 @@ fn linear_merge(streams: &[Vec<u128>], out: &mut Vec<u128>) {
     }
 }
 
+/// The linear scan over heads packed in a contiguous array (16 bytes per source), for
+/// comparison with the scan over per-source states.
+fn packed_merge(streams: &[Vec<u128>], out: &mut Vec<u128>) {
+    const DONE: u128 = u128::MAX;
+    let mut heads: Vec<u128> = streams
+        .iter()
+        .map(|s| s.first().copied().unwrap_or(DONE))
+        .collect();
+    let mut pos = vec![0usize; streams.len()];
+    loop {
+        let (mut best, mut i) = (DONE, usize::MAX);
+        for (j, &k) in heads.iter().enumerate() {
+            if k < best {
+                best = k;
+                i = j;
+            }
+        }
+        if i == usize::MAX {
+            break;
+        }
+        out.push(best);
+        pos[i] += 1;
+        heads[i] = streams[i].get(pos[i]).copied().unwrap_or(DONE);
+    }
+}
+
 fn heap_merge(streams: &[Vec<u128>], out: &mut Vec<u128>) {
     let mut pos = vec![0usize; streams.len()];
     let mut heap: BinaryHeap<Reverse<(u128, usize)>> = streams
@@ -311,12 +338,22 @@ fn bench_pick(c: &mut Criterion) {
         linear_merge(&s, &mut out);
         assert_eq!(out, expect, "linear, k = {k}");
         out.clear();
+        packed_merge(&s, &mut out);
+        assert_eq!(out, expect, "linear-packed, k = {k}");
+        out.clear();
         heap_merge(&s, &mut out);
         assert_eq!(out, expect, "heap, k = {k}");
         g.bench_with_input(BenchmarkId::new("linear", k), &s, |b, s| {
             b.iter(|| {
                 out.clear();
                 linear_merge(black_box(s), &mut out);
+                black_box(out.len())
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("linear-packed", k), &s, |b, s| {
+            b.iter(|| {
+                out.clear();
+                packed_merge(black_box(s), &mut out);
                 black_box(out.len())
             })
         });

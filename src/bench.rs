@@ -33,6 +33,10 @@
 //!   `now - stamp`. One event is in flight at a time (the producer waits for the consumer to
 //!   be done), as in the two rows above.
 //!
+//! On a virtual machine the cost of one cross-core hop moves (25 to 175 ns were seen on one
+//! 2-vCPU machine within minutes) as the hypervisor places the virtual cores; compare Aegis
+//! with the ping-pong through [`latency_interleaved`], which alternates short runs of both.
+//!
 //! Rings live in [`HeapRegion`]s: in-process memory with the same cache-coherence behaviour as
 //! a `/dev/shm` mapping (both are ordinary shared pages to the CPU), and nothing to clean up
 //! if a run fails.

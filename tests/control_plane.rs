@@ -330,6 +330,10 @@ impl Harness {
         self.spawn(name, cmd)
     }
 
+    fn pid(&self, i: usize) -> u32 {
+        self.procs.lock().unwrap()[i].child.id()
+    }
+
     fn stdout(&self, i: usize) -> String {
         self.procs.lock().unwrap()[i].out.lock().unwrap().clone()
     }
@@ -589,6 +593,47 @@ impl Drop for Harness {
             let _ = std::fs::remove_file(seg);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a panicking test left for [`harness_cleans_up_after_a_panic`] to check.
+struct Left {
+    dir: PathBuf,
+    pids: Vec<u32>,
+    segments: Vec<PathBuf>,
+}
+
+/// The guard works when a test panics: children killed and reaped, segments and temp dir gone.
+#[test]
+fn harness_cleans_up_after_a_panic() {
+    let payload = std::thread::spawn(|| {
+        let h = Harness::new();
+        let token = h.create("doomed", "backtest", json!({"expect": 2}));
+        let p = h.role("producer", "prod", &token, &[(ENV_EVENTS, "10".into())]);
+        h.wait_inspect("doomed", "registered", Duration::from_secs(30), |v| {
+            v["components"].as_array().is_some_and(|c| c.len() == 1)
+        });
+        let left = Left {
+            dir: h.dir.clone(),
+            pids: vec![h.pid(DAEMON), h.pid(p)],
+            segments: h.segments(),
+        };
+        assert_eq!(left.segments.len(), 3, "{:?}", left.segments);
+        std::panic::panic_any(left); // a deliberate panic: the guard unwinds
+    })
+    .join()
+    .expect_err("the thread panics");
+    let left = payload.downcast::<Left>().expect("our payload");
+    assert!(!left.dir.exists(), "{} is left", left.dir.display());
+    for seg in &left.segments {
+        assert!(!seg.exists(), "{} is left", seg.display());
+    }
+    for pid in &left.pids {
+        // Killed and reaped: the pid no longer exists (it could only be reused much later).
+        assert!(
+            kill(Pid::from_raw(*pid as i32), None).is_err(),
+            "process {pid} is still there"
+        );
     }
 }
 
@@ -1793,21 +1838,4 @@ fn session_run_exit_status() {
     // `session run` destroys its sessions.
     let list = h.request(&json!({"cmd": "SESSION_LIST"}));
     assert_eq!(expect_data(&list), json!([]), "{list}");
-}
-
-#[test]
-fn tmp_guard_panics() {
-    let h = Harness::new();
-    let token = h.create("tmp-panic", "backtest", json!({"expect": 2}));
-    let p = h.role("producer", "tmpprod", &token, &[(ENV_EVENTS, "10".into())]);
-    h.wait_inspect("tmp-panic", "reg", Duration::from_secs(20), |v| {
-        v["components"].as_array().unwrap().len() == 1
-    });
-    println!(
-        "TMP pids daemon={} prod={} segs={:?}",
-        h.procs.lock().unwrap()[0].child.id(),
-        h.procs.lock().unwrap()[p].child.id(),
-        h.segments()
-    );
-    panic!("deliberate");
 }

@@ -88,8 +88,10 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     let e = |r: Result<LatencyRow, BenchError>| r.map_err(|e| CliError(e.to_string()));
     let t = |r: Result<ThroughputRow, BenchError>| r.map_err(|e| CliError(e.to_string()));
     eprintln!("aegis bench: latency ({} samples)...", a.samples);
-    let aegis = e(bench::aegis_latency(a.samples, true))?;
-    let pingpong = e(bench::pingpong(a.samples))?;
+    // Interleaved rounds: the hypervisor moves virtual cores around, so the two rows are
+    // only comparable when measured under the same placements.
+    let [pingpong, aegis] =
+        bench::latency_interleaved(a.samples, 20, true).map_err(|e| CliError(e.to_string()))?;
     let socket = e(bench::socket_json_latency(a.samples))?;
     eprintln!("aegis bench: throughput ({} events)...", a.events);
     let dir = std::env::temp_dir().join(format!("aegis-bench-{}", std::process::id()));
