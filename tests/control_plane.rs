@@ -1442,6 +1442,134 @@ fn concurrent_sessions_are_isolated() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4b. A stuck component does not stall the control plane
+// ---------------------------------------------------------------------------------------------
+
+/// Heartbeats the stuck component sends without reading a single reply: far more reply bytes
+/// (with the kernel's per-message overhead) than a Unix socket buffers.
+const FLOOD_HEARTBEATS: usize = 20_000;
+/// The bound on one control request of another session while a component is stuck. The old
+/// daemon wrote to components under its global lock, with a 2 s write timeout per message, so
+/// every request of every session waited at least ~2 s behind one stuck component. 1 s is far
+/// below that and far above a healthy reply (~1 ms), so a loaded 2-core CI machine does not
+/// make this flaky.
+const UNSTUCK_BOUND: Duration = Duration::from_secs(1);
+
+/// Writes as many of `lines` as the socket takes without blocking for long; returns how many.
+fn flood(s: &UnixStream, line: &[u8], lines: usize) -> usize {
+    s.set_nonblocking(true).unwrap();
+    let mut sent = 0;
+    let mut pending: &[u8] = &[];
+    let mut stalled_since: Option<Instant> = None;
+    let mut w = s;
+    while sent < lines {
+        if pending.is_empty() {
+            pending = line;
+        }
+        match w.write(pending) {
+            Ok(n) => {
+                pending = &pending[n..];
+                if pending.is_empty() {
+                    sent += 1;
+                }
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // The daemon stopped reading us (the old one blocks in a write to us).
+                let t = stalled_since.get_or_insert_with(Instant::now);
+                if t.elapsed() > Duration::from_millis(500) && pending.len() == line.len() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("flood: {e}"),
+        }
+    }
+    s.set_nonblocking(false).unwrap();
+    sent
+}
+
+/// Runs `req` on a fresh connection; returns the reply and how long it took.
+fn timed(h: &Harness, req: &Value) -> (Value, Duration) {
+    let t = Instant::now();
+    let v = h.request(req);
+    (v, t.elapsed())
+}
+
+/// A component that never reads its socket (its receive side full of unread replies) must not
+/// delay the control traffic of another session: writes to components happen outside the
+/// daemon's global lock, on the component's own writer.
+#[test]
+fn stuck_component_does_not_stall_other_sessions() {
+    let h = Harness::new();
+    let token_a = h.create("stuck-a", "backtest", json!({}));
+    let mut producer = Conn::open(&h.sock);
+    let mut reg = register("prod-a", &token_a, "producer");
+    reg["sources"] = json!([{"name": "src-a", "kind": "trade", "topic": "trades.A"}]);
+    expect_data(&producer.call(&reg));
+    assert_eq!(producer.call(&json!({"cmd": "READY"}))["cmd"], "WAIT");
+    let mut stuck = Conn::open(&h.sock);
+    assert_eq!(
+        stuck.call(&register("stuck", &token_a, "consumer"))["cmd"],
+        "ACK"
+    );
+    stuck.send_json(&json!({"cmd": "READY"}));
+    // Never read `stuck` again: flood it with heartbeats whose replies fill its socket.
+    let mut hb = serde_json::to_vec(&json!({"cmd": "HEARTBEAT"})).unwrap();
+    hb.push(b'\n');
+    let sent = flood(&stuck.s, &hb, FLOOD_HEARTBEATS);
+    eprintln!("stuck component: {sent} heartbeats sent, none of the replies read");
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Each step: a request on session A that writes to the stuck component runs in the
+    // background, and a request of session B is timed meanwhile.
+    let mut times = Vec::new();
+    let mut step = |what: &str, a_req: Value, b_req: Value| -> Value {
+        let sock = h.sock.clone();
+        let bg = std::thread::spawn(move || Conn::open(&sock).call(&a_req));
+        std::thread::sleep(Duration::from_millis(200));
+        let (v, took) = timed(&h, &b_req);
+        eprintln!("{what}: {took:?} while session A writes to its stuck component");
+        times.push((what.to_string(), took));
+        let _ = bg.join();
+        v
+    };
+    let start_a = json!({"cmd": "SESSION_START", "name": "stuck-a", "timeout_ms": 5000});
+    let stop_a = json!({"cmd": "SESSION_STOP", "name": "stuck-a"});
+    let v = step(
+        "create B",
+        start_a,
+        json!({"cmd": "SESSION_CREATE", "name": "stuck-b", "mode": "backtest"}),
+    );
+    let token_b = expect_data(&v)["token"].as_str().unwrap().to_string();
+    h.track_sessions();
+    let mut producer_b = Conn::open(&h.sock);
+    let mut reg = register("prod-b", &token_b, "producer");
+    reg["sources"] = json!([{"name": "src-b", "kind": "trade", "topic": "trades.B"}]);
+    expect_data(&producer_b.call(&reg));
+    assert_eq!(producer_b.call(&json!({"cmd": "READY"}))["cmd"], "WAIT");
+    let v = step(
+        "start B",
+        stop_a.clone(),
+        json!({"cmd": "SESSION_START", "name": "stuck-b", "timeout_ms": 5000}),
+    );
+    expect_data(&v);
+    let v = step(
+        "inspect B",
+        stop_a,
+        json!({"cmd": "SESSION_INSPECT", "name": "stuck-b"}),
+    );
+    expect_data(&v);
+    for (what, took) in &times {
+        assert!(
+            *took < UNSTUCK_BOUND,
+            "{what} took {took:?} (bound {UNSTUCK_BOUND:?}): a stuck component stalls other \
+             sessions; all: {times:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // 5. kill -9 of a consumer mid-stream
 // ---------------------------------------------------------------------------------------------
 
@@ -1664,6 +1792,49 @@ fn check_peer_rules() {
     );
 }
 
+/// A copy of `aegis-shmctl` that any uid can execute, in a fresh `/tmp` directory (mode 0755)
+/// removed on drop.
+struct ExeCopy {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl ExeCopy {
+    /// The copy, or `None` (with the reason printed) when it cannot be made.
+    fn new() -> Option<ExeCopy> {
+        let dir = PathBuf::from(format!("/tmp/aegis-cp-exe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let copy = ExeCopy {
+            path: dir.join("aegis-shmctl"),
+            dir,
+        };
+        let made = std::fs::create_dir(&copy.dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&copy.dir, std::fs::Permissions::from_mode(0o755))
+            })
+            .and_then(|()| std::fs::copy(shmctl_bin(), &copy.path).map(|_| ()))
+            .and_then(|()| {
+                std::fs::set_permissions(&copy.path, std::fs::Permissions::from_mode(0o755))
+            });
+        match made {
+            Ok(()) => Some(copy),
+            Err(e) => {
+                eprintln!(
+                    "skipped: cannot copy aegis-shmctl to {} for another uid: {e}",
+                    copy.dir.display()
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ExeCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// As root: a client running as uid 65534 reaches the socket (permissions relaxed for this
 /// test only) and is refused by SO_PEERCRED; the daemon keeps serving.
 #[test]
@@ -1672,10 +1843,15 @@ fn other_uid_is_refused() {
         eprintln!("not root: only `check_peer_rules` covers the peer-uid check here");
         return;
     }
+    // The clone (and so the binary) may sit in a directory uid 65534 cannot enter (a 0700
+    // home, say): the other uid runs a copy in a world-readable temp directory.
+    let Some(exe) = ExeCopy::new() else {
+        return;
+    };
     let h = Harness::new();
     std::fs::set_permissions(&h.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&h.sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let mut cmd = Command::new(shmctl_bin());
+    let mut cmd = Command::new(&exe.path);
     cmd.arg("--socket")
         .arg(&h.sock)
         .args(["session", "list"])
