@@ -1,23 +1,26 @@
 //! The daemon (`aegis-shmctl serve`): the control socket, one thread per connection, a
 //! monitor thread for liveness, and a clean shutdown on SIGINT / SIGTERM.
 //!
-//! Every connection has read and write timeouts, so a slow or stuck client only ever costs
-//! its own thread. A line may take at most [`protocol::MAX_LINE`] bytes; a client that leaves
-//! half a line unfinished for [`PARTIAL_LINE_TIMEOUT`] is answered with ERROR and dropped.
+//! Every connection has a reader thread (this module) and a writer thread (an [`Outbox`]), so
+//! a slow or stuck client only ever costs its own threads. Request handlers (the `dispatch`
+//! module) decide under a session's lock and only queue what they send. A line may take at
+//! most [`protocol::MAX_LINE`] bytes; a client that leaves half a line unfinished for
+//! [`PARTIAL_LINE_TIMEOUT`] is answered with ERROR and dropped.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aegis_shm_client::protocol::{self, Reply, Request};
-use serde_json::json;
+use aegis_shm_client::protocol::{self, ErrorCode, Reply};
 
-use crate::session::{self, CompState, Session, State};
+use crate::dispatch::{self, Peer};
+use crate::outbox::Outbox;
+use crate::registry::Registry;
+use crate::session::State;
 
 /// How long half a line may stay unfinished.
 pub const PARTIAL_LINE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,6 +28,18 @@ pub const PARTIAL_LINE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Most connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Read timeout of a connection: how often its thread looks at the shutdown flag and clocks.
+const READ_POLL: Duration = Duration::from_millis(200);
+/// Pause of the accept loop when no connection is pending.
+const ACCEPT_POLL: Duration = Duration::from_millis(10);
+/// Pause of the accept loop after a failed accept.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Interval of the liveness and progress tick over every session.
+const LIVENESS_TICK: Duration = Duration::from_millis(50);
+/// How long the write of a refusal to a peer that is not served may block the accept loop.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// At shutdown, how long the STOP messages get to reach the components.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
 
@@ -51,8 +66,10 @@ pub enum ServeError {
     },
 }
 
-struct Shared {
-    sessions: Mutex<BTreeMap<String, Session>>,
+/// What every connection thread and the monitor share.
+pub(crate) struct Shared {
+    /// The sessions.
+    pub(crate) sessions: Registry,
     shutdown: AtomicBool,
     next_conn: AtomicU64,
     connections: AtomicUsize,
@@ -106,7 +123,7 @@ impl Daemon {
         listener.set_nonblocking(true).map_err(io)?;
         Ok(Daemon {
             shared: Arc::new(Shared {
-                sessions: Mutex::new(BTreeMap::new()),
+                sessions: Registry::default(),
                 shutdown: AtomicBool::new(false),
                 next_conn: AtomicU64::new(1),
                 connections: AtomicUsize::new(0),
@@ -145,26 +162,26 @@ impl Daemon {
             match self.listener.accept() {
                 Ok((stream, _)) => self.accept(stream),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(10))
+                    std::thread::sleep(ACCEPT_POLL)
                 }
                 Err(e) => {
                     eprintln!("aegis: accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
+                    std::thread::sleep(ACCEPT_ERROR_PAUSE);
                 }
             }
         }
         self.shared.shutdown.store(true, Ordering::Relaxed);
         let _ = monitor.join();
-        let sessions = std::mem::take(
-            &mut *self
-                .shared
-                .sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for (_, mut s) in sessions {
+        let deadline = Instant::now() + SHUTDOWN_FLUSH;
+        for cell in self.shared.sessions.take_all() {
+            let Some(mut s) = cell.take() else {
+                continue;
+            };
             s.stop(State::Stopped, "the daemon is shutting down");
             s.shutdown();
+            for c in &s.components {
+                c.outbox.flush(deadline);
+            }
         }
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -184,11 +201,11 @@ impl Daemon {
             Err(_) => (u32::MAX, 0),
         };
         if let Err(msg) = check_peer(uid, self.shared.uid) {
-            refuse(stream, "permission_denied", &msg);
+            refuse(stream, ErrorCode::PermissionDenied, &msg);
             return;
         }
         if self.shared.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-            refuse(stream, "busy", "too many connections");
+            refuse(stream, ErrorCode::Busy, "too many connections");
             return;
         }
         self.shared.connections.fetch_add(1, Ordering::Relaxed);
@@ -217,36 +234,36 @@ pub fn check_peer(peer_uid: u32, daemon_uid: u32) -> Result<(), String> {
     }
 }
 
-fn refuse(mut stream: UnixStream, code: &str, msg: &str) {
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+fn refuse(mut stream: UnixStream, code: ErrorCode, msg: &str) {
+    let _ = stream.set_write_timeout(Some(REFUSAL_WRITE_TIMEOUT));
     let _ = stream.write_all(&protocol::encode(&Reply::error(code, msg)));
 }
 
 fn monitor_loop(shared: &Shared) {
     while !shared.shutdown.load(Ordering::Relaxed) && !SIGNALLED.load(Ordering::Relaxed) {
-        {
-            let mut sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            for s in sessions.values_mut() {
+        for cell in shared.sessions.all() {
+            if let Some(mut s) = cell.lock() {
                 s.tick();
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(LIVENESS_TICK);
     }
 }
 
-/// What a connection has become.
-enum Peer {
-    /// Not registered (CLI, or not yet).
-    Anonymous,
-    /// A component of session `.0`.
-    Component(String),
+/// Whether the daemon is shutting down.
+fn stopping(shared: &Shared) -> bool {
+    shared.shutdown.load(Ordering::Relaxed) || SIGNALLED.load(Ordering::Relaxed)
 }
 
+/// A connection's reader: splits lines, answers each through the connection's [`Outbox`],
+/// and enforces the line-length cap and the partial-line and idle clocks.
 fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-    let writer = match stream.try_clone() {
-        Ok(w) => Arc::new(Mutex::new(w)),
+    let _ = stream.set_read_timeout(Some(READ_POLL));
+    let outbox = match stream
+        .try_clone()
+        .and_then(|w| Outbox::spawn(w, format!("aegis-out-{conn}")))
+    {
+        Ok(o) => o,
         Err(_) => return,
     };
     let mut reader = stream;
@@ -257,7 +274,7 @@ fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
     let mut last_activity = Instant::now();
     let mut discarding = false;
     'conn: loop {
-        if shared.shutdown.load(Ordering::Relaxed) || SIGNALLED.load(Ordering::Relaxed) {
+        if stopping(shared) {
             break;
         }
         // Answer every complete line in the buffer.
@@ -268,40 +285,36 @@ fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
                 discarding = false;
                 continue;
             }
-            let reply = handle_line(
+            let ctx = dispatch::Conn {
                 shared,
-                &line[..line.len() - 1],
                 conn,
                 pid,
-                &writer,
-                &mut peer,
-            );
-            if let Some(r) = reply {
-                session::send(&writer, &r);
+                outbox: &outbox,
+            };
+            if let Some(r) = dispatch::handle_line(&ctx, &mut peer, &line[..line.len() - 1]) {
+                outbox.send(&r);
             }
         }
         if buf.len() >= protocol::MAX_LINE {
-            session::send(
-                &writer,
-                &Reply::error(
-                    "line_too_long",
-                    format!("line longer than {} bytes", protocol::MAX_LINE),
-                ),
-            );
+            outbox.send(&Reply::error(
+                ErrorCode::LineTooLong,
+                format!("line longer than {} bytes", protocol::MAX_LINE),
+            ));
             buf.clear();
             discarding = true;
         }
         if !buf.is_empty() && partial_since.is_none() {
             partial_since = Some(Instant::now());
         }
-        if let Some(t) = partial_since {
-            if t.elapsed() > PARTIAL_LINE_TIMEOUT {
-                session::send(
-                    &writer,
-                    &Reply::error("timeout", "incomplete line: no newline within 5 s"),
-                );
-                break 'conn;
-            }
+        if partial_since.is_some_and(|t| t.elapsed() > PARTIAL_LINE_TIMEOUT) {
+            outbox.send(&Reply::error(
+                ErrorCode::Timeout,
+                format!(
+                    "incomplete line: no newline within {} s",
+                    PARTIAL_LINE_TIMEOUT.as_secs()
+                ),
+            ));
+            break 'conn;
         }
         if matches!(peer, Peer::Anonymous) && last_activity.elapsed() > IDLE_TIMEOUT {
             break;
@@ -333,225 +346,6 @@ fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
             Err(_) => break,
         }
     }
-    if let Peer::Component(name) = peer {
-        let mut sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = sessions.get_mut(&name) {
-            if let Some(c) = s.component_mut(conn) {
-                c.connected = false;
-            }
-            s.tick();
-        }
-    }
-}
-
-fn handle_line(
-    shared: &Shared,
-    line: &[u8],
-    conn: u64,
-    pid: u32,
-    writer: &Arc<Mutex<UnixStream>>,
-    peer: &mut Peer,
-) -> Option<Reply> {
-    let req = match protocol::parse_request(line) {
-        Ok(r) => r,
-        Err(e) => return Some(e),
-    };
-    let mut sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-    // Component messages.
-    if let Peer::Component(name) = &*peer {
-        let Some(s) = sessions.get_mut(name) else {
-            return Some(Reply::error(
-                "session_gone",
-                format!("session {name} no longer exists"),
-            ));
-        };
-        if let Some(c) = s.component_mut(conn) {
-            c.last_seen = Instant::now();
-        }
-        return match req {
-            Request::Heartbeat => Some(Reply::Heartbeat),
-            Request::Ready => {
-                let c = s.component_mut(conn)?;
-                if c.state == CompState::Registered {
-                    c.state = CompState::Ready;
-                }
-                if matches!(s.state, State::Running | State::Draining) {
-                    return Some(s.started_reply());
-                }
-                if s.expect_met() {
-                    if let Err((code, msg)) = s.start() {
-                        return Some(Reply::error(code, msg));
-                    }
-                    return None; // STARTED went to everyone, us included
-                }
-                Some(Reply::Wait {
-                    reason: match s.spec.expect {
-                        Some(n) => format!(
-                            "waiting for {} READY components ({} so far)",
-                            n,
-                            s.ready_count()
-                        ),
-                        None => format!("waiting for `aegis-shmctl session start {}`", s.name),
-                    },
-                })
-            }
-            Request::Finished => {
-                if let Some(c) = s.component_mut(conn) {
-                    c.state = CompState::Finished;
-                }
-                s.tick();
-                Some(Reply::Ack {
-                    ack: None,
-                    data: None,
-                })
-            }
-            Request::Error { code, message } => {
-                s.component_error(conn, format!("{code}: {message}"));
-                Some(Reply::Ack {
-                    ack: None,
-                    data: None,
-                })
-            }
-            Request::Ack | Request::Wait { .. } => None,
-            Request::Register(_) => Some(Reply::error(
-                "already_registered",
-                "this connection is already registered",
-            )),
-            _ => Some(Reply::error(
-                "bad_request",
-                "session commands come from a separate connection",
-            )),
-        };
-    }
-    match req {
-        Request::Register(reg) => {
-            // Compare against every session so timing says nothing about which matched.
-            let mut found = None;
-            for (name, s) in sessions.iter() {
-                if s.token_matches(&reg.session_token) {
-                    found = Some(name.clone());
-                }
-            }
-            let Some(name) = found else {
-                return Some(Reply::error("bad_token", "unknown session token"));
-            };
-            let s = sessions.get_mut(&name).expect("found");
-            let real_pid = if pid != 0 { pid } else { reg.pid.unwrap_or(0) };
-            match s.register(&reg, real_pid, conn, writer.clone()) {
-                Ok(ack) => {
-                    *peer = Peer::Component(name);
-                    Some(Reply::Ack {
-                        ack: Some(Box::new(ack)),
-                        data: None,
-                    })
-                }
-                Err((code, msg)) => Some(Reply::error(code, msg)),
-            }
-        }
-        Request::SessionCreate(spec) => {
-            if sessions.contains_key(&spec.name) {
-                return Some(Reply::error(
-                    "exists",
-                    format!("session {} already exists", spec.name),
-                ));
-            }
-            match Session::create(spec) {
-                Ok(s) => {
-                    let data = json!({"name": s.name, "id": s.id, "mode": s.mode_name(), "token": s.token_hex(), "state": s.state.name()});
-                    sessions.insert(s.name.clone(), s);
-                    Some(Reply::data(data))
-                }
-                Err((code, msg)) => Some(Reply::error(code, msg)),
-            }
-        }
-        Request::SessionStart { name, timeout_ms } => {
-            drop(sessions);
-            Some(start_session(
-                shared,
-                &name,
-                Duration::from_millis(timeout_ms.unwrap_or(10_000).min(600_000)),
-            ))
-        }
-        Request::SessionList => Some(Reply::data(json!(sessions
-            .values()
-            .map(|s| s.list_entry())
-            .collect::<Vec<_>>()))),
-        Request::SessionInspect { name } => Some(match sessions.get_mut(&name) {
-            Some(s) => {
-                s.tick();
-                Reply::data(s.inspect())
-            }
-            None => no_session(&name),
-        }),
-        Request::SessionStop { name } => Some(match sessions.get_mut(&name) {
-            Some(s) => {
-                s.stop(State::Stopped, "stopped by `aegis-shmctl session stop`");
-                Reply::data(json!({"name": name, "state": s.state.name()}))
-            }
-            None => no_session(&name),
-        }),
-        Request::SessionDestroy { name } => Some(match sessions.remove(&name) {
-            Some(mut s) => {
-                s.stop(State::Stopped, "session destroyed");
-                drop(sessions);
-                s.shutdown();
-                drop(s);
-                Reply::data(json!({"name": name, "destroyed": true}))
-            }
-            None => no_session(&name),
-        }),
-        Request::Ready
-        | Request::Finished
-        | Request::Heartbeat
-        | Request::Ack
-        | Request::Wait { .. }
-        | Request::Error { .. } => Some(Reply::error("not_registered", "REGISTER first")),
-    }
-}
-
-fn no_session(name: &str) -> Reply {
-    Reply::error("no_session", format!("no session named {name:?}"))
-}
-
-/// The trigger: start once every registered component is READY, waiting up to `timeout`.
-fn start_session(shared: &Shared, name: &str, timeout: Duration) -> Reply {
-    let end = Instant::now() + timeout;
-    loop {
-        {
-            let mut sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(s) = sessions.get_mut(name) else {
-                return no_session(name);
-            };
-            if s.state != State::Created {
-                return Reply::error(
-                    "session_started",
-                    format!("session {name} is already {}", s.state.name()),
-                );
-            }
-            let missing = s.not_ready();
-            if missing.is_empty() && !s.components.is_empty() {
-                return match s.start() {
-                    Ok(()) => Reply::data(
-                        json!({"name": name, "state": s.state.name(), "components": s.components.len()}),
-                    ),
-                    Err((code, msg)) => Reply::error(code, msg),
-                };
-            }
-            if Instant::now() >= end {
-                let what = if s.components.is_empty() {
-                    "no component has registered".to_string()
-                } else {
-                    format!("not READY: {}", missing.join(", "))
-                };
-                return Reply::error(
-                    "not_ready",
-                    format!(
-                        "session {name} did not start within {} ms: {what}",
-                        timeout.as_millis()
-                    ),
-                );
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    outbox.close();
+    dispatch::disconnected(&peer, conn);
 }

@@ -1,14 +1,17 @@
 //! # aegis
 //!
-//! The daemon side of Aegis: the sequencer that merges source rings into the bus, sessions,
-//! and the `aegis-shmctl` command line. Co-located processes use `aegis-shm-client` instead.
+//! The daemon side of Aegis: the control socket and its sessions, and the sequencer that
+//! merges source rings into the bus. The `aegis-shmctl` command line is the binary's own
+//! (`src/main.rs`); co-located processes use `aegis-shm-client` instead.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod bench;
-pub mod cli;
-pub mod command;
 pub mod daemon;
+mod dispatch;
+pub mod outbox;
+pub mod refusal;
+mod registry;
 pub mod sequencer;
 pub mod session;

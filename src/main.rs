@@ -1,9 +1,14 @@
 //! `aegis-shmctl`: parses the command line, dispatches to `command/<verb>.rs`, reports errors.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+mod cli;
+mod command;
+
 use clap::Parser;
 
-use aegis::cli::{Cli, Command};
-use aegis::command;
+use cli::{Cli, Command};
 
 fn main() {
     let cli = Cli::parse();

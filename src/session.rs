@@ -5,19 +5,23 @@
 //! created `O_EXCL`, mode 0600, and removed when the session is dropped.
 
 use std::collections::BTreeMap;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use aegis_shm_client::control::Control;
-use aegis_shm_client::protocol::{self, Ack, AckSource, Register, Reply, Role, SessionSpec};
+use aegis_shm_client::control::{Control, MAX_SOURCES};
+use aegis_shm_client::protocol::{
+    self, Ack, AckSource, ComponentInfo, ComponentState, ConsumerInfo, ErrorCode, Inspect,
+    Register, Reply, Role, Segments, SequencerStats, SessionInfo, SessionSpec, SessionState,
+    SourceInfo, SourceKind, SourceProgress, SourceStatus,
+};
 use aegis_shm_client::segment::{segment_path, ShmRegion, LAYOUT_VERSION};
 use aegis_shm_client::spmc::{self, BusMonitor, BusWriter, Policy, MAX_CONSUMERS};
 use aegis_shm_client::spsc::{self, RingReader};
-use serde_json::json;
 
+use crate::outbox::Outbox;
+pub use crate::refusal::Refusal;
 use crate::sequencer::{self, Config, Input, Mode, SequencerError, Summary};
 
 /// Default bus size.
@@ -26,6 +30,10 @@ pub const DEFAULT_BUS_BYTES: usize = 1 << 22;
 pub const DEFAULT_SOURCE_BYTES: usize = 1 << 20;
 /// Default live max lateness.
 pub const DEFAULT_MAX_LATENESS_US: u64 = 1_000;
+/// A component silent for this long is declared dead.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(protocol::HEARTBEAT_TIMEOUT_MS);
+/// Smallest and largest bus or source ring, in bytes.
+const RING_BYTES: std::ops::RangeInclusive<usize> = 4096..=1 << 32;
 
 /// Where a session is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,15 +53,23 @@ pub enum State {
 }
 
 impl State {
-    /// Lower-case name.
-    pub fn name(&self) -> &'static str {
+    /// The state as the protocol reports it (the reason of `Failed` goes separately).
+    pub fn public(&self) -> SessionState {
         match self {
-            State::Created => "created",
-            State::Running => "running",
-            State::Draining => "draining",
-            State::Finished => "finished",
-            State::Failed(_) => "failed",
-            State::Stopped => "stopped",
+            State::Created => SessionState::Created,
+            State::Running => SessionState::Running,
+            State::Draining => SessionState::Draining,
+            State::Finished => SessionState::Finished,
+            State::Failed(_) => SessionState::Failed,
+            State::Stopped => SessionState::Stopped,
+        }
+    }
+
+    /// Why it failed, if it did.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            State::Failed(r) => Some(r.clone()),
+            _ => None,
         }
     }
 
@@ -79,15 +95,25 @@ pub enum CompState {
 }
 
 impl CompState {
-    fn name(&self) -> &'static str {
+    /// The state as the protocol reports it.
+    pub fn public(&self) -> ComponentState {
         match self {
-            CompState::Registered => "registered",
-            CompState::Ready => "ready",
-            CompState::Finished => "finished",
-            CompState::Dead(_) => "dead",
-            CompState::Error(_) => "error",
+            CompState::Registered => ComponentState::Registered,
+            CompState::Ready => ComponentState::Ready,
+            CompState::Finished => ComponentState::Finished,
+            CompState::Dead(_) => ComponentState::Dead,
+            CompState::Error(_) => ComponentState::Error,
         }
     }
+
+    /// Why it is dead or in error.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            CompState::Dead(r) | CompState::Error(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
     fn gone(&self) -> bool {
         matches!(
             self,
@@ -114,15 +140,15 @@ pub struct Component {
     pub last_seen: Instant,
     /// Whether its connection is still open.
     pub connected: bool,
-    /// Write half of its connection, to push STARTED / STOP.
-    pub writer: Arc<Mutex<UnixStream>>,
+    /// Its connection's outbound queue, to push STARTED / STOP without blocking.
+    pub outbox: Outbox,
     /// Connection id.
     pub conn: u64,
 }
 
 struct SourceRec {
     region: Arc<ShmRegion>,
-    kind: String,
+    kind: SourceKind,
     topic: String,
     component: String,
 }
@@ -165,9 +191,6 @@ pub struct Session {
     finished: Option<Instant>,
 }
 
-/// Why a request about a session was refused: an ERROR code and message.
-pub type Refusal = (&'static str, String);
-
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     getrandom::getrandom(&mut b).expect("the OS random source works");
@@ -185,74 +208,65 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn parse_pow2(v: Option<usize>, default: usize, what: &str) -> Result<usize, Refusal> {
     let v = v.unwrap_or(default);
-    if !v.is_power_of_two() || !(4096..=1 << 32).contains(&v) {
-        return Err((
-            "bad_request",
-            format!("{what} must be a power of two between 4096 and 2^32, got {v}"),
-        ));
+    if !v.is_power_of_two() || !RING_BYTES.contains(&v) {
+        return Err(Refusal::bad_request(format!(
+            "{what} must be a power of two between 4096 and 2^32, got {v}"
+        )));
     }
     Ok(v)
+}
+
+/// A version-4 UUID in its text form, from 16 random bytes.
+fn uuid_text(b: &[u8; 16]) -> String {
+    format!(
+        "{}-{}-4{}-{}-{}",
+        hex(&b[0..4]),
+        hex(&b[4..6]),
+        &hex(&b[6..8])[1..],
+        hex(&b[8..10]),
+        hex(&b[10..16])
+    )
 }
 
 impl Session {
     /// Creates a session and its bus and control segments.
     pub fn create(spec: SessionSpec) -> Result<Session, Refusal> {
         if !protocol::valid_name(&spec.name) {
-            return Err((
-                "bad_name",
-                format!(
-                    "session name {:?} must match [A-Za-z0-9._-]{{1,64}}",
-                    spec.name
-                ),
-            ));
+            return Err(Refusal::bad_name("session name", &spec.name));
         }
-        let mode = match spec.mode.as_str() {
-            "backtest" => Mode::Backtest,
-            "live" => Mode::Live {
+        let mode = match spec.mode {
+            protocol::Mode::Backtest => Mode::Backtest,
+            protocol::Mode::Live => Mode::Live {
                 max_lateness: Duration::from_micros(
                     spec.max_lateness_us.unwrap_or(DEFAULT_MAX_LATENESS_US),
                 ),
             },
-            m => {
-                return Err((
-                    "bad_request",
-                    format!("mode must be live or backtest, got {m:?}"),
-                ))
-            }
         };
         let bus_bytes = parse_pow2(spec.bus_bytes, DEFAULT_BUS_BYTES, "--bus-bytes")?;
         parse_pow2(spec.source_bytes, DEFAULT_SOURCE_BYTES, "--source-bytes")?;
         if let Some(core) = spec.sequencer_core {
             let n = core_affinity::get_core_ids().map_or(0, |c| c.len());
             if core >= n {
-                return Err((
-                    "bad_request",
-                    format!("--sequencer-core {core}: this machine has {n} cores"),
-                ));
+                return Err(Refusal::bad_request(format!(
+                    "--sequencer-core {core}: this machine has {n} cores"
+                )));
             }
         }
         let uuid = random_bytes::<16>();
-        let id = format!(
-            "{}-{}-4{}-{}-{}",
-            hex(&uuid[0..4]),
-            hex(&uuid[4..6]),
-            &hex(&uuid[6..8])[1..],
-            hex(&uuid[8..10]),
-            hex(&uuid[10..16])
-        );
+        let id = uuid_text(&uuid);
         let sid = hex(&uuid[0..6]);
         let epoch = u64::from_le_bytes(random_bytes::<8>());
         let policy = match mode {
             Mode::Backtest => Policy::Block,
             Mode::Live { .. } => Policy::Overwrite,
         };
-        let io = |e: aegis_shm_client::segment::CreateError| ("internal", e.to_string());
         let bus = Arc::new(
-            spmc::create_shm(&segment_path(&sid, "bus"), bus_bytes, epoch, policy).map_err(io)?,
+            spmc::create_shm(&segment_path(&sid, "bus"), bus_bytes, epoch, policy)
+                .map_err(Refusal::internal)?,
         );
-        let (control, ctl) = Control::create_shm(&segment_path(&sid, "ctl"), epoch).map_err(io)?;
-        let monitor =
-            BusMonitor::open(bus.clone(), Some(epoch)).map_err(|e| ("internal", e.to_string()))?;
+        let (control, ctl) =
+            Control::create_shm(&segment_path(&sid, "ctl"), epoch).map_err(Refusal::internal)?;
+        let monitor = BusMonitor::open(bus.clone(), Some(epoch)).map_err(Refusal::internal)?;
         Ok(Session {
             name: spec.name.clone(),
             id,
@@ -286,153 +300,42 @@ impl Session {
         ct_eq(token.as_bytes(), self.token_hex().as_bytes())
     }
 
-    /// The mode's name.
-    pub fn mode_name(&self) -> &'static str {
+    /// The mode as the protocol names it.
+    pub fn protocol_mode(&self) -> protocol::Mode {
         match self.mode {
-            Mode::Backtest => "backtest",
-            Mode::Live { .. } => "live",
+            Mode::Backtest => protocol::Mode::Backtest,
+            Mode::Live { .. } => protocol::Mode::Live,
         }
     }
 
-    /// Handles a REGISTER that carried this session's token.
+    /// The answer to `SESSION_CREATE`.
+    pub fn created(&self) -> protocol::SessionCreated {
+        protocol::SessionCreated {
+            name: self.name.clone(),
+            id: self.id.clone(),
+            mode: self.protocol_mode(),
+            token: self.token_hex(),
+            state: self.state.public(),
+        }
+    }
+
+    /// Handles a REGISTER that carried this session's token: checks it, assigns a bus slot
+    /// (consumers), creates the source rings (producers) and records the component.
     pub fn register(
         &mut self,
         reg: &Register,
         pid: u32,
         conn: u64,
-        writer: Arc<Mutex<UnixStream>>,
+        outbox: Outbox,
     ) -> Result<Ack, Refusal> {
-        if !protocol::valid_name(&reg.component_name) {
-            return Err((
-                "bad_name",
-                format!(
-                    "component name {:?} must match [A-Za-z0-9._-]{{1,64}}",
-                    reg.component_name
-                ),
-            ));
-        }
-        let role = reg.role.ok_or((
-            "bad_request",
-            "REGISTER needs a role: producer, consumer or both".to_string(),
-        ))?;
-        if self.state.is_final() {
-            return Err((
-                "session_over",
-                format!("session {} is {}", self.name, self.state.name()),
-            ));
-        }
-        if self.state != State::Created {
-            let late_consumer = matches!(self.mode, Mode::Live { .. }) && role == Role::Consumer;
-            if !late_consumer {
-                return Err((
-                    "session_started",
-                    format!(
-                        "session {} already started: a {} session takes no new {}",
-                        self.name,
-                        self.mode_name(),
-                        if matches!(self.mode, Mode::Live { .. }) {
-                            "producers"
-                        } else {
-                            "components"
-                        }
-                    ),
-                ));
-            }
-        }
-        if self
-            .components
-            .iter()
-            .any(|c| c.name == reg.component_name && !c.state.gone())
-        {
-            return Err((
-                "duplicate_name",
-                format!("component {} is already registered", reg.component_name),
-            ));
-        }
-        if role.produces() && reg.sources.is_empty() {
-            return Err((
-                "bad_request",
-                "a producer must declare at least one source".into(),
-            ));
-        }
-        if !role.produces() && !reg.sources.is_empty() {
-            return Err(("bad_request", "only producers declare sources".into()));
-        }
-        for (i, s) in reg.sources.iter().enumerate() {
-            if !protocol::valid_name(&s.name) {
-                return Err((
-                    "bad_name",
-                    format!("source name {:?} must match [A-Za-z0-9._-]{{1,64}}", s.name),
-                ));
-            }
-            if !protocol::valid_name(&s.topic) {
-                return Err((
-                    "bad_name",
-                    format!("topic {:?} must match [A-Za-z0-9._-]{{1,64}}", s.topic),
-                ));
-            }
-            if !matches!(s.kind.as_str(), "trade" | "book" | "kline") {
-                return Err((
-                    "bad_request",
-                    format!("source {}: kind must be trade, book or kline", s.name),
-                ));
-            }
-            if self.sources.contains_key(&s.name)
-                || reg.sources[..i].iter().any(|o| o.name == s.name)
-            {
-                return Err((
-                    "duplicate_name",
-                    format!("source {} is already registered", s.name),
-                ));
-            }
-        }
-        if self.sources.len() + reg.sources.len() > aegis_shm_client::control::MAX_SOURCES {
-            return Err(("too_many", "a session has at most 64 sources".into()));
-        }
+        let role = self.check_registration(reg)?;
+        let kinds = self.check_sources(reg, role)?;
         let slot = if role.consumes() {
-            let used: Vec<usize> = self
-                .components
-                .iter()
-                .filter(|c| !matches!(c.state, CompState::Dead(_) | CompState::Error(_)))
-                .filter_map(|c| c.slot)
-                .collect();
-            let free = (0..MAX_CONSUMERS).find(|s| {
-                !used.contains(s) && !self.monitor.slot_stats().iter().any(|st| st.slot == *s)
-            });
-            Some(free.ok_or((
-                "too_many",
-                format!("all {MAX_CONSUMERS} consumer slots are taken"),
-            ))?)
+            Some(self.free_slot()?)
         } else {
             None
         };
-        let ring_bytes = self.spec.source_bytes.unwrap_or(DEFAULT_SOURCE_BYTES);
-        let mut created = Vec::new();
-        for s in &reg.sources {
-            let path = segment_path(&self.sid, &format!("src-{}", s.name));
-            match spsc::create_shm(&path, ring_bytes, self.epoch) {
-                Ok(r) => created.push((s, Arc::new(r))),
-                Err(e) => return Err(("internal", e.to_string())), // `created` drops: files removed
-            }
-        }
-        let mut ack_sources = Vec::new();
-        for (s, region) in created {
-            ack_sources.push(AckSource {
-                name: s.name.clone(),
-                path: region.path().display().to_string(),
-                topic_id: 0,
-                kind: s.kind.clone(),
-            });
-            self.sources.insert(
-                s.name.clone(),
-                SourceRec {
-                    region,
-                    kind: s.kind.clone(),
-                    topic: s.topic.clone(),
-                    component: reg.component_name.clone(),
-                },
-            );
-        }
+        let mut ack_sources = self.create_sources(reg, &kinds)?;
         let topics = self.topic_table();
         for a in &mut ack_sources {
             a.topic_id = topics[&self.sources[&a.name].topic];
@@ -446,13 +349,13 @@ impl Session {
             sources: reg.sources.iter().map(|s| s.name.clone()).collect(),
             last_seen: Instant::now(),
             connected: true,
-            writer,
+            outbox,
             conn,
         });
         Ok(Ack {
             session_id: self.id.clone(),
             session: self.name.clone(),
-            mode: self.mode_name().into(),
+            mode: self.protocol_mode(),
             epoch: self.epoch,
             layout_version: LAYOUT_VERSION,
             bus: self.bus.path().display().to_string(),
@@ -462,6 +365,138 @@ impl Session {
             topics,
             source_names: self.sources.keys().cloned().collect(),
         })
+    }
+
+    /// The component's name and role, against the session's state: returns the role.
+    fn check_registration(&self, reg: &Register) -> Result<Role, Refusal> {
+        if !protocol::valid_name(&reg.component_name) {
+            return Err(Refusal::bad_name("component name", &reg.component_name));
+        }
+        let role = reg.role.ok_or_else(|| {
+            Refusal::bad_request("REGISTER needs a role: producer, consumer or both")
+        })?;
+        if self.state.is_final() {
+            return Err(Refusal::new(
+                ErrorCode::SessionOver,
+                format!("session {} is {}", self.name, self.state.public()),
+            ));
+        }
+        let live = matches!(self.mode, Mode::Live { .. });
+        if self.state != State::Created && !(live && role == Role::Consumer) {
+            return Err(Refusal::new(
+                ErrorCode::SessionStarted,
+                format!(
+                    "session {} already started: a {} session takes no new {}",
+                    self.name,
+                    self.protocol_mode(),
+                    if live { "producers" } else { "components" }
+                ),
+            ));
+        }
+        if self
+            .components
+            .iter()
+            .any(|c| c.name == reg.component_name && !c.state.gone())
+        {
+            return Err(Refusal::new(
+                ErrorCode::DuplicateName,
+                format!("component {} is already registered", reg.component_name),
+            ));
+        }
+        Ok(role)
+    }
+
+    /// The declared sources: names, topics, kinds, uniqueness, count. Returns their kinds.
+    fn check_sources(&self, reg: &Register, role: Role) -> Result<Vec<SourceKind>, Refusal> {
+        if role.produces() && reg.sources.is_empty() {
+            return Err(Refusal::bad_request(
+                "a producer must declare at least one source",
+            ));
+        }
+        if !role.produces() && !reg.sources.is_empty() {
+            return Err(Refusal::bad_request("only producers declare sources"));
+        }
+        let mut kinds = Vec::with_capacity(reg.sources.len());
+        for (i, s) in reg.sources.iter().enumerate() {
+            if !protocol::valid_name(&s.name) {
+                return Err(Refusal::bad_name("source name", &s.name));
+            }
+            if !protocol::valid_name(&s.topic) {
+                return Err(Refusal::bad_name("topic", &s.topic));
+            }
+            kinds.push(s.source_kind().map_err(Refusal::bad_request)?);
+            if self.sources.contains_key(&s.name)
+                || reg.sources[..i].iter().any(|o| o.name == s.name)
+            {
+                return Err(Refusal::new(
+                    ErrorCode::DuplicateName,
+                    format!("source {} is already registered", s.name),
+                ));
+            }
+        }
+        if self.sources.len() + reg.sources.len() > MAX_SOURCES {
+            return Err(Refusal::new(
+                ErrorCode::TooMany,
+                format!("a session has at most {MAX_SOURCES} sources"),
+            ));
+        }
+        Ok(kinds)
+    }
+
+    /// A bus slot held by no live component and no attached reader.
+    fn free_slot(&self) -> Result<usize, Refusal> {
+        let used: Vec<usize> = self
+            .components
+            .iter()
+            .filter(|c| !matches!(c.state, CompState::Dead(_) | CompState::Error(_)))
+            .filter_map(|c| c.slot)
+            .collect();
+        let attached = self.monitor.slot_stats();
+        (0..MAX_CONSUMERS)
+            .find(|s| !used.contains(s) && !attached.iter().any(|st| st.slot == *s))
+            .ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::TooMany,
+                    format!("all {MAX_CONSUMERS} consumer slots are taken"),
+                )
+            })
+    }
+
+    /// Creates the source rings of `reg` (all or none) and records them. The ACK entries
+    /// have topic id 0 until the caller fills them in.
+    fn create_sources(
+        &mut self,
+        reg: &Register,
+        kinds: &[SourceKind],
+    ) -> Result<Vec<AckSource>, Refusal> {
+        let ring_bytes = self.spec.source_bytes.unwrap_or(DEFAULT_SOURCE_BYTES);
+        let mut created = Vec::new();
+        for s in &reg.sources {
+            let path = segment_path(&self.sid, &format!("src-{}", s.name));
+            // On failure `created` drops, and its files are removed.
+            let region =
+                spsc::create_shm(&path, ring_bytes, self.epoch).map_err(Refusal::internal)?;
+            created.push(Arc::new(region));
+        }
+        let mut ack_sources = Vec::new();
+        for ((s, region), kind) in reg.sources.iter().zip(created).zip(kinds) {
+            ack_sources.push(AckSource {
+                name: s.name.clone(),
+                path: region.path().display().to_string(),
+                topic_id: 0,
+                kind: *kind,
+            });
+            self.sources.insert(
+                s.name.clone(),
+                SourceRec {
+                    region,
+                    kind: *kind,
+                    topic: s.topic.clone(),
+                    component: reg.component_name.clone(),
+                },
+            );
+        }
+        Ok(ack_sources)
     }
 
     /// Topic ids: the position of the topic's name among the sorted names, so they never
@@ -503,40 +538,33 @@ impl Session {
 
     /// Starts the flow: the sequencer, then STARTED to every component.
     pub fn start(&mut self) -> Result<(), Refusal> {
-        if self.state != State::Created {
-            return Err((
-                "session_started",
-                format!("session {} is already {}", self.name, self.state.name()),
-            ));
-        }
+        self.check_not_started()?;
         if self.sources.is_empty() {
-            return Err((
-                "not_ready",
+            return Err(Refusal::new(
+                ErrorCode::NotReady,
                 format!("session {} has no producer registered", self.name),
             ));
         }
         let topics = self.topic_table();
         let mut inputs = Vec::new();
         for (name, s) in &self.sources {
-            let reader = RingReader::open(s.region.clone(), Some(self.epoch))
-                .map_err(|e| ("internal", e.to_string()))?;
+            let reader =
+                RingReader::open(s.region.clone(), Some(self.epoch)).map_err(Refusal::internal)?;
             inputs.push(Input {
                 name: name.clone(),
                 topic_id: Some(topics[&s.topic]),
                 reader,
             });
         }
-        let bus = BusWriter::open(self.bus.clone(), Some(self.epoch))
-            .map_err(|e| ("internal", e.to_string()))?;
+        let bus = BusWriter::open(self.bus.clone(), Some(self.epoch)).map_err(Refusal::internal)?;
         let mut config = Config::new(self.mode);
         config.core = self.spec.sequencer_core;
         let seq = sequencer::Sequencer::new(inputs, bus, config, Some(self.control.clone()))
-            .map_err(|e| ("internal", e.to_string()))?;
+            .map_err(Refusal::internal)?;
         let removals = seq.removals();
         let ranks = seq.ranks().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
         let stop = Arc::new(AtomicBool::new(false));
-        let handle = sequencer::spawn(&self.name, seq, stop.clone())
-            .map_err(|e| ("internal", e.to_string()))?;
+        let handle = sequencer::spawn(&self.name, seq, stop.clone()).map_err(Refusal::internal)?;
         self.running = Some(Running {
             handle: Some(handle),
             stop,
@@ -551,10 +579,21 @@ impl Session {
         };
         for c in &self.components {
             if c.state == CompState::Ready {
-                send(&c.writer, &started);
+                c.outbox.send(&started);
             }
         }
         Ok(())
+    }
+
+    /// `session_started` unless the session is still `created`.
+    pub fn check_not_started(&self) -> Result<(), Refusal> {
+        if self.state == State::Created {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            ErrorCode::SessionStarted,
+            format!("session {} is already {}", self.name, self.state.public()),
+        ))
     }
 
     /// The STARTED message for a late (live) consumer.
@@ -583,7 +622,7 @@ impl Session {
         };
         for c in &self.components {
             if c.connected && !c.state.gone() {
-                send(&c.writer, &msg);
+                c.outbox.send(&msg);
             }
         }
     }
@@ -623,20 +662,25 @@ impl Session {
 
     /// Liveness and progress: called periodically by the daemon.
     pub fn tick(&mut self) {
+        self.check_liveness();
+        self.reap_sequencer();
+        self.advance_state();
+    }
+
+    /// Buries every component whose connection closed, whose heartbeats stopped or whose
+    /// pid is gone.
+    fn check_liveness(&mut self) {
         let now = Instant::now();
-        let timeout = Duration::from_millis(protocol::HEARTBEAT_TIMEOUT_MS);
         for i in 0..self.components.len() {
             let c = &self.components[i];
             if c.state.gone() {
                 continue;
             }
+            let silent = now.duration_since(c.last_seen);
             let reason = if !c.connected {
                 Some("its connection closed".to_string())
-            } else if now.duration_since(c.last_seen) > timeout {
-                Some(format!(
-                    "no heartbeat for {} ms",
-                    now.duration_since(c.last_seen).as_millis()
-                ))
+            } else if silent > HEARTBEAT_TIMEOUT {
+                Some(format!("no heartbeat for {} ms", silent.as_millis()))
             } else if c.pid != 0 && !pid_alive(c.pid) {
                 Some(format!("pid {} is gone", c.pid))
             } else {
@@ -646,6 +690,10 @@ impl Session {
                 self.bury(i, r);
             }
         }
+    }
+
+    /// Collects the sequencer's result once its thread ended; a failure fails the session.
+    fn reap_sequencer(&mut self) {
         if let Some(r) = &mut self.running {
             if r.handle.as_ref().is_some_and(|h| h.is_finished()) {
                 let result = r.handle.take().expect("checked").join();
@@ -663,6 +711,11 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// `running → draining` once every producer finished; `→ finished` once the sequencer
+    /// is done and every consumer is gone.
+    fn advance_state(&mut self) {
         let producers_done = self
             .components
             .iter()
@@ -706,89 +759,146 @@ impl Session {
     }
 
     /// The `inspect` view (SPEC section 7).
-    pub fn inspect(&self) -> serde_json::Value {
-        let k = self.control.counters();
-        let slots = self.monitor.slot_stats();
-        let tail = self.monitor.tail();
-        let consumers: Vec<_> = self
-            .components
-            .iter()
-            .filter(|c| c.role.consumes())
-            .map(|c| {
-                let st = c.slot.and_then(|s| slots.iter().find(|x| x.slot == s));
-                json!({
-                    "name": c.name, "slot": c.slot, "state": c.state.name(),
-                    "cursor": st.map(|s| s.cursor), "lag_bytes": st.map(|s| tail.saturating_sub(s.cursor)),
-                    "read": st.map(|s| s.read), "overruns": st.map(|s| s.overruns), "missed": st.map(|s| s.missed),
-                })
-            })
-            .collect();
-        let topics = self.topic_table();
-        let sources: Vec<_> = self
-            .control
-            .sources()
-            .into_iter()
-            .map(|s| {
-                let rec = self.sources.get(&s.name);
-                json!({
-                    "name": s.name, "state": s.state.name(), "events": s.events, "rejected": s.rejected,
-                    "watermark": s.watermark, "reason": s.reason,
-                    "kind": rec.map(|r| r.kind.clone()), "topic": rec.map(|r| r.topic.clone()),
-                    "component": rec.map(|r| r.component.clone()),
-                })
-            })
-            .collect();
-        let registered: Vec<_> = if sources.is_empty() {
-            self.sources
-                .iter()
-                .map(|(n, r)| json!({"name": n, "state": "registered", "events": 0, "kind": r.kind, "topic": r.topic, "component": r.component}))
-                .collect()
-        } else {
-            sources
-        };
+    pub fn inspect(&self) -> Inspect {
         let elapsed = match (self.started, self.finished) {
             (Some(s), Some(f)) => Some(f.duration_since(s).as_secs_f64()),
             (Some(s), None) => Some(s.elapsed().as_secs_f64()),
             _ => None,
         };
-        let merged = k.merged.load(Ordering::Relaxed);
-        json!({
-            "name": self.name, "id": self.id, "mode": self.mode_name(), "state": self.state.name(),
-            "reason": match &self.state { State::Failed(r) => Some(r.clone()), _ => None },
-            "created_unix_s": self.created.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-            "elapsed_s": elapsed,
-            "components": self.components.iter().map(|c| json!({
-                "name": c.name, "role": c.role, "pid": c.pid, "state": c.state.name(),
-                "reason": match &c.state { CompState::Dead(r) | CompState::Error(r) => Some(r.clone()), _ => None },
-            })).collect::<Vec<_>>(),
-            "sources": registered,
-            "consumers": consumers,
-            "topics": topics,
-            "sequencer": {
-                "events_merged": merged,
-                "late_events": k.late.load(Ordering::Relaxed),
-                "rejected_events": k.rejected.load(Ordering::Relaxed),
-                "source_stalls": k.source_stalls.load(Ordering::Relaxed),
-                "source_stall_ms": k.source_stall_ns.load(Ordering::Relaxed) / 1_000_000,
-                "consumer_stalls": k.consumer_stalls.load(Ordering::Relaxed),
-                "consumer_stall_ms": k.consumer_stall_ns.load(Ordering::Relaxed) / 1_000_000,
-                "bus_fill_bytes": k.bus_fill.load(Ordering::Relaxed),
-                "events_per_s": elapsed.filter(|e| *e > 0.0).map(|e| (merged as f64 / e) as u64),
+        Inspect {
+            name: self.name.clone(),
+            id: self.id.clone(),
+            mode: self.protocol_mode(),
+            state: self.state.public(),
+            reason: self.state.reason(),
+            created_unix_s: self
+                .created
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            elapsed_s: elapsed,
+            components: self
+                .components
+                .iter()
+                .map(|c| ComponentInfo {
+                    name: c.name.clone(),
+                    role: c.role,
+                    pid: c.pid,
+                    state: c.state.public(),
+                    reason: c.state.reason(),
+                })
+                .collect(),
+            sources: self.source_infos(),
+            consumers: self.consumer_infos(),
+            topics: self.topic_table(),
+            sequencer: self.sequencer_stats(elapsed),
+            segments: Segments {
+                bus: self.bus.path().to_path_buf(),
+                control: self.ctl.path().to_path_buf(),
+                sources: self
+                    .sources
+                    .values()
+                    .map(|s| s.region.path().to_path_buf())
+                    .collect(),
             },
-            "segments": {
-                "bus": self.bus.path(), "control": self.ctl.path(),
-                "sources": self.sources.values().map(|s| s.region.path()).collect::<Vec<_>>(),
-            },
-        })
+        }
     }
 
-    /// One line for `session list`.
-    pub fn list_entry(&self) -> serde_json::Value {
-        json!({
-            "name": self.name, "id": self.id, "sid": self.sid, "mode": self.mode_name(), "state": self.state.name(),
-            "components": self.components.len(), "sources": self.sources.len(),
-            "events_merged": self.control.counters().merged.load(Ordering::Relaxed),
-        })
+    /// Every consumer's bus slot figures.
+    fn consumer_infos(&self) -> Vec<ConsumerInfo> {
+        let slots = self.monitor.slot_stats();
+        let tail = self.monitor.tail();
+        self.components
+            .iter()
+            .filter(|c| c.role.consumes())
+            .map(|c| {
+                let st = c.slot.and_then(|s| slots.iter().find(|x| x.slot == s));
+                ConsumerInfo {
+                    name: c.name.clone(),
+                    slot: c.slot,
+                    state: c.state.public(),
+                    cursor: st.map(|s| s.cursor),
+                    lag_bytes: st.map(|s| tail.saturating_sub(s.cursor)),
+                    read: st.map(|s| s.read),
+                    overruns: st.map(|s| s.overruns),
+                    missed: st.map(|s| s.missed),
+                }
+            })
+            .collect()
+    }
+
+    /// Every source: the sequencer's view once it runs, else the registrations.
+    fn source_infos(&self) -> Vec<SourceInfo> {
+        let running: Vec<SourceInfo> = self
+            .control
+            .sources()
+            .into_iter()
+            .map(|s| {
+                let rec = self.sources.get(&s.name);
+                SourceInfo {
+                    state: s.state.into(),
+                    events: s.events,
+                    progress: Some(SourceProgress {
+                        rejected: s.rejected,
+                        watermark: s.watermark,
+                        reason: s.reason,
+                    }),
+                    kind: rec.map(|r| r.kind),
+                    topic: rec.map(|r| r.topic.clone()),
+                    component: rec.map(|r| r.component.clone()),
+                    name: s.name,
+                }
+            })
+            .collect();
+        if !running.is_empty() {
+            return running;
+        }
+        self.sources
+            .iter()
+            .map(|(n, r)| SourceInfo {
+                name: n.clone(),
+                state: SourceStatus::Registered,
+                events: 0,
+                progress: None,
+                kind: Some(r.kind),
+                topic: Some(r.topic.clone()),
+                component: Some(r.component.clone()),
+            })
+            .collect()
+    }
+
+    /// The sequencer's counters; `elapsed` (s) gives the rate.
+    fn sequencer_stats(&self, elapsed: Option<f64>) -> SequencerStats {
+        let k = self.control.counters();
+        let ms = |ns: &AtomicU64| ns.load(Ordering::Relaxed) / 1_000_000;
+        let merged = k.merged.load(Ordering::Relaxed);
+        SequencerStats {
+            events_merged: merged,
+            late_events: k.late.load(Ordering::Relaxed),
+            rejected_events: k.rejected.load(Ordering::Relaxed),
+            source_stalls: k.source_stalls.load(Ordering::Relaxed),
+            source_stall_ms: ms(&k.source_stall_ns),
+            consumer_stalls: k.consumer_stalls.load(Ordering::Relaxed),
+            consumer_stall_ms: ms(&k.consumer_stall_ns),
+            bus_fill_bytes: k.bus_fill.load(Ordering::Relaxed),
+            events_per_s: elapsed
+                .filter(|e| *e > 0.0)
+                .map(|e| (merged as f64 / e) as u64),
+        }
+    }
+
+    /// One entry of `session list`.
+    pub fn info(&self) -> SessionInfo {
+        SessionInfo {
+            name: self.name.clone(),
+            id: self.id.clone(),
+            sid: self.sid.clone(),
+            mode: self.protocol_mode(),
+            state: self.state.public(),
+            components: self.components.len(),
+            sources: self.sources.len(),
+            events_merged: self.control.counters().merged.load(Ordering::Relaxed),
+        }
     }
 
     /// Stops and joins the sequencer (before the session's segments go away).
@@ -805,15 +915,6 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// Sends a message to a component, bounded by the stream's write timeout. A stuck client
-/// loses the message; it never blocks the daemon.
-pub fn send(w: &Mutex<UnixStream>, msg: &Reply) {
-    if let Ok(mut s) = w.lock() {
-        use std::io::Write;
-        let _ = s.write_all(&protocol::encode(msg));
     }
 }
 

@@ -864,6 +864,8 @@ fn protocol_refusals_keep_the_daemon_serving() {
         "bad_token",
     );
     expect_error(&a.call(&register("tap", "", "consumer")), "bad_token");
+    // A known cmd with an unknown enum value is `bad_request` (it used to be `unknown_cmd`).
+    expect_error(&a.call(&register("tap", "", "admin")), "bad_request");
     still_served(&mut other, "a wrong token");
 
     // Names with `/` or `..`: sessions, components, sources.
@@ -1035,6 +1037,7 @@ fn check_parse(line: &[u8]) -> Result<Request, (String, String)> {
             Ok(req)
         }
         Err(Reply::Error { code, message }) => {
+            let code = code.name().to_string();
             assert!(
                 ERROR_CODES.contains(&code.as_str()),
                 "unexpected code {code}"
@@ -1124,10 +1127,9 @@ proptest! {
             Ok(req) => prop_assert!(KNOWN_CMDS.contains(&cmd.as_str()), "{cmd} parsed as {req:?}"),
             Err((code, msg)) => {
                 if KNOWN_CMDS.contains(&cmd.as_str()) {
-                    // A known command with bad fields. NB: a field whose enum value is unknown
-                    // (`"role":"admin"`) currently comes back as `unknown_cmd` too, because
-                    // parse_request matches serde's "unknown variant" text (reported).
-                    prop_assert!(code == "bad_request" || code == "unknown_cmd", "{code}: {msg}");
+                    // A known command with bad fields, an unknown enum value among them
+                    // (`"role":"admin"`), which used to come back as `unknown_cmd`.
+                    prop_assert_eq!(code.as_str(), "bad_request", "{}", msg);
                 } else {
                     prop_assert_eq!(code.as_str(), "unknown_cmd", "{}", msg);
                 }
@@ -1155,6 +1157,15 @@ fn parse_request_edge_cases() {
     assert_eq!(code(br#"{"cmd":5}"#), "missing_cmd");
     assert_eq!(code(br#"{"cmd":"register"}"#), "unknown_cmd");
     assert_eq!(code(br#"{"cmd":"SESSION_START"}"#), "bad_request");
+    // Regression: a known cmd with an unknown enum value was `unknown_cmd`.
+    assert_eq!(
+        code(br#"{"cmd":"REGISTER","component_name":"c","session_token":"00","role":"admin"}"#),
+        "bad_request"
+    );
+    assert_eq!(
+        code(br#"{"cmd":"SESSION_CREATE","name":"s","mode":"paper"}"#),
+        "bad_request"
+    );
     assert_eq!(code(&vec![b'{'; protocol::MAX_LINE]), "line_too_long");
     let deep = "[".repeat(protocol::MAX_LINE - 1);
     assert_eq!(code(deep.as_bytes()), "malformed_json");

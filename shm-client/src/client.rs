@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{self, Ack, Register, Reply, Request, Role, SourceDecl};
+use crate::protocol::{self, Ack, ErrorCode, Register, Reply, Request, Role, SourceDecl};
 use crate::segment::{OpenError, ShmRegion};
 use crate::spmc::{AttachError, BusReader};
 use crate::spsc::Producer;
@@ -45,7 +45,7 @@ pub enum ClientError {
     #[error("daemon refused ({code}): {message}")]
     Refused {
         /// Error code.
-        code: String,
+        code: ErrorCode,
         /// Message.
         message: String,
     },
@@ -109,7 +109,12 @@ pub struct Component {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// Deadline for each socket read and write, and for the ACKs of REGISTER and FINISHED.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read timeout of the background reader, so that it notices `quit` promptly.
+const READER_POLL: Duration = Duration::from_millis(200);
+/// Interval between heartbeats.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(protocol::HEARTBEAT_INTERVAL_MS);
 
 impl Component {
     /// Registers with the daemon found through `$AEGIS_SOCKET` (or the default socket) using
@@ -157,9 +162,7 @@ impl Component {
                 )))
             }
         };
-        reader
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_millis(200)))?;
+        reader.get_ref().set_read_timeout(Some(READER_POLL))?;
         let shared = Arc::new(Shared {
             status: Mutex::new(Status::default()),
             changed: Condvar::new(),
@@ -370,7 +373,7 @@ fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared) {
 fn heartbeat_loop(w: &Mutex<UnixStream>, shared: &Shared) {
     let line = protocol::encode(&Request::Heartbeat);
     while !shared.quit.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(protocol::HEARTBEAT_INTERVAL_MS));
+        std::thread::sleep(HEARTBEAT_INTERVAL);
         let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
         if g.write_all(&line).is_err() {
             break;

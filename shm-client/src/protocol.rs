@@ -34,6 +34,254 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Generates a lower-case (snake_case) name table for a fieldless enum: `name()`,
+/// `Display` and `FromStr` agree with its serde names.
+macro_rules! named_enum {
+    ($ty:ident, $what:literal, { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The name used on the wire and in output.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.name())
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<$ty, String> {
+                $ty::ALL.iter().copied().find(|v| v.name() == s).ok_or_else(|| {
+                    let names: Vec<&str> = $ty::ALL.iter().map(|v| v.name()).collect();
+                    format!("{} must be {}, got {s:?}", $what, names.join(" or "))
+                })
+            }
+        }
+    };
+}
+
+/// How a session merges: exactly (backtest), or with a bounded wait for idle sources (live).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Real-time feeds; late consumers join at the head; idle sources are waited for at most
+    /// `max_lateness_us`.
+    Live,
+    /// Recorded data; every event is merged in exact order; nothing joins after the start.
+    Backtest,
+}
+
+named_enum!(Mode, "mode", { Live => "live", Backtest => "backtest" });
+
+/// The kind of events a source carries, as declared at REGISTER. Distinct from
+/// [`crate::frame::Kind`], which also has a `Control` kind that no source declares.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Trades.
+    Trade,
+    /// Best bid / ask updates.
+    Book,
+    /// Klines (candles).
+    Kline,
+}
+
+named_enum!(SourceKind, "kind", { Trade => "trade", Book => "book", Kline => "kline" });
+
+impl From<SourceKind> for crate::frame::Kind {
+    fn from(k: SourceKind) -> crate::frame::Kind {
+        match k {
+            SourceKind::Trade => crate::frame::Kind::Trade,
+            SourceKind::Book => crate::frame::Kind::Book,
+            SourceKind::Kline => crate::frame::Kind::Kline,
+        }
+    }
+}
+
+/// Why the daemon refused: the `code` of an `ERROR` reply. Serialised as snake_case
+/// (`bad_request`, ...); `docs/protocol.md` lists them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line is not JSON.
+    MalformedJson,
+    /// The object has no string `cmd`.
+    MissingCmd,
+    /// `cmd` names no command.
+    UnknownCmd,
+    /// A known command with missing or invalid fields.
+    BadRequest,
+    /// The line is longer than [`MAX_LINE`].
+    LineTooLong,
+    /// Half a line stayed unfinished too long.
+    Timeout,
+    /// No session has this token.
+    BadToken,
+    /// A name outside `[A-Za-z0-9._-]{1,64}`.
+    BadName,
+    /// The component or source name is taken.
+    DuplicateName,
+    /// The session already started.
+    SessionStarted,
+    /// The session is over (finished, failed or stopped).
+    SessionOver,
+    /// The session cannot start yet.
+    NotReady,
+    /// A limit (sources, consumer slots) is reached.
+    TooMany,
+    /// No session of that name.
+    NoSession,
+    /// A session of that name exists.
+    Exists,
+    /// A component message before REGISTER.
+    NotRegistered,
+    /// A second REGISTER on one connection.
+    AlreadyRegistered,
+    /// The session of a registered component was destroyed.
+    SessionGone,
+    /// The peer's uid is neither the daemon's nor root.
+    PermissionDenied,
+    /// Too many connections.
+    Busy,
+    /// The daemon failed (a segment could not be created, say).
+    Internal,
+}
+
+named_enum!(ErrorCode, "error code", {
+    MalformedJson => "malformed_json",
+    MissingCmd => "missing_cmd",
+    UnknownCmd => "unknown_cmd",
+    BadRequest => "bad_request",
+    LineTooLong => "line_too_long",
+    Timeout => "timeout",
+    BadToken => "bad_token",
+    BadName => "bad_name",
+    DuplicateName => "duplicate_name",
+    SessionStarted => "session_started",
+    SessionOver => "session_over",
+    NotReady => "not_ready",
+    TooMany => "too_many",
+    NoSession => "no_session",
+    Exists => "exists",
+    NotRegistered => "not_registered",
+    AlreadyRegistered => "already_registered",
+    SessionGone => "session_gone",
+    PermissionDenied => "permission_denied",
+    Busy => "busy",
+    Internal => "internal",
+});
+
+/// Where a session is in its life: `created → running → draining → finished`, or `failed` /
+/// `stopped`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// Accepting registrations; nothing flows.
+    Created,
+    /// Data flows.
+    Running,
+    /// Every producer finished; the sequencer drains.
+    Draining,
+    /// Every event delivered, every consumer finished (or gone).
+    Finished,
+    /// Failed (the reason is reported beside the state).
+    Failed,
+    /// Stopped by `session stop` or `destroy`.
+    Stopped,
+}
+
+named_enum!(SessionState, "session state", {
+    Created => "created",
+    Running => "running",
+    Draining => "draining",
+    Finished => "finished",
+    Failed => "failed",
+    Stopped => "stopped",
+});
+
+impl SessionState {
+    /// Whether nothing more will happen.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            SessionState::Finished | SessionState::Failed | SessionState::Stopped
+        )
+    }
+}
+
+/// A component's state as `inspect` shows it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ComponentState {
+    /// Registered, not READY.
+    Registered,
+    /// READY (waiting for STARTED, or running).
+    Ready,
+    /// Sent FINISHED.
+    Finished,
+    /// Declared dead (connection closed, heartbeats missed, pid gone, evicted).
+    Dead,
+    /// Reported an ERROR.
+    Error,
+}
+
+named_enum!(ComponentState, "component state", {
+    Registered => "registered",
+    Ready => "ready",
+    Finished => "finished",
+    Dead => "dead",
+    Error => "error",
+});
+
+/// A source's state as `inspect` shows it: `registered` before the session starts, then the
+/// sequencer's view ([`crate::control::SourceState`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceStatus {
+    /// Declared at REGISTER; the sequencer has not started.
+    Registered,
+    /// A control-segment entry not in use.
+    Unused,
+    /// Being merged.
+    Active,
+    /// Reached end-of-stream.
+    Ended,
+    /// Refused for a corrupt frame or cursor.
+    Failed,
+    /// Removed from a live merge (its producer died).
+    Removed,
+}
+
+named_enum!(SourceStatus, "source state", {
+    Registered => "registered",
+    Unused => "unused",
+    Active => "active",
+    Ended => "ended",
+    Failed => "failed",
+    Removed => "removed",
+});
+
+impl From<crate::control::SourceState> for SourceStatus {
+    fn from(s: crate::control::SourceState) -> SourceStatus {
+        use crate::control::SourceState as S;
+        match s {
+            S::Unused => SourceStatus::Unused,
+            S::Active => SourceStatus::Active,
+            S::Ended => SourceStatus::Ended,
+            S::Failed => SourceStatus::Failed,
+            S::Removed => SourceStatus::Removed,
+        }
+    }
+}
+
 /// A component's role.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -45,6 +293,8 @@ pub enum Role {
     /// Both.
     Both,
 }
+
+named_enum!(Role, "role", { Producer => "producer", Consumer => "consumer", Both => "both" });
 
 impl Role {
     /// Whether the role produces.
@@ -63,10 +313,21 @@ impl Role {
 pub struct SourceDecl {
     /// The source's name (`[A-Za-z0-9._-]{1,64}`), unique in the session.
     pub name: String,
-    /// `trade`, `book` or `kline`.
+    /// A [`SourceKind`] name: `trade`, `book` or `kline`. A string rather than a
+    /// [`SourceKind`] only because producers outside this crate build it from their own kind
+    /// names; [`SourceDecl::source_kind`] checks it.
     pub kind: String,
     /// The topic it publishes, e.g. `klines.BTCUSDT.1m`.
     pub topic: String,
+}
+
+impl SourceDecl {
+    /// The declared kind, or why it is not one.
+    pub fn source_kind(&self) -> Result<SourceKind, String> {
+        self.kind
+            .parse()
+            .map_err(|e: String| format!("source {}: {e}", self.name))
+    }
 }
 
 /// The REGISTER payload.
@@ -105,8 +366,8 @@ pub struct Register {
 pub struct SessionSpec {
     /// Session name.
     pub name: String,
-    /// `live` or `backtest`.
-    pub mode: String,
+    /// Live or backtest.
+    pub mode: Mode,
     /// Start automatically once this many components are READY.
     #[serde(default)]
     pub expect: Option<u32>,
@@ -153,7 +414,8 @@ pub enum Request {
     /// The component failed.
     #[serde(rename = "ERROR")]
     Error {
-        /// Machine-readable code.
+        /// Machine-readable code, chosen by the component (free-form, unlike the daemon's
+        /// [`ErrorCode`]).
         code: String,
         /// Human-readable message.
         message: String,
@@ -203,7 +465,7 @@ pub struct AckSource {
     /// Topic id to stamp on its frames.
     pub topic_id: u32,
     /// Kind.
-    pub kind: String,
+    pub kind: SourceKind,
 }
 
 /// The ACK of a REGISTER.
@@ -213,8 +475,8 @@ pub struct Ack {
     pub session_id: String,
     /// Session name.
     pub session: String,
-    /// `live` or `backtest`.
-    pub mode: String,
+    /// Live or backtest.
+    pub mode: Mode,
     /// Segment epoch to check on open.
     pub epoch: u64,
     /// Layout version the daemon speaks.
@@ -274,7 +536,7 @@ pub enum Reply {
     #[serde(rename = "ERROR")]
     Error {
         /// Machine-readable code.
-        code: String,
+        code: ErrorCode,
         /// Human-readable message.
         message: String,
     },
@@ -282,44 +544,315 @@ pub enum Reply {
 
 impl Reply {
     /// An ERROR reply.
-    pub fn error(code: &str, message: impl Into<String>) -> Reply {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Reply {
         Reply::Error {
-            code: code.to_string(),
+            code,
             message: message.into(),
         }
     }
 
-    /// An ACK carrying CLI data.
-    pub fn data(v: serde_json::Value) -> Reply {
+    /// An ACK carrying a CLI answer (one of the answer types below, e.g. [`Inspect`]).
+    pub fn data(answer: &impl Serialize) -> Reply {
         Reply::Ack {
             ack: None,
-            data: Some(v),
+            data: Some(serde_json::to_value(answer).expect("protocol answers serialise")),
+        }
+    }
+
+    /// An ACK with nothing in it (the answer to FINISHED and ERROR).
+    pub fn ack() -> Reply {
+        Reply::Ack {
+            ack: None,
+            data: None,
         }
     }
 }
 
+/// The command names of [`Request`], read first by [`parse_request`] so that an unknown
+/// command and a known one with bad fields get different codes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Cmd {
+    /// [`Request::Register`].
+    Register,
+    /// [`Request::Ready`].
+    Ready,
+    /// [`Request::Ack`].
+    Ack,
+    /// [`Request::Wait`].
+    Wait,
+    /// [`Request::Heartbeat`].
+    Heartbeat,
+    /// [`Request::Finished`].
+    Finished,
+    /// [`Request::Error`].
+    Error,
+    /// [`Request::SessionCreate`].
+    SessionCreate,
+    /// [`Request::SessionStart`].
+    SessionStart,
+    /// [`Request::SessionList`].
+    SessionList,
+    /// [`Request::SessionInspect`].
+    SessionInspect,
+    /// [`Request::SessionStop`].
+    SessionStop,
+    /// [`Request::SessionDestroy`].
+    SessionDestroy,
+}
+
+impl Request {
+    /// The request's command name.
+    pub fn cmd(&self) -> Cmd {
+        match self {
+            Request::Register(_) => Cmd::Register,
+            Request::Ready => Cmd::Ready,
+            Request::Ack => Cmd::Ack,
+            Request::Wait { .. } => Cmd::Wait,
+            Request::Heartbeat => Cmd::Heartbeat,
+            Request::Finished => Cmd::Finished,
+            Request::Error { .. } => Cmd::Error,
+            Request::SessionCreate(_) => Cmd::SessionCreate,
+            Request::SessionStart { .. } => Cmd::SessionStart,
+            Request::SessionList => Cmd::SessionList,
+            Request::SessionInspect { .. } => Cmd::SessionInspect,
+            Request::SessionStop { .. } => Cmd::SessionStop,
+            Request::SessionDestroy { .. } => Cmd::SessionDestroy,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The answers to CLI requests: the `data` of their ACK, one type per request.
+// ---------------------------------------------------------------------------------------------
+
+/// The answer to `SESSION_CREATE`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SessionCreated {
+    /// Session name.
+    pub name: String,
+    /// Session UUID.
+    pub id: String,
+    /// Live or backtest.
+    pub mode: Mode,
+    /// The session token (32 hex digits) components register with.
+    pub token: String,
+    /// Always `created`.
+    pub state: SessionState,
+}
+
+/// The answer to `SESSION_START`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SessionStarted {
+    /// Session name.
+    pub name: String,
+    /// The state after the start (`running`).
+    pub state: SessionState,
+    /// Components registered when it started.
+    pub components: usize,
+}
+
+/// One entry of the answer to `SESSION_LIST`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Session name.
+    pub name: String,
+    /// Session UUID.
+    pub id: String,
+    /// Short id used in segment names (`/dev/shm/aegis-<sid>-*`).
+    pub sid: String,
+    /// Live or backtest.
+    pub mode: Mode,
+    /// State.
+    pub state: SessionState,
+    /// Components registered (including gone ones).
+    pub components: usize,
+    /// Sources registered.
+    pub sources: usize,
+    /// Events the sequencer merged so far.
+    pub events_merged: u64,
+}
+
+/// The answer to `SESSION_STOP`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SessionStopped {
+    /// Session name.
+    pub name: String,
+    /// The state after the stop (`stopped`, or the final state it had reached before).
+    pub state: SessionState,
+}
+
+/// The answer to `SESSION_DESTROY`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SessionDestroyed {
+    /// Session name.
+    pub name: String,
+    /// Always true.
+    pub destroyed: bool,
+}
+
+/// The answer to `SESSION_INSPECT` (SPEC section 7).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Inspect {
+    /// Session name.
+    pub name: String,
+    /// Session UUID.
+    pub id: String,
+    /// Live or backtest.
+    pub mode: Mode,
+    /// State.
+    pub state: SessionState,
+    /// Why it failed (`failed` only).
+    pub reason: Option<String>,
+    /// Creation time, Unix seconds.
+    pub created_unix_s: u64,
+    /// Seconds since the start (until the end), once started.
+    pub elapsed_s: Option<f64>,
+    /// Every component, in registration order.
+    pub components: Vec<ComponentInfo>,
+    /// Every source.
+    pub sources: Vec<SourceInfo>,
+    /// Every consumer's bus slot.
+    pub consumers: Vec<ConsumerInfo>,
+    /// Topic table (name → id).
+    pub topics: std::collections::BTreeMap<String, u32>,
+    /// The sequencer's counters.
+    pub sequencer: SequencerStats,
+    /// The session's segments.
+    pub segments: Segments,
+}
+
+/// A component in [`Inspect`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ComponentInfo {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Pid (0 if unknown).
+    pub pid: u32,
+    /// State.
+    pub state: ComponentState,
+    /// Why it is dead or in error.
+    pub reason: Option<String>,
+}
+
+/// A source in [`Inspect`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SourceInfo {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: SourceStatus,
+    /// Events merged from it.
+    pub events: u64,
+    /// The sequencer's counters, once it runs (absent before the start).
+    #[serde(flatten)]
+    pub progress: Option<SourceProgress>,
+    /// Declared kind (absent from the registry only if the control segment names a source
+    /// the daemon does not know).
+    pub kind: Option<SourceKind>,
+    /// Declared topic.
+    pub topic: Option<String>,
+    /// The component that writes it.
+    pub component: Option<String>,
+}
+
+/// A running source's counters in [`SourceInfo`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SourceProgress {
+    /// Events refused (corrupt or out of order).
+    pub rejected: u64,
+    /// Highest timestamp merged (ns).
+    pub watermark: u64,
+    /// Why it failed or was removed.
+    pub reason: Option<String>,
+}
+
+/// A consumer in [`Inspect`]. The bus figures are `null` while it holds no slot.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerInfo {
+    /// Component name.
+    pub name: String,
+    /// Bus slot.
+    pub slot: Option<usize>,
+    /// Component state.
+    pub state: ComponentState,
+    /// Read cursor on the bus (bytes).
+    pub cursor: Option<u64>,
+    /// Bytes behind the bus tail.
+    pub lag_bytes: Option<u64>,
+    /// Frames read.
+    pub read: Option<u64>,
+    /// Times the writer lapped it (live).
+    pub overruns: Option<u64>,
+    /// Frames lost to overruns.
+    pub missed: Option<u64>,
+}
+
+/// The sequencer's counters in [`Inspect`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SequencerStats {
+    /// Events written to the bus.
+    pub events_merged: u64,
+    /// Live: events older than the merge point.
+    pub late_events: u64,
+    /// Events refused.
+    pub rejected_events: u64,
+    /// Times the merge waited for a source.
+    pub source_stalls: u64,
+    /// Total of those waits (ms).
+    pub source_stall_ms: u64,
+    /// Times the merge waited for a consumer.
+    pub consumer_stalls: u64,
+    /// Total of those waits (ms).
+    pub consumer_stall_ms: u64,
+    /// Bytes on the bus not yet read by the slowest consumer.
+    pub bus_fill_bytes: u64,
+    /// Merge rate since the start.
+    pub events_per_s: Option<u64>,
+}
+
+/// The segments of a session in [`Inspect`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Segments {
+    /// The bus.
+    pub bus: std::path::PathBuf,
+    /// The control segment.
+    pub control: std::path::PathBuf,
+    /// The source rings.
+    pub sources: Vec<std::path::PathBuf>,
+}
+
 /// Parses one line (without its newline) into a request. Never panics.
+///
+/// The `cmd` field is read first: a name that is no [`Cmd`] is `unknown_cmd`; a known command
+/// whose fields do not fit (a missing field, or an unknown value such as `"role":"admin"`) is
+/// `bad_request`.
 pub fn parse_request(line: &[u8]) -> Result<Request, Reply> {
     if line.len() >= MAX_LINE {
         return Err(Reply::error(
-            "line_too_long",
+            ErrorCode::LineTooLong,
             format!("line longer than {MAX_LINE} bytes"),
         ));
     }
     let v: serde_json::Value = serde_json::from_slice(line)
-        .map_err(|e| Reply::error("malformed_json", format!("malformed JSON: {e}")))?;
-    let cmd = v
-        .get("cmd")
-        .and_then(|c| c.as_str())
-        .ok_or_else(|| Reply::error("missing_cmd", "every message needs a string \"cmd\""))?
-        .to_string();
-    serde_json::from_value(v).map_err(|e| {
-        if e.to_string().contains("unknown variant") {
-            Reply::error("unknown_cmd", format!("unknown cmd {cmd:?}"))
-        } else {
-            Reply::error("bad_request", format!("bad {cmd}: {e}"))
-        }
-    })
+        .map_err(|e| Reply::error(ErrorCode::MalformedJson, format!("malformed JSON: {e}")))?;
+    let cmd = v.get("cmd").and_then(|c| c.as_str()).ok_or_else(|| {
+        Reply::error(
+            ErrorCode::MissingCmd,
+            "every message needs a string \"cmd\"",
+        )
+    })?;
+    if serde_json::from_value::<Cmd>(serde_json::Value::from(cmd)).is_err() {
+        return Err(Reply::error(
+            ErrorCode::UnknownCmd,
+            format!("unknown cmd {cmd:?}"),
+        ));
+    }
+    let cmd = cmd.to_string();
+    serde_json::from_value(v)
+        .map_err(|e| Reply::error(ErrorCode::BadRequest, format!("bad {cmd}: {e}")))
 }
 
 /// Encodes a message as one line, newline included.
@@ -410,7 +943,7 @@ mod tests {
     #[test]
     fn bad_input_gets_specific_errors() {
         let code = |l: &[u8]| match parse_request(l) {
-            Err(Reply::Error { code, .. }) => code,
+            Err(Reply::Error { code, .. }) => code.name(),
             other => panic!("{other:?}"),
         };
         assert_eq!(code(b"{nope"), "malformed_json");
@@ -418,6 +951,75 @@ mod tests {
         assert_eq!(code(br#"{"x":1}"#), "missing_cmd");
         assert_eq!(code(br#"{"cmd":"REGISTER"}"#), "bad_request");
         assert_eq!(code(&vec![b' '; MAX_LINE]), "line_too_long");
+    }
+
+    /// Regression: a known command with an unknown enum value used to be `unknown_cmd`,
+    /// because the parser matched serde's "unknown variant" text.
+    #[test]
+    fn bad_enum_value_of_a_known_cmd_is_bad_request() {
+        for line in [
+            &br#"{"cmd":"REGISTER","component_name":"x","session_token":"00","role":"admin"}"#[..],
+            br#"{"cmd":"SESSION_CREATE","name":"s","mode":"paper"}"#,
+        ] {
+            match parse_request(line) {
+                Err(Reply::Error { code, .. }) => assert_eq!(code, ErrorCode::BadRequest),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn names_match_serde() {
+        for c in ErrorCode::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.name());
+            assert_eq!(c.name().parse::<ErrorCode>().unwrap(), *c);
+        }
+        for m in Mode::ALL {
+            assert_eq!(serde_json::to_value(m).unwrap(), m.name());
+        }
+        for k in SourceKind::ALL {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.name());
+        }
+        for s in SessionState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
+        for s in ComponentState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
+        for r in Role::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+        }
+        for s in SourceStatus::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
+    }
+
+    /// Every [`Cmd`] is the tag of a [`Request`] (the other direction is `Request::cmd`).
+    #[test]
+    fn every_cmd_names_a_request() {
+        let cmds = [
+            "REGISTER",
+            "READY",
+            "ACK",
+            "WAIT",
+            "HEARTBEAT",
+            "FINISHED",
+            "ERROR",
+            "SESSION_CREATE",
+            "SESSION_START",
+            "SESSION_LIST",
+            "SESSION_INSPECT",
+            "SESSION_STOP",
+            "SESSION_DESTROY",
+        ];
+        for name in cmds {
+            let cmd: Cmd = serde_json::from_value(name.into()).unwrap();
+            match parse_request(format!(r#"{{"cmd":"{name}"}}"#).as_bytes()) {
+                Ok(r) => assert_eq!(r.cmd(), cmd),
+                Err(Reply::Error { code, .. }) => assert_eq!(code, ErrorCode::BadRequest),
+                Err(other) => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

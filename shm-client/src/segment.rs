@@ -453,3 +453,39 @@ pub(crate) fn validate_header(
 pub fn segment_path(sid: &str, suffix: &str) -> PathBuf {
     Path::new(SHM_DIR).join(format!("aegis-{sid}-{suffix}"))
 }
+
+/// The identity fields of a segment header, read with plain file I/O (no mapping): what
+/// `aegis-shmctl gc` needs to judge a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderInfo {
+    /// [`SegmentHeader::magic`]: [`SEGMENT_MAGIC`] for an Aegis segment.
+    pub magic: u64,
+    /// [`SegmentHeader::version`].
+    pub version: u32,
+    /// [`SegmentHeader::kind`].
+    pub kind: u32,
+    /// [`SegmentHeader::epoch`].
+    pub epoch: u64,
+    /// [`SegmentHeader::creator_pid`].
+    pub creator_pid: u32,
+}
+
+/// Reads the header of the segment file at `path`, at the offsets of [`SegmentHeader`].
+/// Returns the fields as found, without checking them (compare `magic` with
+/// [`SEGMENT_MAGIC`]); fails with `UnexpectedEof` if the file is shorter than a header.
+/// Costs one `open` and one small read.
+pub fn read_header_of(path: &Path) -> io::Result<HeaderInfo> {
+    use std::io::Read;
+    use std::mem::{offset_of, size_of};
+    let mut b = [0u8; size_of::<SegmentHeader>()];
+    std::fs::File::open(path)?.read_exact(&mut b)?;
+    let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    Ok(HeaderInfo {
+        magic: u64_at(offset_of!(SegmentHeader, magic)),
+        version: u32_at(offset_of!(SegmentHeader, version)),
+        kind: u32_at(offset_of!(SegmentHeader, kind)),
+        epoch: u64_at(offset_of!(SegmentHeader, epoch)),
+        creator_pid: u32_at(offset_of!(SegmentHeader, creator_pid)),
+    })
+}

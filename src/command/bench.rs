@@ -14,8 +14,8 @@ use aegis_tools::names::{FileInfo, FileKind};
 use serde_json::json;
 
 use super::CliError;
-use crate::bench::{self, BenchError, Feed, FramePusher, LatencyRow, ThroughputRow};
 use crate::cli::BenchArgs;
+use aegis::bench::{self, BenchError, Feed, FramePusher, LatencyRow, ThroughputRow};
 
 /// Removes the bench's journal directory, whatever happens.
 struct TempDir(PathBuf);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::CliError;
 use crate::cli::{CreateArgs, DemoArgs, RunArgs};
-use crate::session::pid_alive;
+use aegis::session::pid_alive;
 
 /// The real Binance 1m klines of 2024-09-21, bundled in the binary.
 const KLINES_1M: &str = include_str!("../../data/binance/BTCUSDT-1m-2024-09-21.csv");

@@ -1,50 +1,52 @@
 //! `aegis-shmctl gc`: removes segments whose daemon or session is gone, and a stale socket.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aegis_shm_client::protocol::Request;
-use aegis_shm_client::segment::{SEGMENT_MAGIC, SHM_DIR};
-use serde_json::json;
+use aegis::session::pid_alive;
+use aegis_shm_client::protocol::{Request, SessionInfo};
+use aegis_shm_client::segment::{read_header_of, SEGMENT_MAGIC, SHM_DIR};
+use serde::Serialize;
 
 use super::CliError;
-use crate::session::pid_alive;
 
-/// What `gc` found.
-#[derive(Debug, Default)]
+/// How long gc waits for the daemon's session list.
+const LIST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A segment without a valid header younger than this may still be being created: kept.
+const YOUNG_SEGMENT: Duration = Duration::from_secs(10);
+
+/// What `gc` found (its `--json` output).
+#[derive(Debug, Default, Serialize)]
 pub struct Report {
     /// Segments removed, with the reason.
-    pub removed: Vec<(PathBuf, String)>,
+    pub removed: Vec<Removed>,
     /// Segments kept (their daemon and session are alive).
     pub kept: Vec<PathBuf>,
     /// Whether a stale socket was removed.
     pub socket_removed: bool,
 }
 
+/// A segment `gc` removed.
+#[derive(Debug, Serialize)]
+pub struct Removed {
+    /// Its path.
+    pub path: PathBuf,
+    /// Why it was removed.
+    pub reason: String,
+}
+
 /// The creator pid of a segment, if its header is readable and valid.
 fn creator_pid(path: &Path) -> Option<u32> {
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut b = [0u8; 52];
-    f.read_exact(&mut b).ok()?;
-    let magic = u64::from_le_bytes(b[0..8].try_into().ok()?);
-    (magic == SEGMENT_MAGIC).then(|| u32::from_le_bytes(b[48..52].try_into().unwrap_or_default()))
+    let h = read_header_of(path).ok()?;
+    (h.magic == SEGMENT_MAGIC).then_some(h.creator_pid)
 }
 
 /// Cleans up. `socket`: the daemon to ask which sessions still exist.
 pub fn collect(socket: &Path) -> Result<Report, CliError> {
     let mut report = Report::default();
     let live_sids: Option<Vec<String>> =
-        match super::request(socket, &Request::SessionList, Duration::from_secs(5)) {
-            Ok(v) => Some(
-                v.as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|s| s["sid"].as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            ),
+        match super::request::<Vec<SessionInfo>>(socket, &Request::SessionList, LIST_TIMEOUT) {
+            Ok(v) => Some(v.into_iter().map(|s| s.sid).collect()),
             Err(_) => {
                 if socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_err() {
                     std::fs::remove_file(socket)?;
@@ -69,7 +71,7 @@ pub fn collect(socket: &Path) -> Result<Report, CliError> {
                     .ok()
                     .and_then(|t| t.elapsed().ok());
                 // A segment still being created has no header yet: leave young ones alone.
-                if age.is_some_and(|a| a > Duration::from_secs(10)) {
+                if age.is_some_and(|a| a > YOUNG_SEGMENT) {
                     Some("no valid header".to_string())
                 } else {
                     None
@@ -86,9 +88,9 @@ pub fn collect(socket: &Path) -> Result<Report, CliError> {
             },
         };
         match reason {
-            Some(r) => {
+            Some(reason) => {
                 std::fs::remove_file(&path)?;
-                report.removed.push((path, r));
+                report.removed.push(Removed { path, reason });
             }
             None => report.kept.push(path),
         }
@@ -114,14 +116,10 @@ fn creator_is_daemon(path: &Path, socket: &Path) -> bool {
 pub fn run(socket: &Path, json_out: bool) -> Result<(), CliError> {
     let r = collect(socket)?;
     if json_out {
-        super::print_json(&json!({
-            "removed": r.removed.iter().map(|(p, why)| json!({"path": p, "reason": why})).collect::<Vec<_>>(),
-            "kept": r.kept,
-            "socket_removed": r.socket_removed,
-        }));
+        super::print_json(&r);
     } else {
-        for (p, why) in &r.removed {
-            println!("removed {} ({why})", p.display());
+        for Removed { path, reason } in &r.removed {
+            println!("removed {} ({reason})", path.display());
         }
         if r.socket_removed {
             println!("removed stale socket {}", socket.display());

@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aegis_shm_client::protocol::{self, Reply, Request};
+use serde::de::DeserializeOwned;
+
+/// How long a request may take to reach the daemon.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A command's failure: the message printed after `aegis-shmctl: error:`.
 #[derive(Debug)]
@@ -23,13 +27,14 @@ impl<E: std::fmt::Display> From<E> for CliError {
     }
 }
 
-/// Sends one request to the daemon and returns the `data` of its ACK. Every step has a
-/// deadline (`timeout` for the reply).
-pub fn request(
+/// Sends one request to the daemon and returns the `data` of its ACK, decoded as the
+/// request's answer type `T` (see `aegis_shm_client::protocol`). Every step has a deadline
+/// (`timeout` for the reply).
+pub fn request<T: DeserializeOwned>(
     socket: &Path,
     req: &Request,
     timeout: Duration,
-) -> Result<serde_json::Value, CliError> {
+) -> Result<T, CliError> {
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => CliError(format!(
             "no daemon at {} — start one with `aegis-shmctl serve`",
@@ -37,7 +42,7 @@ pub fn request(
         )),
         _ => CliError(format!("cannot connect to {}: {e}", socket.display())),
     })?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(SEND_TIMEOUT))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(&protocol::encode(req))?;
     let mut r = BufReader::new(stream);
@@ -62,7 +67,11 @@ pub fn request(
         Err(e) => return Err(CliError(e.to_string())),
     }
     match serde_json::from_slice::<Reply>(&line)? {
-        Reply::Ack { data, .. } => Ok(data.unwrap_or(serde_json::Value::Null)),
+        Reply::Ack { data, .. } => {
+            let data = data.unwrap_or(serde_json::Value::Null);
+            serde_json::from_value(data)
+                .map_err(|e| CliError(format!("unexpected answer from the daemon: {e}")))
+        }
         Reply::Error { code, message } => Err(CliError(format!("{message} ({code})"))),
         other => Err(CliError(format!(
             "unexpected answer from the daemon: {other:?}"
@@ -75,7 +84,8 @@ pub fn socket(explicit: &Option<PathBuf>) -> PathBuf {
     protocol::socket_path(explicit.as_deref())
 }
 
-/// Prints `v` as pretty JSON.
-pub fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+/// Prints `v` as pretty JSON, with the keys of every object in sorted order.
+pub fn print_json(v: &impl serde::Serialize) {
+    let v = serde_json::to_value(v).unwrap_or_default();
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::CliError;
-use crate::daemon::Daemon;
+use aegis::daemon::Daemon;
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(socket: &Path) -> Result<(), CliError> {

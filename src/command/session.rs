@@ -4,180 +4,166 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aegis_shm_client::protocol::{Request, SessionSpec};
-use serde_json::{json, Value};
+use aegis_shm_client::protocol::{
+    Inspect, Mode, Request, SessionCreated, SessionDestroyed, SessionInfo, SessionSpec,
+    SessionStarted, SessionState, SessionStopped,
+};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::{print_json, request, CliError};
 use crate::cli::{CreateArgs, RunArgs, SessionCommand};
 
+/// Deadline of one request to the daemon.
 const T: Duration = Duration::from_secs(10);
+/// `session start --timeout S` waits up to S for the READYs, and this much more for the reply.
+const START_REPLY_MARGIN: Duration = Duration::from_secs(5);
+/// How long `session run` gives a session to notice its components are gone, and its
+/// components to obey STOP, before it ends them.
+const GRACE: Duration = Duration::from_secs(5);
+/// How often `session run` looks at its components and the session.
+const RUN_POLL: Duration = Duration::from_millis(50);
 
-fn spec(a: &CreateArgs, expect: Option<u32>) -> SessionSpec {
-    SessionSpec {
+fn spec(a: &CreateArgs, expect: Option<u32>) -> Result<SessionSpec, CliError> {
+    Ok(SessionSpec {
         name: a.name.clone(),
-        mode: a.mode.clone(),
+        mode: a.mode.parse::<Mode>().map_err(CliError)?,
         expect: expect.or(a.expect),
         sequencer_core: a.sequencer_core,
         bus_bytes: a.bus_bytes,
         source_bytes: a.source_bytes,
         max_lateness_us: a.max_lateness_us,
+    })
+}
+
+/// Prints `answer` as JSON with `--json`, else as the line `text` makes of it.
+fn show<T: Serialize>(json_out: bool, answer: &T, text: impl Fn(&T)) {
+    if json_out {
+        print_json(answer);
+    } else {
+        text(answer);
     }
+}
+
+/// `null` or the value, as the JSON of old printed it.
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "null".to_string(), |v| v.to_string())
 }
 
 /// Dispatches a `session` subcommand.
 pub fn run(socket: &Path, json_out: bool, cmd: SessionCommand) -> Result<bool, CliError> {
     match cmd {
         SessionCommand::Create(a) => {
-            let v = request(socket, &Request::SessionCreate(spec(&a, None)), T)?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!(
-                    "session {} created ({} mode, id {})",
-                    v["name"].as_str().unwrap_or(""),
-                    v["mode"].as_str().unwrap_or(""),
-                    v["id"].as_str().unwrap_or("")
-                );
+            let v: SessionCreated = request(socket, &Request::SessionCreate(spec(&a, None)?), T)?;
+            show(json_out, &v, |v| {
+                println!("session {} created ({} mode, id {})", v.name, v.mode, v.id);
                 println!("export AEGIS_SOCKET={}", socket.display());
-                println!(
-                    "export AEGIS_SESSION_TOKEN={}",
-                    v["token"].as_str().unwrap_or("")
-                );
-            }
-            Ok(true)
+                println!("export AEGIS_SESSION_TOKEN={}", v.token);
+            });
         }
-        SessionCommand::Run(a) => run_session(socket, json_out, &a),
+        SessionCommand::Run(a) => return run_session(socket, json_out, &a),
         SessionCommand::Start { name, timeout } => {
-            let v = request(
-                socket,
-                &Request::SessionStart {
-                    name,
-                    timeout_ms: Some(timeout * 1000),
-                },
-                Duration::from_secs(timeout + 5),
-            )?;
-            if json_out {
-                print_json(&v);
-            } else {
+            let req = Request::SessionStart {
+                name,
+                timeout_ms: Some(timeout * 1000),
+            };
+            let wait = Duration::from_secs(timeout) + START_REPLY_MARGIN;
+            let v: SessionStarted = request(socket, &req, wait)?;
+            show(json_out, &v, |v| {
                 println!(
                     "session {} started with {} components",
-                    v["name"].as_str().unwrap_or(""),
-                    v["components"]
-                );
-            }
-            Ok(true)
+                    v.name, v.components
+                )
+            });
         }
         SessionCommand::List => {
-            let v = request(socket, &Request::SessionList, T)?;
-            if json_out {
-                print_json(&v);
-            } else {
-                println!(
-                    "{:<24} {:<9} {:<9} {:>10} {:>7} {:>14}",
-                    "NAME", "MODE", "STATE", "COMPONENTS", "SOURCES", "EVENTS"
-                );
-                for s in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<24} {:<9} {:<9} {:>10} {:>7} {:>14}",
-                        s["name"].as_str().unwrap_or(""),
-                        s["mode"].as_str().unwrap_or(""),
-                        s["state"].as_str().unwrap_or(""),
-                        s["components"],
-                        s["sources"],
-                        s["events_merged"]
-                    );
-                }
-            }
-            Ok(true)
+            let v: Vec<SessionInfo> = request(socket, &Request::SessionList, T)?;
+            show(json_out, &v, |v| print_list(v));
         }
         SessionCommand::Inspect { name } => {
-            let v = request(socket, &Request::SessionInspect { name }, T)?;
-            if json_out {
-                print_json(&v);
-            } else {
-                print_inspect(&v);
-            }
-            Ok(true)
+            let v: Inspect = request(socket, &Request::SessionInspect { name }, T)?;
+            show(json_out, &v, print_inspect);
         }
         SessionCommand::Stop { name } => {
-            let v = request(socket, &Request::SessionStop { name }, T)?;
-            if json_out {
-                print_json(&v)
-            } else {
-                println!(
-                    "session {} {}",
-                    v["name"].as_str().unwrap_or(""),
-                    v["state"].as_str().unwrap_or("")
-                )
-            }
-            Ok(true)
+            let v: SessionStopped = request(socket, &Request::SessionStop { name }, T)?;
+            show(json_out, &v, |v| println!("session {} {}", v.name, v.state));
         }
         SessionCommand::Destroy { name } => {
-            let v = request(socket, &Request::SessionDestroy { name }, T)?;
-            if json_out {
-                print_json(&v)
-            } else {
-                println!("session {} destroyed", v["name"].as_str().unwrap_or(""))
-            }
-            Ok(true)
+            let v: SessionDestroyed = request(socket, &Request::SessionDestroy { name }, T)?;
+            show(json_out, &v, |v| println!("session {} destroyed", v.name));
         }
+    }
+    Ok(true)
+}
+
+/// Human-readable `list`.
+fn print_list(v: &[SessionInfo]) {
+    println!(
+        "{:<24} {:<9} {:<9} {:>10} {:>7} {:>14}",
+        "NAME", "MODE", "STATE", "COMPONENTS", "SOURCES", "EVENTS"
+    );
+    for s in v {
+        println!(
+            "{:<24} {:<9} {:<9} {:>10} {:>7} {:>14}",
+            s.name,
+            s.mode.name(),
+            s.state.name(),
+            s.components,
+            s.sources,
+            s.events_merged
+        );
     }
 }
 
 /// Human-readable `inspect`.
-pub fn print_inspect(v: &Value) {
-    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
-    println!("session {} ({} mode): {}", s("name"), s("mode"), s("state"));
-    if let Some(r) = v["reason"].as_str() {
+pub fn print_inspect(v: &Inspect) {
+    let why = |r: &Option<String>| r.as_ref().map(|r| format!(" ({r})")).unwrap_or_default();
+    println!("session {} ({} mode): {}", v.name, v.mode, v.state);
+    if let Some(r) = &v.reason {
         println!("  reason: {r}");
     }
     println!("components:");
-    for c in v["components"].as_array().into_iter().flatten() {
+    for c in &v.components {
         println!(
             "  {:<28} {:<9} pid {:<8} {}{}",
-            c["name"].as_str().unwrap_or(""),
-            c["role"].as_str().unwrap_or(""),
-            c["pid"],
-            c["state"].as_str().unwrap_or(""),
-            c["reason"]
-                .as_str()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
+            c.name,
+            c.role,
+            c.pid,
+            c.state,
+            why(&c.reason)
         );
     }
     println!("sources:");
-    for c in v["sources"].as_array().into_iter().flatten() {
+    for c in &v.sources {
+        let p = c.progress.as_ref();
         println!(
             "  {:<28} {:<8} events {:<10} rejected {:<6} watermark {}{}",
-            c["name"].as_str().unwrap_or(""),
-            c["state"].as_str().unwrap_or(""),
-            c["events"],
-            c["rejected"],
-            c["watermark"],
-            c["reason"]
-                .as_str()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
+            c.name,
+            c.state.name(),
+            c.events,
+            opt(p.map(|p| p.rejected)),
+            opt(p.map(|p| p.watermark)),
+            why(&p.and_then(|p| p.reason.clone()))
         );
     }
     println!("consumers:");
-    for c in v["consumers"].as_array().into_iter().flatten() {
+    for c in &v.consumers {
         println!(
             "  {:<28} slot {:<3} {:<9} read {:<10} lag {} bytes, overruns {}, missed {}",
-            c["name"].as_str().unwrap_or(""),
-            c["slot"],
-            c["state"].as_str().unwrap_or(""),
-            c["read"],
-            c["lag_bytes"],
-            c["overruns"],
-            c["missed"]
+            c.name,
+            opt(c.slot),
+            c.state.name(),
+            opt(c.read),
+            opt(c.lag_bytes),
+            opt(c.overruns),
+            opt(c.missed)
         );
     }
-    let q = &v["sequencer"];
+    let q = &v.sequencer;
     println!(
         "sequencer: {} events merged ({} /s), {} late, {} rejected, {} source stalls ({} ms), {} consumer stalls ({} ms), bus fill {} bytes",
-        q["events_merged"], q["events_per_s"], q["late_events"], q["rejected_events"], q["source_stalls"], q["source_stall_ms"],
-        q["consumer_stalls"], q["consumer_stall_ms"], q["bus_fill_bytes"]
+        q.events_merged, opt(q.events_per_s), q.late_events, q.rejected_events, q.source_stalls, q.source_stall_ms,
+        q.consumer_stalls, q.consumer_stall_ms, q.bus_fill_bytes
     );
 }
 
@@ -233,40 +219,28 @@ fn descendants(root: u32) -> Vec<u32> {
 /// `session run`: returns Ok(true) when every component exited 0 and the session finished.
 pub fn run_session(socket: &Path, json_out: bool, a: &RunArgs) -> Result<bool, CliError> {
     let outcome = run_components(socket, a, |_, _| {})?;
-    if json_out {
-        print_json(&outcome.summary);
-    } else {
+    show(json_out, &outcome.run, |r| {
+        let state = r.session.as_ref().map(|s| s.state);
         println!(
             "session {}: {}",
             a.create.name,
-            outcome.summary["session"]["state"].as_str().unwrap_or("?")
+            state.map_or("?", SessionState::name)
         );
-        for c in outcome.summary["components"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            println!(
-                "  exit {:<4} {}",
-                c["exit"],
-                c["command"].as_str().unwrap_or("")
-            );
+        for c in &r.components {
+            println!("  exit {:<4} {}", opt(c.exit), c.command);
         }
-        let q = &outcome.summary["session"]["sequencer"];
         println!(
             "  {} events merged in {:.3} s",
-            q["events_merged"],
-            outcome.summary["session"]["elapsed_s"]
-                .as_f64()
-                .unwrap_or(0.0)
+            opt(r.session.as_ref().map(|s| s.sequencer.events_merged)),
+            r.session.as_ref().and_then(|s| s.elapsed_s).unwrap_or(0.0)
         );
-        if let Some(r) = outcome.summary["session"]["reason"].as_str() {
+        if let Some(r) = r.session.as_ref().and_then(|s| s.reason.as_ref()) {
             println!("  reason: {r}");
         }
-        if let Some(r) = outcome.summary["reason"].as_str() {
+        if let Some(r) = &r.reason {
             println!("  run: {r}");
         }
-    }
+    });
     Ok(outcome.ok)
 }
 
@@ -274,8 +248,70 @@ pub fn run_session(socket: &Path, json_out: bool, a: &RunArgs) -> Result<bool, C
 pub struct Outcome {
     /// All components exited 0 and the session finished.
     pub ok: bool,
-    /// Summary JSON: `{"session": inspect, "components": [{command, exit}]}`.
+    /// [`Outcome::run`] as JSON: `{"session": inspect, "components": [{command, pid, exit}],
+    /// "timed_out", "reason", "ok"}`.
     pub summary: Value,
+    /// The run, typed.
+    pub run: RunSummary,
+}
+
+/// The summary of `session run` (its `--json` output).
+#[derive(Serialize, Debug)]
+pub struct RunSummary {
+    /// The last `inspect` of the session (`null` if none answered).
+    pub session: Option<Inspect>,
+    /// Whether `--timeout` ended the run.
+    pub timed_out: bool,
+    /// Why the run ended early, if it did.
+    pub reason: Option<String>,
+    /// Every component started.
+    pub components: Vec<ComponentRun>,
+    /// Every component exited 0 and the session finished.
+    pub ok: bool,
+}
+
+/// One component of a run.
+#[derive(Serialize, Debug)]
+pub struct ComponentRun {
+    /// The command (run with `sh -c`).
+    pub command: String,
+    /// Its pid.
+    pub pid: u32,
+    /// Its exit status (-9 if we killed it, -1 for a signal), `null` if unknown.
+    pub exit: Option<i32>,
+}
+
+/// The components of a run and what became of them.
+struct Children {
+    procs: Vec<(String, Child)>,
+    exits: Vec<Option<i32>>,
+}
+
+impl Children {
+    /// Reaps whichever exited.
+    fn poll(&mut self) {
+        for (i, (_, ch)) in self.procs.iter_mut().enumerate() {
+            if self.exits[i].is_none() {
+                if let Ok(Some(st)) = ch.try_wait() {
+                    self.exits[i] = Some(st.code().unwrap_or(-1));
+                }
+            }
+        }
+    }
+
+    fn all_exited(&self) -> bool {
+        self.exits.iter().all(|e| e.is_some())
+    }
+
+    /// Kills every component still running (recorded as exit -9).
+    fn kill_rest(&mut self) {
+        for (i, (_, ch)) in self.procs.iter_mut().enumerate() {
+            if self.exits[i].is_none() {
+                kill(ch);
+                self.exits[i] = Some(-9);
+            }
+        }
+    }
 }
 
 /// Creates the session, starts the components (`sh -c`), waits for them and the session.
@@ -285,120 +321,134 @@ pub fn run_components(
     a: &RunArgs,
     configure: impl Fn(usize, &mut Command),
 ) -> Result<Outcome, CliError> {
-    let created = request(
-        socket,
-        &Request::SessionCreate(spec(&a.create, Some(a.commands.len() as u32))),
-        T,
-    )?;
-    let token = created["token"].as_str().unwrap_or("").to_string();
+    let expect = Some(a.commands.len() as u32);
+    let created: SessionCreated =
+        request(socket, &Request::SessionCreate(spec(&a.create, expect)?), T)?;
     let name = a.create.name.clone();
-    let deadline = Instant::now() + Duration::from_secs(a.timeout);
+    let mut children = spawn_components(socket, a, &created.token, configure)?;
+    let (last, timed_out, mut reason) = supervise(socket, a, &mut children);
+    if !a.keep {
+        let _ = request::<Value>(socket, &Request::SessionDestroy { name }, T);
+    }
+    let finished = last.as_ref().map(|s| s.state) == Some(SessionState::Finished);
+    let ok = finished && !timed_out && children.exits.iter().all(|e| *e == Some(0));
+    if timed_out && reason.is_none() {
+        reason = Some(format!("timed out after {} s", a.timeout));
+    }
+    let run = RunSummary {
+        session: last,
+        timed_out,
+        reason,
+        components: children
+            .procs
+            .iter()
+            .zip(&children.exits)
+            .map(|((cmd, ch), e)| ComponentRun {
+                command: cmd.clone(),
+                pid: ch.id(),
+                exit: *e,
+            })
+            .collect(),
+        ok,
+    };
+    let summary = serde_json::to_value(&run)?;
+    Ok(Outcome { ok, summary, run })
+}
+
+/// Starts one `sh -c CMD` per component with the session in its environment. If one cannot
+/// start, the others are killed and the session destroyed.
+fn spawn_components(
+    socket: &Path,
+    a: &RunArgs,
+    token: &str,
+    configure: impl Fn(usize, &mut Command),
+) -> Result<Children, CliError> {
+    let name = &a.create.name;
     let abs_socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
-    let mut children: Vec<(String, Child)> = Vec::new();
-    let mut exits: Vec<Option<i32>> = Vec::new();
+    let mut children = Children {
+        procs: Vec::new(),
+        exits: Vec::new(),
+    };
     for (i, cmd) in a.commands.iter().enumerate() {
         let mut c = Command::new("sh");
         c.arg("-c")
             .arg(cmd)
             .env("AEGIS_SOCKET", &abs_socket)
-            .env("AEGIS_SESSION_TOKEN", &token)
-            .env("AEGIS_SESSION", &name)
+            .env("AEGIS_SESSION_TOKEN", token)
+            .env("AEGIS_SESSION", name)
             .stdin(Stdio::null());
         configure(i, &mut c);
         match c.spawn() {
             Ok(child) => {
-                children.push((cmd.clone(), child));
-                exits.push(None);
+                children.procs.push((cmd.clone(), child));
+                children.exits.push(None);
             }
             Err(e) => {
-                for (_, ch) in &mut children {
-                    kill(ch);
-                }
-                let _ = request(socket, &Request::SessionDestroy { name: name.clone() }, T);
+                children.kill_rest();
+                let destroy = Request::SessionDestroy { name: name.clone() };
+                let _ = request::<Value>(socket, &destroy, T);
                 return Err(CliError(format!("cannot start {cmd:?}: {e}")));
             }
         }
     }
-    let mut last: Value = Value::Null;
-    let mut failed_at: Option<Instant> = None;
-    let mut timed_out = false;
+    Ok(children)
+}
+
+/// Waits for the components and the session: returns the last `inspect`, whether
+/// `--timeout` ran out, and why the run ended early.
+fn supervise(
+    socket: &Path,
+    a: &RunArgs,
+    children: &mut Children,
+) -> (Option<Inspect>, bool, Option<String>) {
+    let name = &a.create.name;
+    let deadline = Instant::now() + Duration::from_secs(a.timeout);
+    let mut last: Option<Inspect> = None;
+    let mut grace_since: Option<Instant> = None;
     let mut reason: Option<String> = None;
     loop {
-        for (i, (_, ch)) in children.iter_mut().enumerate() {
-            if exits[i].is_none() {
-                if let Ok(Some(st)) = ch.try_wait() {
-                    exits[i] = Some(st.code().unwrap_or(-1));
-                }
-            }
+        children.poll();
+        let inspect = Request::SessionInspect { name: name.clone() };
+        if let Ok(v) = request::<Inspect>(socket, &inspect, T) {
+            last = Some(v);
         }
-        if let Ok(v) = request(socket, &Request::SessionInspect { name: name.clone() }, T) {
-            last = v;
-        }
-        let state = last["state"].as_str().unwrap_or("");
+        let state = last.as_ref().map(|s| s.state);
         // A component that exited while the session has not started yet (inspected after the
         // exit was seen) means the barrier (one READY per -c) can never be met. Stop the
         // session now: its components get STOP and exit. This used to wait for --timeout
         // (default one hour).
-        if state == "created" && reason.is_none() {
-            if let Some(i) = exits.iter().position(|e| e.is_some()) {
+        if state == Some(SessionState::Created) && reason.is_none() {
+            if let Some(i) = children.exits.iter().position(|e| e.is_some()) {
                 reason = Some(format!(
                     "component {:?} exited with status {} before the session started",
-                    children[i].0,
-                    exits[i].unwrap_or(-1)
+                    children.procs[i].0,
+                    children.exits[i].unwrap_or(-1)
                 ));
-                let _ = request(socket, &Request::SessionStop { name: name.clone() }, T);
+                let stop = Request::SessionStop { name: name.clone() };
+                let _ = request::<Value>(socket, &stop, T);
                 continue;
             }
         }
-        let all_exited = exits.iter().all(|e| e.is_some());
-        if all_exited && matches!(state, "finished" | "failed" | "stopped") {
-            break;
+        let all_exited = children.all_exited();
+        if all_exited && state.is_some_and(SessionState::is_final) {
+            return (last, false, reason);
         }
-        if all_exited {
-            // Give the session a moment to notice the components are gone.
-            let t = failed_at.get_or_insert_with(Instant::now);
-            if t.elapsed() > Duration::from_secs(5) {
-                break;
-            }
-        }
-        if matches!(state, "failed" | "stopped") && !all_exited {
-            // The components were sent STOP; give them a moment, then end them.
-            let t = failed_at.get_or_insert_with(Instant::now);
-            if t.elapsed() > Duration::from_secs(5) {
-                for (i, (_, ch)) in children.iter_mut().enumerate() {
-                    if exits[i].is_none() {
-                        kill(ch);
-                        exits[i] = Some(-9);
-                    }
+        let given_up = matches!(state, Some(SessionState::Failed | SessionState::Stopped));
+        if all_exited || given_up {
+            // Give the session a moment to notice the components are gone, or the
+            // components a moment to obey STOP; then end them.
+            let t = grace_since.get_or_insert_with(Instant::now);
+            if t.elapsed() > GRACE {
+                if all_exited {
+                    return (last, false, reason);
                 }
+                children.kill_rest();
             }
         }
         if Instant::now() >= deadline {
-            timed_out = true;
-            for (i, (_, ch)) in children.iter_mut().enumerate() {
-                if exits[i].is_none() {
-                    kill(ch);
-                    exits[i] = Some(-9);
-                }
-            }
-            break;
+            children.kill_rest();
+            return (last, true, reason);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(RUN_POLL);
     }
-    if !a.keep {
-        let _ = request(socket, &Request::SessionDestroy { name: name.clone() }, T);
-    }
-    let finished = last["state"].as_str() == Some("finished");
-    let ok = finished && !timed_out && exits.iter().all(|e| *e == Some(0));
-    if timed_out && reason.is_none() {
-        reason = Some(format!("timed out after {} s", a.timeout));
-    }
-    let summary = json!({
-        "session": last,
-        "timed_out": timed_out,
-        "reason": reason,
-        "components": children.iter().zip(&exits).map(|((cmd, ch), e)| json!({"command": cmd, "pid": ch.id(), "exit": e})).collect::<Vec<_>>(),
-        "ok": ok,
-    });
-    Ok(Outcome { ok, summary })
 }
