@@ -56,6 +56,7 @@ pub mod control;
 pub mod event;
 pub mod frame;
 pub mod protocol;
+pub(crate) mod ring;
 pub mod segment;
 pub mod spmc;
 pub mod spsc;
