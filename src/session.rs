@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use aegis_shm_client::control::Control;
 use aegis_shm_client::protocol::{self, Ack, AckSource, Register, Reply, Role, SessionSpec};
 use aegis_shm_client::segment::{segment_path, ShmRegion, LAYOUT_VERSION};
 use aegis_shm_client::spmc::{self, BusMonitor, BusWriter, Policy, MAX_CONSUMERS};
 use aegis_shm_client::spsc::{self, RingReader};
+use aegis_shm_client::stats::StatsWriter;
 use serde_json::json;
 
 use crate::sequencer::{self, Config, Input, Mode, SequencerError, Summary};
@@ -153,7 +153,7 @@ pub struct Session {
     pub state: State,
     bus: Arc<ShmRegion>,
     ctl: Arc<ShmRegion>,
-    control: Control,
+    control: Arc<StatsWriter>,
     monitor: BusMonitor,
     /// Components by registration order.
     pub components: Vec<Component>,
@@ -250,7 +250,8 @@ impl Session {
         let bus = Arc::new(
             spmc::create_shm(&segment_path(&sid, "bus"), bus_bytes, epoch, policy).map_err(io)?,
         );
-        let (control, ctl) = Control::create_shm(&segment_path(&sid, "ctl"), epoch).map_err(io)?;
+        let (control, ctl) =
+            StatsWriter::create_shm(&segment_path(&sid, "ctl"), epoch).map_err(io)?;
         let monitor =
             BusMonitor::open(bus.clone(), Some(epoch)).map_err(|e| ("internal", e.to_string()))?;
         Ok(Session {
@@ -264,7 +265,7 @@ impl Session {
             state: State::Created,
             bus,
             ctl,
-            control,
+            control: Arc::new(control),
             monitor,
             components: Vec::new(),
             sources: BTreeMap::new(),
@@ -386,7 +387,7 @@ impl Session {
                 ));
             }
         }
-        if self.sources.len() + reg.sources.len() > aegis_shm_client::control::MAX_SOURCES {
+        if self.sources.len() + reg.sources.len() > aegis_shm_client::stats::MAX_SOURCES {
             return Err(("too_many", "a session has at most 64 sources".into()));
         }
         let slot = if role.consumes() {

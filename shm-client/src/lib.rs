@@ -52,7 +52,6 @@
 #![warn(missing_docs)]
 
 pub mod client;
-pub mod control;
 pub mod event;
 pub mod frame;
 pub mod protocol;
@@ -60,6 +59,7 @@ pub(crate) mod ring;
 pub mod segment;
 pub mod spmc;
 pub mod spsc;
+pub mod stats;
 pub(crate) mod sync;
 pub mod wait;
 
