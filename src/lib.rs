@@ -6,7 +6,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-pub mod bench;
 pub mod cli;
 pub mod command;
 pub mod daemon;
