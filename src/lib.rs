@@ -7,7 +7,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-pub mod bench;
 pub mod daemon;
 mod dispatch;
 pub mod outbox;

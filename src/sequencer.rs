@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aegis_shm_client::control::{Control, SourceState};
 use aegis_shm_client::frame::{flags, FrameHeader, Kind};
 use aegis_shm_client::spmc::{BusWriter, WriteError};
 use aegis_shm_client::spsc::RingReader;
+use aegis_shm_client::stats::{SourceState, StatsWriter, MAX_SOURCES};
 use aegis_shm_client::wait::{Deadline, WaitKind, WaitStrategy};
 
 /// Session mode.
@@ -154,12 +154,15 @@ struct Staged {
     payload: Vec<u8>,
 }
 
+// `removals` below is a `u64` bitmask with one bit per source rank.
+const _: () = assert!(MAX_SOURCES <= 64);
+
 /// The merge, ready to run on its own thread.
 pub struct Sequencer {
     sources: Vec<Source>,
     bus: BusWriter,
     config: Config,
-    control: Option<Control>,
+    control: Option<Arc<StatsWriter>>,
     /// Highest ts emitted (live: LATE detection).
     emitted_ts: u64,
     merged: u64,
@@ -197,9 +200,9 @@ impl Sequencer {
         mut inputs: Vec<Input>,
         bus: BusWriter,
         config: Config,
-        control: Option<Control>,
+        control: Option<Arc<StatsWriter>>,
     ) -> Result<Sequencer, SequencerError> {
-        if inputs.len() > aegis_shm_client::control::MAX_SOURCES {
+        if inputs.len() > MAX_SOURCES {
             return Err(SequencerError::Config(format!(
                 "{} sources, at most 64",
                 inputs.len()

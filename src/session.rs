@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use aegis_shm_client::control::{Control, MAX_SOURCES};
 use aegis_shm_client::protocol::{
     self, Ack, AckSource, ComponentInfo, ComponentState, ConsumerInfo, ErrorCode, Inspect,
     Register, Reply, Role, Segments, SequencerStats, SessionInfo, SessionSpec, SessionState,
@@ -19,6 +18,7 @@ use aegis_shm_client::protocol::{
 use aegis_shm_client::segment::{segment_path, ShmRegion, LAYOUT_VERSION};
 use aegis_shm_client::spmc::{self, BusMonitor, BusWriter, Policy, MAX_CONSUMERS};
 use aegis_shm_client::spsc::{self, RingReader};
+use aegis_shm_client::stats::{StatsWriter, MAX_SOURCES};
 
 use crate::outbox::Outbox;
 pub use crate::refusal::Refusal;
@@ -179,7 +179,7 @@ pub struct Session {
     pub state: State,
     bus: Arc<ShmRegion>,
     ctl: Arc<ShmRegion>,
-    control: Control,
+    control: Arc<StatsWriter>,
     monitor: BusMonitor,
     /// Components by registration order.
     pub components: Vec<Component>,
@@ -264,8 +264,8 @@ impl Session {
             spmc::create_shm(&segment_path(&sid, "bus"), bus_bytes, epoch, policy)
                 .map_err(Refusal::internal)?,
         );
-        let (control, ctl) =
-            Control::create_shm(&segment_path(&sid, "ctl"), epoch).map_err(Refusal::internal)?;
+        let (control, ctl) = StatsWriter::create_shm(&segment_path(&sid, "ctl"), epoch)
+            .map_err(Refusal::internal)?;
         let monitor = BusMonitor::open(bus.clone(), Some(epoch)).map_err(Refusal::internal)?;
         Ok(Session {
             name: spec.name.clone(),
@@ -278,7 +278,7 @@ impl Session {
             state: State::Created,
             bus,
             ctl,
-            control,
+            control: Arc::new(control),
             monitor,
             components: Vec::new(),
             sources: BTreeMap::new(),

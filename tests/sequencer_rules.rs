@@ -7,12 +7,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use aegis::sequencer::{self, Config, Input, Mode, Sequencer, SequencerError, Summary};
-use aegis_shm_client::control::{self, Control, SourceState};
 use aegis_shm_client::event::{Decimal, Symbol, Trade};
 use aegis_shm_client::frame::{flags, FrameHeader, Kind};
 use aegis_shm_client::segment::HeapRegion;
 use aegis_shm_client::spmc::{self, BusReader, BusWriter, Policy, ReadError};
 use aegis_shm_client::spsc::{self, Producer, RingReader};
+use aegis_shm_client::stats::{self, SourceState, StatsWriter};
 use aegis_shm_client::wait::{Backoff, Deadline, SpinYield};
 
 const RING: usize = 4096;
@@ -31,7 +31,7 @@ fn trade(id: u64) -> Trade {
 struct Rig {
     producers: Vec<Producer>,
     reader: BusReader,
-    control: Control,
+    control: Arc<StatsWriter>,
     stop: Arc<AtomicBool>,
     removals: Arc<std::sync::atomic::AtomicU64>,
     handle: JoinHandle<Result<Summary, SequencerError>>,
@@ -58,10 +58,10 @@ fn rig(names: &[&str], mode: Mode) -> Rig {
             reader: RingReader::open(region, Some(1)).unwrap(),
         });
     }
-    let control = Control::create(
-        Arc::new(HeapRegion::new(control::geometry().total_len())),
+    let control = Arc::new(StatsWriter::create(
+        Arc::new(HeapRegion::new(stats::geometry().total_len())),
         1,
-    );
+    ));
     let mut config = Config::new(mode);
     config.wait = aegis_shm_client::wait::WaitKind::Yield;
     let seq = Sequencer::new(inputs, bus, config, Some(control.clone())).unwrap();
@@ -118,7 +118,7 @@ fn nothing_for(r: &mut BusReader, d: Duration) {
     }
 }
 
-fn finish(mut rig: Rig) -> (Result<Summary, SequencerError>, Control) {
+fn finish(mut rig: Rig) -> (Result<Summary, SequencerError>, Arc<StatsWriter>) {
     for p in &mut rig.producers {
         p.finish(
             &mut Backoff::default(),

@@ -52,13 +52,14 @@
 #![warn(missing_docs)]
 
 pub mod client;
-pub mod control;
 pub mod event;
 pub mod frame;
 pub mod protocol;
+pub(crate) mod ring;
 pub mod segment;
 pub mod spmc;
 pub mod spsc;
+pub mod stats;
 pub(crate) mod sync;
 pub mod wait;
 

@@ -269,9 +269,9 @@ named_enum!(SourceStatus, "source state", {
     Removed => "removed",
 });
 
-impl From<crate::control::SourceState> for SourceStatus {
-    fn from(s: crate::control::SourceState) -> SourceStatus {
-        use crate::control::SourceState as S;
+impl From<crate::stats::SourceState> for SourceStatus {
+    fn from(s: crate::stats::SourceState) -> SourceStatus {
+        use crate::stats::SourceState as S;
         match s {
             S::Unused => SourceStatus::Unused,
             S::Active => SourceStatus::Active,

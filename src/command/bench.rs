@@ -15,7 +15,13 @@ use serde_json::json;
 
 use super::CliError;
 use crate::cli::BenchArgs;
-use aegis::bench::{self, BenchError, Feed, FramePusher, LatencyRow, ThroughputRow};
+use aegis::sequencer;
+use compare::{BenchError, Feed, FramePusher, LatencyRow, ThroughputRow};
+
+/// The comparison harness (ping-pong, socket-JSON, in-process merge, Aegis), kept under
+/// `benches/` and out of the daemon's library; this verb only parses arguments and prints.
+#[path = "../../benches/compare/mod.rs"]
+mod compare;
 
 /// Removes the bench's journal directory, whatever happens.
 struct TempDir(PathBuf);
@@ -28,7 +34,7 @@ impl Drop for TempDir {
 
 /// Writes the synthetic three-source stream as journals, then replays them through Aegis.
 fn journal_throughput(events: u64, dir: &Path) -> Result<ThroughputRow, CliError> {
-    let sources = bench::synthetic_sources(events);
+    let sources = compare::synthetic_sources(events);
     let mut feeds = Vec::new();
     for s in &sources {
         let info = match s.kind {
@@ -63,7 +69,7 @@ fn journal_throughput(events: u64, dir: &Path) -> Result<ThroughputRow, CliError
         });
     }
     drop(sources);
-    bench::aegis_throughput_feeds(
+    compare::aegis_throughput_feeds(
         "aegis (3 journals, mmap → rings → sequencer → consumer)",
         feeds,
         1 << 22,
@@ -91,16 +97,16 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     // Interleaved rounds: the hypervisor moves virtual cores around, so the two rows are
     // only comparable when measured under the same placements.
     let [pingpong, aegis] =
-        bench::latency_interleaved(a.samples, 20, true).map_err(|e| CliError(e.to_string()))?;
-    let socket = e(bench::socket_json_latency(a.samples))?;
+        compare::latency_interleaved(a.samples, 20, true).map_err(|e| CliError(e.to_string()))?;
+    let socket = e(compare::socket_json_latency(a.samples))?;
     eprintln!("aegis bench: throughput ({} events)...", a.events);
     let dir = std::env::temp_dir().join(format!("aegis-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let guard = TempDir(dir.clone());
     let journals = journal_throughput(a.events, &dir)?;
     drop(guard);
-    let inproc = t(bench::inproc_merge_throughput(a.events))?;
-    let sock_thr = t(bench::socket_json_throughput(a.events.min(2_000_000)))?;
+    let inproc = t(compare::inproc_merge_throughput(a.events))?;
+    let sock_thr = t(compare::socket_json_throughput(a.events.min(2_000_000)))?;
     let latency = vec![aegis, pingpong, socket];
     let throughput = vec![journals, inproc, sock_thr];
     let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use aegis_shm_client::client::Component;
 use aegis_shm_client::event::AnyEvent;
 use aegis_shm_client::protocol::{Register, Role, SourceDecl};
-use aegis_shm_client::spsc::{ClaimError, Producer, PushError};
-use aegis_shm_client::wait::{Backoff, Deadline, WaitStrategy};
+use aegis_shm_client::spsc::{Producer, PushError};
+use aegis_shm_client::wait::{Backoff, Deadline};
 use aegis_tools::csv::CsvReader;
 use aegis_tools::journal::{self, JournalReader};
 use aegis_tools::names::{self, FileInfo, FileKind};
@@ -263,20 +263,13 @@ fn replay(
             pacer.wait(f.header.ts);
             let mut h = f.header;
             h.topic_id = topic;
-            let deadline = Deadline::after(stall);
-            loop {
-                match p.try_push_frame(&h, f.payload) {
-                    Ok(_) => break,
-                    Err(ClaimError::Full) if !deadline.expired() => wait.wait(),
-                    Err(ClaimError::Full) => {
-                        return Err(ReplayError(format!(
-                            "{src}: the ring stayed full for {stall:?}"
-                        )))
+            p.push_frame(&h, f.payload, &mut wait, Deadline::after(stall))
+                .map_err(|e| match e {
+                    PushError::Timeout(()) => {
+                        ReplayError(format!("{src}: the ring stayed full for {stall:?}"))
                     }
-                    Err(e) => return Err(ReplayError(format!("{src}: {e}"))),
-                }
-            }
-            wait.reset();
+                    e => ReplayError(format!("{src}: {e}")),
+                })?;
             n += 1;
             check(n).map_err(ReplayError)
         })

@@ -7,10 +7,10 @@ use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use aegis_shm_client::client::Component;
+use aegis_shm_client::client::{Component, Started};
 use aegis_shm_client::frame::{flags, monotonic_ns};
 use aegis_shm_client::protocol::{Register, Role};
-use aegis_shm_client::spmc::ReadError;
+use aegis_shm_client::spmc::{BusReader, ReadError};
 use aegis_shm_client::wait::{self, Deadline, WaitKind};
 use aegis_tools::digest::{Counts, StreamDigest};
 use aegis_tools::ndjson;
@@ -64,180 +64,262 @@ fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(1);
 }
 
+/// How long one wait for the bus lasts before the tap looks at the daemon and the idle timeout.
+const POLL: Duration = Duration::from_millis(500);
+/// Bytes of the output buffer.
+const OUT_BUFFER: usize = 1 << 20;
+/// Events between two progress lines on a terminal.
+const PROGRESS_EVERY: u64 = 1 << 20;
+/// Largest latency the histogram records, in nanoseconds.
+const MAX_LATENCY_NS: u64 = 60_000_000_000;
+
 fn main() {
     let args = Args::parse();
-    let token = std::env::var("AEGIS_SESSION_TOKEN").unwrap_or_else(|_| {
-        fail("AEGIS_SESSION_TOKEN is not set: run under `aegis-shmctl session run`, or export the token printed by `session create`")
-    });
-    let name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("tap-{}", std::process::id()));
-    let comp = Component::connect(
-        args.socket.as_deref(),
-        Register {
-            component_name: name.clone(),
-            session_token: token,
-            role: Some(Role::Consumer),
-            topics: args.topics.clone(),
-            pid: Some(std::process::id()),
-            ..Register::default()
-        },
-    )
-    .unwrap_or_else(|e| fail(e));
-    let mut bus = comp.consumer().unwrap_or_else(|e| fail(e));
-    if args.unchecked {
-        // SAFETY: the user asked for it: every producer of the session is trusted to write
-        // archives with aegis-shm-client.
-        unsafe { bus.set_unchecked() };
-    }
-    let started = comp
-        .ready(Duration::from_secs(args.start_timeout))
-        .unwrap_or_else(|e| fail(e));
-    let topic_names: HashMap<u32, String> = started
-        .topics
-        .iter()
-        .map(|(n, id)| (*id, n.clone()))
-        .collect();
-    if !args.topics.is_empty() {
-        let mut ids = Vec::new();
-        for t in &args.topics {
-            match started.topics.get(t) {
-                Some(id) => ids.push(*id),
-                None => {
-                    eprintln!("aegis-tap: warning: no source publishes topic {t:?} in this session")
-                }
-            }
-        }
-        bus.subscribe(Some(&ids));
-    }
-    let mut out: Box<dyn Write> = match &args.out {
-        Some(p) => Box::new(BufWriter::with_capacity(
-            1 << 20,
-            File::create(p).unwrap_or_else(|e| fail(format!("{}: {e}", p.display()))),
-        )),
-        None => Box::new(BufWriter::with_capacity(1 << 20, std::io::stdout().lock())),
-    };
-    let mut digest = StreamDigest::new();
-    let mut counts = Counts::new();
-    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-        .expect("histogram bounds");
-    let mut w = wait::strategy(args.wait);
-    let mut events = 0u64;
-    let mut overruns = 0u64;
-    let mut missed = 0u64;
+    let mut tap = Tap::attach(&args);
+    let mut out = open_output(&args);
+    let mut totals = Totals::new();
     let start = Instant::now();
-    let tty = std::io::stderr().is_terminal() && args.out.is_some();
-    let mut last_progress = Instant::now();
-    let unknown = String::from("?");
-    let aborted = loop {
-        let f = match bus.next(&mut w, Deadline::after(Duration::from_millis(500))) {
-            Ok(f) => f,
-            Err(ReadError::Timeout) => {
-                if let Some(r) = comp.stop_requested() {
-                    fail(format!("the daemon stopped the session: {r}"));
-                }
-                if last_progress.elapsed() > Duration::from_secs(args.idle_timeout) {
-                    fail(format!("nothing arrived for {} s", args.idle_timeout));
-                }
-                continue;
-            }
-            Err(ReadError::Overrun { missed: m }) => {
-                overruns += 1;
-                missed += m;
-                eprintln!("aegis-tap: overrun: {m} events missed (resumed at the head)");
-                continue;
-            }
-            Err(e) => fail(e),
-        };
-        last_progress = Instant::now();
-        if f.is_eof() {
-            break f.header.has(flags::ABORT);
-        }
-        let h = f.header;
-        if h.publish_ns != 0 {
-            let _ = hist.record(monotonic_ns().saturating_sub(h.publish_ns).max(1));
-        }
-        let topic = topic_names.get(&h.topic_id).unwrap_or(&unknown);
-        let res = match args.format {
-            Format::Ndjson => {
-                let ev = f
-                    .event()
-                    .unwrap_or_else(|e| fail(format!("bus frame {}: {e}", h.bus_seq)));
-                let source = started
-                    .source_names
-                    .get(h.source_id as usize)
-                    .unwrap_or(&unknown);
-                ndjson::write_line(&mut out, h.bus_seq, &h, source, topic, ev)
-            }
-            Format::Digest => {
-                if let Err(e) = f.event() {
-                    fail(format!("bus frame {}: {e}", h.bus_seq));
-                }
-                digest.update(&h, f.payload);
-                Ok(())
-            }
-            Format::Count => {
-                counts.add(&h, topic);
-                Ok(())
-            }
-        };
-        res.unwrap_or_else(|e| fail(format!("write: {e}")));
-        events += 1;
-        if tty && events.is_multiple_of(1 << 20) {
-            eprint!("\raegis-tap: {events} events");
-        }
-    };
-    let secs = start.elapsed().as_secs_f64();
-    let digest_hex = digest.finish();
-    match args.format {
-        Format::Digest => writeln!(out, "{digest_hex}"),
-        Format::Count => writeln!(
-            out,
-            "{}",
-            if args.json {
-                counts.render_json()
-            } else {
-                counts.render_human()
-            }
-        ),
-        Format::Ndjson => Ok(()),
-    }
-    .and_then(|()| out.flush())
-    .unwrap_or_else(|e| fail(format!("write: {e}")));
-    let q = |p: f64| hist.value_at_quantile(p) / 1000;
-    let pct = |p: f64| {
-        if hist.is_empty() {
-            "n/a".to_string()
-        } else {
-            format!("{}", q(p))
-        }
-    };
-    if args.json {
-        eprintln!(
-            "{{\"name\":{:?},\"events\":{events},\"seconds\":{secs:.6},\"events_per_s\":{:.0},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"overruns\":{overruns},\"missed\":{missed},\"digest\":{:?}}}",
-            name,
-            events as f64 / secs,
-            q(0.5),
-            q(0.99),
-            q(0.999),
-            hist.max() / 1000,
-            if args.format == Format::Digest { digest_hex.as_str() } else { "" }
-        );
-    } else {
-        eprintln!(
-            "aegis-tap {name}: {events} events in {secs:.3} s ({:.0} events/s); latency µs p50 {} p99 {} p99.9 {} max {}{}",
-            events as f64 / secs,
-            pct(0.5),
-            pct(0.99),
-            pct(0.999),
-            if hist.is_empty() { "n/a".into() } else { (hist.max() / 1000).to_string() },
-            if overruns > 0 { format!("; {overruns} overruns, {missed} missed") } else { String::new() }
-        );
-    }
+    let aborted = tap.consume(&args, &mut out, &mut totals);
+    totals.report(&args, &tap.name, start.elapsed().as_secs_f64(), &mut out);
     if aborted {
-        let _ = comp.error("aborted", "the session aborted: the stream is incomplete");
+        let _ = tap
+            .comp
+            .error("aborted", "the session aborted: the stream is incomplete");
         fail("the session aborted: the stream is incomplete");
     }
-    comp.finished().unwrap_or_else(|e| fail(e));
+    tap.comp.finished().unwrap_or_else(|e| fail(e));
+}
+
+/// A consumer registered with the daemon and attached to the started session's bus.
+struct Tap {
+    name: String,
+    comp: Component,
+    bus: BusReader,
+    started: Started,
+    topic_names: HashMap<u32, String>,
+}
+
+/// What the tap counts while it reads.
+struct Totals {
+    digest: StreamDigest,
+    counts: Counts,
+    hist: hdrhistogram::Histogram<u64>,
+    events: u64,
+    overruns: u64,
+    missed: u64,
+}
+
+/// Where the output goes: `--out FILE`, or stdout.
+fn open_output(args: &Args) -> Box<dyn Write> {
+    match &args.out {
+        Some(p) => Box::new(BufWriter::with_capacity(
+            OUT_BUFFER,
+            File::create(p).unwrap_or_else(|e| fail(format!("{}: {e}", p.display()))),
+        )),
+        None => Box::new(BufWriter::with_capacity(
+            OUT_BUFFER,
+            std::io::stdout().lock(),
+        )),
+    }
+}
+
+impl Tap {
+    /// Registers as a consumer, attaches to the bus, waits for the session to start and
+    /// subscribes to the requested topics.
+    fn attach(args: &Args) -> Tap {
+        let token = std::env::var("AEGIS_SESSION_TOKEN").unwrap_or_else(|_| {
+            fail("AEGIS_SESSION_TOKEN is not set: run under `aegis-shmctl session run`, or export the token printed by `session create`")
+        });
+        let name = args
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("tap-{}", std::process::id()));
+        let comp = Component::connect(
+            args.socket.as_deref(),
+            Register {
+                component_name: name.clone(),
+                session_token: token,
+                role: Some(Role::Consumer),
+                topics: args.topics.clone(),
+                pid: Some(std::process::id()),
+                ..Register::default()
+            },
+        )
+        .unwrap_or_else(|e| fail(e));
+        let mut bus = comp.consumer().unwrap_or_else(|e| fail(e));
+        if args.unchecked {
+            // SAFETY: the user asked for it: every producer of the session is trusted to write
+            // archives with aegis-shm-client.
+            unsafe { bus.set_unchecked() };
+        }
+        let started = comp
+            .ready(Duration::from_secs(args.start_timeout))
+            .unwrap_or_else(|e| fail(e));
+        let topic_names: HashMap<u32, String> = started
+            .topics
+            .iter()
+            .map(|(n, id)| (*id, n.clone()))
+            .collect();
+        if !args.topics.is_empty() {
+            let mut ids = Vec::new();
+            for t in &args.topics {
+                match started.topics.get(t) {
+                    Some(id) => ids.push(*id),
+                    None => eprintln!(
+                        "aegis-tap: warning: no source publishes topic {t:?} in this session"
+                    ),
+                }
+            }
+            bus.subscribe(Some(&ids));
+        }
+        Tap {
+            name,
+            comp,
+            bus,
+            started,
+            topic_names,
+        }
+    }
+
+    /// Reads the bus until END-OF-STREAM, writing every frame in `args.format`. Returns
+    /// whether the stream ended aborted.
+    fn consume(&mut self, args: &Args, out: &mut Box<dyn Write>, totals: &mut Totals) -> bool {
+        let mut w = wait::strategy(args.wait);
+        let tty = std::io::stderr().is_terminal() && args.out.is_some();
+        let mut last_progress = Instant::now();
+        let unknown = String::from("?");
+        loop {
+            let f = match self.bus.next(&mut w, Deadline::after(POLL)) {
+                Ok(f) => f,
+                Err(ReadError::Timeout) => {
+                    if let Some(r) = self.comp.stop_requested() {
+                        fail(format!("the daemon stopped the session: {r}"));
+                    }
+                    if last_progress.elapsed() > Duration::from_secs(args.idle_timeout) {
+                        fail(format!("nothing arrived for {} s", args.idle_timeout));
+                    }
+                    continue;
+                }
+                Err(ReadError::Overrun { missed: m }) => {
+                    totals.overruns += 1;
+                    totals.missed += m;
+                    eprintln!("aegis-tap: overrun: {m} events missed (resumed at the head)");
+                    continue;
+                }
+                Err(e) => fail(e),
+            };
+            last_progress = Instant::now();
+            if f.is_eof() {
+                return f.header.has(flags::ABORT);
+            }
+            let h = f.header;
+            if h.publish_ns != 0 {
+                let _ = totals
+                    .hist
+                    .record(monotonic_ns().saturating_sub(h.publish_ns).max(1));
+            }
+            let topic = self.topic_names.get(&h.topic_id).unwrap_or(&unknown);
+            let res = match args.format {
+                Format::Ndjson => {
+                    let ev = f
+                        .event()
+                        .unwrap_or_else(|e| fail(format!("bus frame {}: {e}", h.bus_seq)));
+                    let source = self
+                        .started
+                        .source_names
+                        .get(h.source_id as usize)
+                        .unwrap_or(&unknown);
+                    ndjson::write_line(out, h.bus_seq, &h, source, topic, ev)
+                }
+                Format::Digest => {
+                    if let Err(e) = f.event() {
+                        fail(format!("bus frame {}: {e}", h.bus_seq));
+                    }
+                    totals.digest.update(&h, f.payload);
+                    Ok(())
+                }
+                Format::Count => {
+                    totals.counts.add(&h, topic);
+                    Ok(())
+                }
+            };
+            res.unwrap_or_else(|e| fail(format!("write: {e}")));
+            totals.events += 1;
+            if tty && totals.events.is_multiple_of(PROGRESS_EVERY) {
+                eprint!("\raegis-tap: {} events", totals.events);
+            }
+        }
+    }
+}
+
+impl Totals {
+    fn new() -> Totals {
+        Totals {
+            digest: StreamDigest::new(),
+            counts: Counts::new(),
+            hist: hdrhistogram::Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_NS, 3)
+                .expect("histogram bounds"),
+            events: 0,
+            overruns: 0,
+            missed: 0,
+        }
+    }
+
+    /// Writes the format's trailer (digest, counts) to `out` and the summary line to stderr.
+    fn report(self, args: &Args, name: &str, secs: f64, out: &mut dyn Write) {
+        let Totals {
+            digest,
+            counts,
+            hist,
+            events,
+            overruns,
+            missed,
+        } = self;
+        let digest_hex = digest.finish();
+        match args.format {
+            Format::Digest => writeln!(out, "{digest_hex}"),
+            Format::Count => writeln!(
+                out,
+                "{}",
+                if args.json {
+                    counts.render_json()
+                } else {
+                    counts.render_human()
+                }
+            ),
+            Format::Ndjson => Ok(()),
+        }
+        .and_then(|()| out.flush())
+        .unwrap_or_else(|e| fail(format!("write: {e}")));
+        let q = |p: f64| hist.value_at_quantile(p) / 1000;
+        let pct = |p: f64| {
+            if hist.is_empty() {
+                "n/a".to_string()
+            } else {
+                format!("{}", q(p))
+            }
+        };
+        if args.json {
+            eprintln!(
+                "{{\"name\":{:?},\"events\":{events},\"seconds\":{secs:.6},\"events_per_s\":{:.0},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"overruns\":{overruns},\"missed\":{missed},\"digest\":{:?}}}",
+                name,
+                events as f64 / secs,
+                q(0.5),
+                q(0.99),
+                q(0.999),
+                hist.max() / 1000,
+                if args.format == Format::Digest { digest_hex.as_str() } else { "" }
+            );
+        } else {
+            eprintln!(
+                "aegis-tap {name}: {events} events in {secs:.3} s ({:.0} events/s); latency µs p50 {} p99 {} p99.9 {} max {}{}",
+                events as f64 / secs,
+                pct(0.5),
+                pct(0.99),
+                pct(0.999),
+                if hist.is_empty() { "n/a".into() } else { (hist.max() / 1000).to_string() },
+                if overruns > 0 { format!("; {overruns} overruns, {missed} missed") } else { String::new() }
+            );
+        }
+    }
 }

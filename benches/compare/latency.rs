@@ -1,0 +1,244 @@
+//! Aegis end-to-end latency (producer → pinned sequencer → consumer), and its interleaving
+//! with the ping-pong baseline.
+
+use super::*;
+
+pub(super) fn aegis_latency_name(spin: bool) -> &'static str {
+    if spin {
+        "aegis (spin, pinned)"
+    } else {
+        "aegis (backoff, pinned)"
+    }
+}
+
+/// [`pingpong`] and [`aegis_latency`] interleaved: `rounds` alternating runs of
+/// `samples / rounds` samples each, merged into one row per measurement. On a virtual
+/// machine the hypervisor moves virtual cores between physical cores (same core, sibling,
+/// another complex) from one second to the next, and a cross-core hop then costs anywhere
+/// between 25 and 175 ns; interleaving makes both rows sample the same placements, so their
+/// ratio is meaningful. Returns `[ping-pong, aegis]`.
+pub fn latency_interleaved(
+    samples: u64,
+    rounds: u64,
+    spin: bool,
+) -> Result<[LatencyRow; 2], BenchError> {
+    let rounds = rounds.clamp(1, samples.max(1));
+    let per = samples / rounds;
+    let (mut pp, mut ae) = (histogram(), histogram());
+    for r in 0..rounds {
+        // The last round takes the remainder, so the rows hold exactly `samples` each.
+        let n = if r + 1 == rounds {
+            samples - per * (rounds - 1)
+        } else {
+            per
+        };
+        pp.add(pingpong_histogram(n)?)
+            .map_err(|e| BenchError::Failed(e.to_string()))?;
+        ae.add(aegis_latency_histogram(n, spin)?)
+            .map_err(|e| BenchError::Failed(e.to_string()))?;
+    }
+    Ok([
+        latency_row(PINGPONG, &pp),
+        latency_row(aegis_latency_name(spin), &ae),
+    ])
+}
+
+pub(super) fn sample_trade(i: u64) -> Trade {
+    Trade {
+        symbol: Symbol(*b"BTCUSDT\0\0\0\0\0\0\0\0\0"),
+        id: i,
+        price: Decimal {
+            mantissa: 6_320_105 + (i % 1000) as i64,
+            scale: 2,
+        },
+        qty: Decimal {
+            mantissa: 5 + (i % 7) as i64,
+            scale: 1,
+        },
+        buyer_maker: i.is_multiple_of(3),
+    }
+}
+
+/// Idle time before each event of `aegis_latency(_, false)`.
+pub const BACKOFF_GAP: Duration = Duration::from_micros(100);
+
+/// Producer → sequencer → consumer latency of one 64-byte `Trade`, the producer and the
+/// consumer being one thread on the first core and the sequencer pinned to the second (see the
+/// module docs). `spin`: sequencer and consumer busy-spin, events back to back. Otherwise
+/// both use [`Backoff`] and every event follows [`BACKOFF_GAP`] of silence (the thread
+/// sleeps), so the figure shows what backing off costs on a sparse stream (back to back, a
+/// backoff never gets past its spinning phase and the figure would equal the spinning one).
+#[cfg_attr(not(test), allow(dead_code))] // used by the tests, not the verb
+pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError> {
+    Ok(latency_row(
+        aegis_latency_name(spin),
+        &aegis_latency_histogram(samples, spin)?,
+    ))
+}
+
+pub(super) fn aegis_latency_histogram(
+    samples: u64,
+    spin: bool,
+) -> Result<Histogram<u64>, BenchError> {
+    const RING: usize = 1 << 16;
+    const BUS: usize = 1 << 16;
+    let skip = warmup(samples);
+    let total = skip + samples;
+    let cores = two_cores();
+
+    let ring_region = Arc::new(HeapRegion::new(spsc::region_len(RING)));
+    let mut producer =
+        Producer::create(ring_region.clone(), RING, EPOCH, 0).map_err(setup_err("ring"))?;
+    producer.set_batch(1);
+    producer.set_stamp(true);
+    let reader = RingReader::open(ring_region, Some(EPOCH)).map_err(setup_err("ring reader"))?;
+    let bus_region = Arc::new(HeapRegion::new(spmc::region_len(BUS)));
+    let bus = BusWriter::create(bus_region.clone(), BUS, EPOCH, Policy::Overwrite)
+        .map_err(setup_err("bus"))?;
+    let mut consumer =
+        BusReader::attach(bus_region, Some(EPOCH), None).map_err(setup_err("bus reader"))?;
+
+    let mut config = Config::new(Mode::Live {
+        max_lateness: Duration::from_micros(1),
+    });
+    config.core = cores.map(|c| c.1.id);
+    config.wait = if spin {
+        WaitKind::Spin
+    } else {
+        WaitKind::Backoff
+    };
+    let input = Input {
+        name: "trades".into(),
+        topic_id: Some(0),
+        reader,
+    };
+    let seq = Sequencer::new(vec![input], bus, config, None).map_err(setup_err("sequencer"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let abort = Arc::new(AtomicBool::new(false));
+    let guard = StopOnDrop(vec![stop.clone(), abort.clone()]);
+    let seq_handle =
+        sequencer::spawn("bench-latency", seq, stop.clone()).map_err(setup_err("spawn"))?;
+
+    let a = abort.clone();
+    let worker = std::thread::Builder::new()
+        .name("aegis-bench-pc".into())
+        .spawn(move || -> Result<Histogram<u64>, BenchError> {
+            pin(cores.map(|c| c.0));
+            fn run<W: WaitStrategy>(
+                producer: &mut Producer,
+                consumer: &mut BusReader,
+                mut w: Waiter<W>,
+                total: u64,
+                skip: u64,
+                gap: Option<Duration>,
+                abort: &AtomicBool,
+            ) -> Result<Histogram<u64>, BenchError> {
+                let mut h = histogram();
+                for i in 0..total {
+                    if let Some(gap) = gap {
+                        std::thread::sleep(gap);
+                    }
+                    let ts = TS0 + i;
+                    match producer.try_push(ts, 0, sample_trade(i)) {
+                        Ok(_) => {}
+                        Err(PushError::Full(ev)) => {
+                            wait_for_room(abort, "producer (ring full)", ev, |ev, deadline| {
+                                producer.push(ts, 0, ev, &mut spinning(), deadline)
+                            })?
+                        }
+                        Err(e) => return Err(BenchError::Failed(e.to_string())),
+                    }
+                    w.progress();
+                    let lat = loop {
+                        match consumer.try_next() {
+                            Ok(Some(f)) => {
+                                if f.is_eof() {
+                                    return Err(BenchError::Failed(
+                                        "END-OF-STREAM before the last event".into(),
+                                    ));
+                                }
+                                let id = match f.event() {
+                                    Ok(EventRef::Trade(t)) => t.id.to_native(),
+                                    other => {
+                                        return Err(BenchError::Failed(format!(
+                                            "unexpected bus frame: {other:?}"
+                                        )))
+                                    }
+                                };
+                                let now = monotonic_ns();
+                                if id != i || f.header.ts != ts {
+                                    return Err(BenchError::Failed(format!(
+                                        "expected trade {i}, got {id}"
+                                    )));
+                                }
+                                break now.saturating_sub(f.header.publish_ns);
+                            }
+                            Ok(None) => w.idle(abort)?,
+                            Err(e) => return Err(BenchError::Failed(e.to_string())),
+                        }
+                    };
+                    w.progress();
+                    if i >= skip {
+                        h.saturating_record(lat);
+                    }
+                }
+                producer
+                    .finish(&mut Backoff::default(), Deadline::after(STEP_TIMEOUT))
+                    .map_err(|_| BenchError::Timeout("producer EOF"))?;
+                loop {
+                    match consumer.try_next() {
+                        Ok(Some(f)) if f.is_eof() => return Ok(h),
+                        Ok(Some(_)) => {
+                            return Err(BenchError::Failed("an extra frame on the bus".into()))
+                        }
+                        Ok(None) => w.idle(abort)?,
+                        Err(e) => return Err(BenchError::Failed(e.to_string())),
+                    }
+                }
+            }
+            let what = "latency producer/consumer";
+            let r = if spin {
+                run(
+                    &mut producer,
+                    &mut consumer,
+                    Waiter::new(spinning(), what),
+                    total,
+                    skip,
+                    None,
+                    &a,
+                )
+            } else {
+                run(
+                    &mut producer,
+                    &mut consumer,
+                    Waiter::new(Backoff::default(), what),
+                    total,
+                    skip,
+                    Some(BACKOFF_GAP),
+                    &a,
+                )
+            };
+            if r.is_err() {
+                a.store(true, Ordering::Relaxed);
+            }
+            r
+        })
+        .map_err(setup_err("spawn"))?;
+    let h = join(worker, "latency producer/consumer");
+    if h.is_err() {
+        stop.store(true, Ordering::Relaxed);
+    }
+    let s = seq_handle
+        .join()
+        .map_err(|_| BenchError::Failed("sequencer panicked".into()))?;
+    drop(guard);
+    let h = h?;
+    let summary = s.map_err(|e| BenchError::Failed(format!("sequencer: {e}")))?;
+    if summary.merged != total {
+        return Err(BenchError::Failed(format!(
+            "sequencer merged {} events, expected {total}",
+            summary.merged
+        )));
+    }
+    Ok(h)
+}

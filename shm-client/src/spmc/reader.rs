@@ -1,0 +1,474 @@
+//! A consumer's end of the bus.
+
+use std::sync::Arc;
+
+use super::layout::{self, Mapped, Policy, MAX_CONSUMERS, SLOT_ATTACHED, SLOT_FREE};
+use super::monitor::release_slot;
+use crate::event::{self, DecodeError, EventRef};
+use crate::frame::{flags, FrameError, FrameHeader, Kind, Seq, FRAME_HEADER_LEN};
+use crate::ring::scan::Found;
+use crate::segment::OpenError;
+use crate::segment::Region;
+use crate::sync::{fence, Ordering};
+use crate::wait::{Deadline, WaitStrategy};
+
+/// Why a consumer could not read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// Overwrite policy: the writer lapped this consumer. It has resumed at the head and
+    /// skipped exactly `missed` frames. The next call returns the frame it resumed at.
+    #[error("consumer overrun: {missed} frames missed")]
+    Overrun {
+        /// Frames skipped.
+        missed: u64,
+    },
+    /// A bus frame failed validation (a bug or memory corruption: the writer validates).
+    #[error("corrupt bus frame: {0}")]
+    Corrupt(FrameError),
+    /// The deadline passed with nothing to read.
+    #[error("timed out waiting for the bus")]
+    Timeout,
+    /// The slot was released under us (the daemon declared this consumer dead).
+    #[error("consumer slot {0} was released by the daemon")]
+    Detached(usize),
+}
+
+/// Why attaching to the bus failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The segment could not be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// Every slot is taken, or the requested one is.
+    #[error("no free consumer slot ({0})")]
+    NoSlot(String),
+}
+
+/// A frame handed to a consumer.
+#[derive(Clone, Copy, Debug)]
+pub struct BusFrame<'a> {
+    /// The header.
+    pub header: FrameHeader,
+    /// The payload: in bus memory (block policy) or in the consumer's scratch copy (overwrite).
+    pub payload: &'a [u8],
+    checked: bool,
+}
+
+impl<'a> BusFrame<'a> {
+    /// The frame's kind.
+    pub fn kind(&self) -> Kind {
+        Kind::from_u8(self.header.kind).unwrap_or(Kind::Control)
+    }
+    /// Whether this is the END-OF-STREAM frame.
+    pub fn is_eof(&self) -> bool {
+        self.header.kind == Kind::Control as u8 && self.header.has(flags::EOF)
+    }
+    /// The event, read in place; validated unless the reader opted into the unchecked path.
+    pub fn event(&self) -> Result<EventRef<'a>, DecodeError> {
+        if self.checked {
+            event::decode(self.kind(), self.payload)
+        } else {
+            // SAFETY: the consumer opted in with `BusReader::set_unchecked`, promising the bus
+            // carries archives written by Aegis producers (and the sequencer validated every
+            // frame header).
+            unsafe { event::decode_unchecked(self.kind(), self.payload) }
+        }
+    }
+}
+
+/// Where a polled frame's payload is.
+#[derive(Clone, Copy)]
+enum At {
+    InPlace(usize),
+    Scratch,
+}
+
+/// Frames between two stores of the consumer cursor.
+const CURSOR_BATCH: u32 = 64;
+
+/// A consumer's end of the bus.
+pub struct BusReader {
+    m: Mapped,
+    policy: Policy,
+    slot: usize,
+    /// The slot's generation when we attached: the slot is ours while it is unchanged.
+    generation: u64,
+    /// Next byte to read. Invariant: `published_cursor <= pos`.
+    pos: u64,
+    published_cursor: u64,
+    unpublished: u32,
+    cached_tail: u64,
+    checked: bool,
+    topics: Option<Vec<u64>>,
+    /// Overwrite policy: the bus sequence expected next, once known.
+    expected: Option<Seq>,
+    /// Overwrite policy: lapped; the next frame tells how many were missed.
+    lapped: bool,
+    /// Overwrite policy: a frame in `scratch` to hand out on the next call.
+    pending: Option<FrameHeader>,
+    scratch: Vec<u128>,
+    read: u64,
+}
+
+// SAFETY: the reader is the only writer of its slot's cursor; moving it moves that role.
+unsafe impl Send for BusReader {}
+
+impl BusReader {
+    /// Attaches to the bus in slot `slot` (as assigned by the daemon) or in the first free
+    /// slot. Starts at the head: frames already published are not delivered.
+    pub fn attach(
+        region: Arc<dyn Region>,
+        epoch: Option<u64>,
+        slot: Option<usize>,
+    ) -> Result<BusReader, AttachError> {
+        let (m, policy) = layout::open(region, epoch)?;
+        let ctrl = m.ctrl();
+        let candidates: Vec<usize> = match slot {
+            Some(s) if s < MAX_CONSUMERS => vec![s],
+            Some(s) => return Err(AttachError::NoSlot(format!("slot {s} is out of range"))),
+            None => (0..MAX_CONSUMERS).collect(),
+        };
+        let mut chosen = None;
+        for i in candidates {
+            let s = &ctrl.slots[i];
+            // Nothing is stored into a slot before we own it: the cursor of a slot another
+            // consumer holds must not be touched (it used to be reset to 0 here, and a caught-up
+            // consumer never stores its cursor again, so a block-policy writer waited forever;
+            // regression test: `regression_attach_does_not_clobber_an_attached_slot_cursor`).
+            // Until we store our starting point below, a writer that sees the slot attached
+            // reads the previous occupant's cursor (or 0): never ahead of the tail we start
+            // at, so it holds the writer back and never lets it run past us.
+            if s.state
+                .compare_exchange(
+                    SLOT_FREE,
+                    SLOT_ATTACHED,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                chosen = Some(i);
+                break;
+            }
+        }
+        let slot_i = chosen.ok_or_else(|| {
+            AttachError::NoSlot(match slot {
+                Some(s) => format!("slot {s} is taken"),
+                None => format!("all {MAX_CONSUMERS} slots are taken"),
+            })
+        })?;
+        // SeqCst fence: pairs with the one in `BusWriter::min_cursor` (Dekker): either the
+        // writer sees our slot attached, or we see every tail it published before its scan.
+        fence(Ordering::SeqCst);
+        let tail = ctrl.tail.load(Ordering::Acquire);
+        let s = &ctrl.slots[slot_i];
+        let generation = s.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        s.pid.store(std::process::id(), Ordering::Relaxed);
+        s.read.store(0, Ordering::Relaxed);
+        s.overruns.store(0, Ordering::Relaxed);
+        s.missed.store(0, Ordering::Relaxed);
+        // Release: pairs with the Acquire load in `BusWriter::min_cursor`.
+        s.cursor.store(tail, Ordering::Release);
+        let scratch_words = (m.ring.cap() as usize).div_ceil(16);
+        Ok(BusReader {
+            slot: slot_i,
+            generation,
+            pos: tail,
+            published_cursor: tail,
+            unpublished: 0,
+            cached_tail: tail,
+            checked: true,
+            topics: None,
+            expected: None,
+            lapped: false,
+            pending: None,
+            scratch: if policy == Policy::Overwrite {
+                vec![0u128; scratch_words]
+            } else {
+                Vec::new()
+            },
+            read: 0,
+            m,
+            policy,
+        })
+    }
+
+    /// The slot this reader holds.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// The bus policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Opt into reading payloads without bytecheck validation.
+    ///
+    /// # Safety
+    /// Only sound if every producer of the session writes archives with this crate, since
+    /// [`BusFrame::event`] then trusts the payload bytes.
+    pub unsafe fn set_unchecked(&mut self) {
+        self.checked = false;
+    }
+
+    /// Deliver only these topics (plus control frames). `None` delivers everything. Skipping a
+    /// frame reads only its header.
+    pub fn subscribe(&mut self, topics: Option<&[u32]>) {
+        self.topics = topics.map(|ts| {
+            let max = ts.iter().copied().max().unwrap_or(0) as usize;
+            let mut bits = vec![0u64; max / 64 + 1];
+            for &t in ts {
+                bits[t as usize / 64] |= 1 << (t % 64);
+            }
+            bits
+        });
+    }
+
+    #[inline]
+    fn wanted(&self, h: &FrameHeader) -> bool {
+        match &self.topics {
+            None => true,
+            Some(bits) => {
+                h.kind == Kind::Control as u8
+                    || bits
+                        .get(h.topic_id as usize / 64)
+                        .is_some_and(|w| w & (1 << (h.topic_id % 64)) != 0)
+            }
+        }
+    }
+
+    fn publish_cursor(&mut self) {
+        if self.published_cursor != self.pos && self.owns_slot() {
+            let s = &self.m.ctrl().slots[self.slot];
+            // Release: pairs with the Acquire load in `BusWriter::min_cursor`; we are done
+            // reading the bytes below `pos` before the writer may reuse them.
+            s.cursor.store(self.pos, Ordering::Release);
+            s.read.store(self.read, Ordering::Relaxed);
+            self.published_cursor = self.pos;
+        }
+        self.unpublished = 0;
+    }
+
+    /// Whether the slot is still ours: attached, and not re-attached by another consumer
+    /// since (the daemon may release the slot of a consumer it believes dead).
+    fn owns_slot(&self) -> bool {
+        let s = &self.m.ctrl().slots[self.slot];
+        s.state.load(Ordering::Acquire) == SLOT_ATTACHED
+            && s.generation.load(Ordering::Acquire) == self.generation
+    }
+
+    fn check_attached(&self) -> Result<(), ReadError> {
+        if !self.owns_slot() {
+            return Err(ReadError::Detached(self.slot));
+        }
+        Ok(())
+    }
+
+    /// Returns the next frame, or `None` if there is nothing new. The frame stays valid until
+    /// the next call.
+    pub fn try_next(&mut self) -> Result<Option<BusFrame<'_>>, ReadError> {
+        Ok(self.poll()?.map(|(h, at)| self.frame(h, at)))
+    }
+
+    /// Waits for the next frame with `wait` until `deadline`.
+    pub fn next(
+        &mut self,
+        wait: &mut impl WaitStrategy,
+        deadline: Deadline,
+    ) -> Result<BusFrame<'_>, ReadError> {
+        loop {
+            if let Some((h, at)) = self.poll()? {
+                wait.reset();
+                return Ok(self.frame(h, at));
+            }
+            if deadline.expired() {
+                return Err(ReadError::Timeout);
+            }
+            self.check_attached()?;
+            wait.wait();
+        }
+    }
+
+    fn poll(&mut self) -> Result<Option<(FrameHeader, At)>, ReadError> {
+        match self.policy {
+            Policy::Block => self.poll_block(),
+            Policy::Overwrite => self.poll_overwrite(),
+        }
+    }
+
+    fn frame(&self, header: FrameHeader, at: At) -> BusFrame<'_> {
+        let ptr = match at {
+            // SAFETY: validated to lie inside the data area; untouched until our cursor moves
+            // past it, which happens on a later call (block policy).
+            At::InPlace(off) => unsafe { self.m.ring.at(off + FRAME_HEADER_LEN) as *const u8 },
+            At::Scratch => self.scratch.as_ptr() as *const u8,
+        };
+        BusFrame {
+            header,
+            // SAFETY: `ptr` holds `header.len` valid bytes (in the bus, or copied to scratch,
+            // which holds `cap` bytes), 16-aligned.
+            payload: unsafe { std::slice::from_raw_parts(ptr, header.len as usize) },
+            checked: self.checked,
+        }
+    }
+
+    /// Whether the reader has read everything published: then it publishes its cursor (so a
+    /// writer blocked on it can go on) and reloads the tail; true if there still is nothing.
+    #[inline]
+    fn caught_up(&mut self) -> bool {
+        if self.pos != self.cached_tail {
+            return false;
+        }
+        // Everything before `pos` is done with: release it before looking for more, so a
+        // writer blocked on us can go on.
+        self.publish_cursor();
+        // Acquire: pairs with the Release store in `BusWriter::publish`; the frames below the
+        // tail are written before we read them.
+        self.cached_tail = self.m.ctrl().tail.load(Ordering::Acquire);
+        self.pos == self.cached_tail
+    }
+
+    /// Moves past a frame of `stride` bytes; whether the consumer wants it (counted if so).
+    #[inline]
+    fn advance(&mut self, h: &FrameHeader, stride: usize) -> bool {
+        self.pos += stride as u64;
+        self.unpublished += 1;
+        let wanted = self.wanted(h);
+        if wanted {
+            self.read += 1;
+        }
+        wanted
+    }
+
+    fn poll_block(&mut self) -> Result<Option<(FrameHeader, At)>, ReadError> {
+        if self.unpublished >= CURSOR_BATCH {
+            self.publish_cursor();
+        }
+        loop {
+            if self.caught_up() {
+                return Ok(None);
+            }
+            // SAFETY: the bytes from `pos` to the tail are published, and the writer does not
+            // overwrite them before our cursor passes them (block policy).
+            match unsafe { self.m.ring.scan(self.pos, self.cached_tail - self.pos) } {
+                Found::Padding { skip, .. } => self.pos += skip,
+                Found::Short => {
+                    return Err(ReadError::Corrupt(FrameError::BadCursor(
+                        "tail inside a frame header",
+                    )))
+                }
+                Found::Frame {
+                    header,
+                    off,
+                    contiguous,
+                } => {
+                    let stride = header.validate(contiguous).map_err(ReadError::Corrupt)?;
+                    if self.advance(&header, stride) {
+                        return Ok(Some((header, At::InPlace(off))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_overwrite(&mut self) -> Result<Option<(FrameHeader, At)>, ReadError> {
+        if let Some(h) = self.pending.take() {
+            return Ok(Some((h, At::Scratch)));
+        }
+        if self.unpublished >= CURSOR_BATCH {
+            self.publish_cursor();
+        }
+        loop {
+            if self.caught_up() {
+                return Ok(None);
+            }
+            if self.cached_tail - self.pos > self.m.ring.cap() {
+                self.lap();
+                continue;
+            }
+            // SAFETY: inside the data area. The writer may be overwriting these bytes right
+            // now; the copy is validated by the seqlock check below before anything trusts it.
+            let found = unsafe { self.m.ring.scan(self.pos, u64::MAX) };
+            let copied = match found {
+                Found::Frame {
+                    header,
+                    off,
+                    contiguous,
+                } => Some(header.validate(contiguous).map(|s| {
+                    // SAFETY: `off + s <= cap`; scratch holds `cap` bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.m.ring.at(off + FRAME_HEADER_LEN),
+                            self.scratch.as_mut_ptr() as *mut u8,
+                            header.len as usize,
+                        )
+                    };
+                    (header, s)
+                })),
+                Found::Padding { .. } | Found::Short => None,
+            };
+            // Acquire fence: pairs with the Release fence after the `claim` store in
+            // `BusWriter::try_write`; if the writer overwrote any byte we copied, we see its
+            // claim reach past our frame.
+            fence(Ordering::Acquire);
+            let claim = self.m.ctrl().claim.load(Ordering::Relaxed);
+            if claim > self.pos + self.m.ring.cap() {
+                self.lap();
+                continue;
+            }
+            let (h, stride) = match (found, copied) {
+                (Found::Padding { skip, .. }, _) => {
+                    self.pos += skip;
+                    continue;
+                }
+                (_, Some(Ok(frame))) => frame,
+                (_, Some(Err(e))) => return Err(ReadError::Corrupt(e)),
+                (_, None) => unreachable!("scanned with every byte readable"),
+            };
+            let missed = match (self.lapped, self.expected) {
+                (true, Some(exp)) => h.bus_seq.saturating_sub(exp),
+                _ => 0,
+            };
+            self.lapped = false;
+            self.expected = Some(h.bus_seq + 1);
+            let wanted = self.advance(&h, stride);
+            if missed > 0 {
+                let s = &self.m.ctrl().slots[self.slot];
+                s.overruns.fetch_add(1, Ordering::Relaxed);
+                s.missed.fetch_add(missed, Ordering::Relaxed);
+                if wanted {
+                    self.pending = Some(h);
+                }
+                return Err(ReadError::Overrun { missed });
+            }
+            if wanted {
+                return Ok(Some((h, At::Scratch)));
+            }
+        }
+    }
+
+    /// Lapped: jump to the head. The exact count is known when the next frame arrives.
+    fn lap(&mut self) {
+        self.lapped = true;
+        // Acquire: pairs with the Release store in `BusWriter::publish`.
+        self.cached_tail = self.m.ctrl().tail.load(Ordering::Acquire);
+        self.pos = self.cached_tail;
+    }
+
+    /// Frames delivered so far.
+    pub fn delivered(&self) -> u64 {
+        self.read
+    }
+}
+
+impl Drop for BusReader {
+    fn drop(&mut self) {
+        // Only free a slot that is still ours: a consumer declared dead whose slot went to
+        // another consumer must not free its successor's slot.
+        if self.owns_slot() {
+            self.publish_cursor();
+            release_slot(self.m.ctrl(), self.slot);
+        }
+    }
+}

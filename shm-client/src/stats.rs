@@ -1,0 +1,302 @@
+//! The session statistics, kept in the session's ctl segment (`aegis-<sid>-ctl`): sequencer
+//! counters and per-source state, written by the sequencer thread through a [`StatsWriter`]
+//! and read by `inspect` from any process (a [`StatsView`], or the writer itself).
+//!
+//! Every field is written by one thread (the sequencer) with Relaxed stores, once per batch;
+//! readers take Relaxed snapshots. Counters are monotonic, so a snapshot may be slightly old
+//! but is never inconsistent in a way that matters for monitoring. The one exception is a
+//! source's name and failure reason: their bytes are written before the state is stored with
+//! Release, and read after an Acquire load of the state.
+//!
+//! The segment is memory other processes can write, so every byte of it is an atomic: names
+//! and reasons are arrays of `AtomicU8` (the same layout as `[u8; N]`), never `&[u8]`.
+
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+
+use crate::segment::{self, Geometry, OpenError, Region, SegmentKind};
+use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+/// Sources per session.
+pub const MAX_SOURCES: usize = 64;
+/// Bytes of a source name (names are `[A-Za-z0-9._-]{1,64}`).
+pub const NAME_LEN: usize = 64;
+/// Bytes of a failure reason (truncated).
+pub const REASON_LEN: usize = 192;
+
+/// A source's state as the sequencer sees it.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum SourceState {
+    /// Not used.
+    Unused = 0,
+    /// Being merged.
+    Active = 1,
+    /// Reached end-of-stream.
+    Ended = 2,
+    /// A corrupt frame or cursor: refused, with a reason.
+    Failed = 3,
+    /// Removed from a live merge (dead producer).
+    Removed = 4,
+}
+
+impl SourceState {
+    fn from_u32(v: u32) -> SourceState {
+        match v {
+            1 => SourceState::Active,
+            2 => SourceState::Ended,
+            3 => SourceState::Failed,
+            4 => SourceState::Removed,
+            _ => SourceState::Unused,
+        }
+    }
+
+    /// Lower-case name for output.
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceState::Unused => "unused",
+            SourceState::Active => "active",
+            SourceState::Ended => "ended",
+            SourceState::Failed => "failed",
+            SourceState::Removed => "removed",
+        }
+    }
+}
+
+/// Per-source counters.
+#[repr(C)]
+pub struct SourceCounters {
+    state: AtomicU32,
+    name_len: AtomicU32,
+    events: AtomicU64,
+    rejected: AtomicU64,
+    watermark: AtomicU64,
+    name: [AtomicU8; NAME_LEN],
+    reason: [AtomicU8; REASON_LEN],
+}
+
+/// Sequencer-wide counters.
+#[repr(C)]
+#[derive(Default)]
+pub struct SequencerCounters {
+    /// Events written to the bus.
+    pub merged: AtomicU64,
+    /// Events emitted flagged LATE (live).
+    pub late: AtomicU64,
+    /// Events refused (ts going backwards within a source).
+    pub rejected: AtomicU64,
+    /// Passes that stalled waiting on a source.
+    pub source_stalls: AtomicU64,
+    /// Nanoseconds spent waiting on sources.
+    pub source_stall_ns: AtomicU64,
+    /// Passes that stalled waiting on a consumer (bus full).
+    pub consumer_stalls: AtomicU64,
+    /// Nanoseconds spent waiting on consumers.
+    pub consumer_stall_ns: AtomicU64,
+    /// Bytes of the bus not yet released by the slowest consumer.
+    pub bus_fill: AtomicU64,
+    /// Bytes written to the bus.
+    pub bus_bytes: AtomicU64,
+}
+
+/// The statistics block of the session ctl segment, after the segment header.
+#[repr(C)]
+pub struct StatsBlock {
+    /// Sequencer counters, on their own cache lines.
+    pub counters: CachePadded<SequencerCounters>,
+    sources: [SourceCounters; MAX_SOURCES],
+}
+
+/// A snapshot of one source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceSnapshot {
+    /// Source id (rank).
+    pub id: usize,
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: SourceState,
+    /// Events merged from it.
+    pub events: u64,
+    /// Events refused.
+    pub rejected: u64,
+    /// Latest watermark (ts of its latest event or heartbeat).
+    pub watermark: u64,
+    /// Why it failed, if it did.
+    pub reason: Option<String>,
+}
+
+/// The segment geometry of a ctl segment.
+pub fn geometry() -> Geometry {
+    Geometry::new(std::mem::size_of::<StatsBlock>(), 0)
+}
+
+/// A read-only view of a mapped ctl segment (heap or `/dev/shm`), for any process. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct StatsView {
+    _region: Arc<dyn Region>,
+    block: *const StatsBlock,
+}
+
+// SAFETY: every field of the block is an atomic; the view only loads them.
+unsafe impl Send for StatsView {}
+// SAFETY: as above.
+unsafe impl Sync for StatsView {}
+
+/// The writing end of a ctl segment: the sequencer's. Not `Clone`: one writer per segment
+/// (share it behind an `Arc` when another thread needs to read through it).
+pub struct StatsWriter {
+    view: StatsView,
+}
+
+impl StatsView {
+    /// Maps an initialised ctl segment.
+    pub fn open(region: Arc<dyn Region>, epoch: Option<u64>) -> Result<StatsView, OpenError> {
+        segment::validate_header(
+            &*region,
+            SegmentKind::Control,
+            epoch,
+            std::mem::size_of::<StatsBlock>(),
+        )?;
+        // SAFETY: validated: the block lies inside the region.
+        let block = unsafe { region.as_ptr().add(segment::HEADER_LEN) } as *const StatsBlock;
+        Ok(StatsView {
+            _region: region,
+            block,
+        })
+    }
+
+    /// The block.
+    pub fn block(&self) -> &StatsBlock {
+        // SAFETY: points into the region we keep alive; zeroed or initialised memory is valid
+        // (every field is an atomic), and other processes write it only through atomics.
+        unsafe { &*self.block }
+    }
+
+    /// The sequencer counters.
+    pub fn counters(&self) -> &SequencerCounters {
+        &self.block().counters
+    }
+
+    /// Snapshots of every registered source.
+    pub fn sources(&self) -> Vec<SourceSnapshot> {
+        let mut out = Vec::new();
+        for (id, s) in self.block().sources.iter().enumerate() {
+            // Acquire: pairs with the Release stores in `set_source` / `set_state`.
+            let state = SourceState::from_u32(s.state.load(Ordering::Acquire));
+            if state == SourceState::Unused {
+                continue;
+            }
+            let n = (s.name_len.load(Ordering::Relaxed) as usize).min(NAME_LEN);
+            let reason =
+                (state == SourceState::Failed || state == SourceState::Removed).then(|| {
+                    let text = load_bytes(&s.reason);
+                    let end = text.iter().position(|&b| b == 0).unwrap_or(REASON_LEN);
+                    String::from_utf8_lossy(&text[..end]).into_owned()
+                });
+            out.push(SourceSnapshot {
+                id,
+                name: String::from_utf8_lossy(&load_bytes(&s.name[..n])).into_owned(),
+                state,
+                events: s.events.load(Ordering::Relaxed),
+                rejected: s.rejected.load(Ordering::Relaxed),
+                watermark: s.watermark.load(Ordering::Relaxed),
+                reason,
+            });
+        }
+        out
+    }
+}
+impl StatsWriter {
+    /// Initialises a fresh, zeroed region as a ctl segment.
+    pub fn create(region: Arc<dyn Region>, epoch: u64) -> StatsWriter {
+        let geo = geometry();
+        assert!(
+            region.len() >= geo.total_len(),
+            "region too small for the statistics block"
+        );
+        // SAFETY: the region is large enough and fresh; zeroed memory is a valid StatsBlock
+        // (atomics only), so nothing else needs writing.
+        unsafe { segment::write_header(&*region, SegmentKind::Control, epoch, geo) };
+        segment::mark_initialized(&*region);
+        // SAFETY: HEADER_LEN is inside the region and 128-aligned.
+        let block = unsafe { region.as_ptr().add(segment::HEADER_LEN) } as *const StatsBlock;
+        StatsWriter {
+            view: StatsView {
+                _region: region,
+                block,
+            },
+        }
+    }
+
+    /// Creates a ctl segment in `/dev/shm`.
+    pub fn create_shm(
+        path: &std::path::Path,
+        epoch: u64,
+    ) -> Result<(StatsWriter, Arc<segment::ShmRegion>), segment::CreateError> {
+        let region = Arc::new(segment::ShmRegion::create(path, geometry().total_len())?);
+        Ok((StatsWriter::create(region.clone(), epoch), region))
+    }
+
+    /// A read-only view of the same segment.
+    pub fn view(&self) -> StatsView {
+        self.view.clone()
+    }
+
+    /// The sequencer counters (the writer stores into them).
+    pub fn counters(&self) -> &SequencerCounters {
+        self.view.counters()
+    }
+
+    /// Snapshots of every registered source (see [`StatsView::sources`]).
+    pub fn sources(&self) -> Vec<SourceSnapshot> {
+        self.view.sources()
+    }
+
+    /// Registers source `id` under `name` (the sequencer, at start).
+    pub fn set_source(&self, id: usize, name: &str) {
+        let s = &self.view.block().sources[id];
+        let n = name.len().min(NAME_LEN);
+        store_text(&s.name, &name.as_bytes()[..n]);
+        s.name_len.store(n as u32, Ordering::Relaxed);
+        // Release: pairs with the Acquire load in `StatsView::sources`; the name is written
+        // first.
+        s.state.store(SourceState::Active as u32, Ordering::Release);
+    }
+
+    /// Updates a source's counters (the sequencer, once per batch).
+    pub fn update_source(&self, id: usize, events: u64, rejected: u64, watermark: u64) {
+        let s = &self.view.block().sources[id];
+        s.events.store(events, Ordering::Relaxed);
+        s.rejected.store(rejected, Ordering::Relaxed);
+        s.watermark.store(watermark, Ordering::Relaxed);
+    }
+
+    /// Sets a source's state, with a reason for failures (truncated, NUL-terminated).
+    pub fn set_state(&self, id: usize, state: SourceState, reason: Option<&str>) {
+        let s = &self.view.block().sources[id];
+        if let Some(r) = reason {
+            let n = r.len().min(REASON_LEN - 1);
+            store_text(&s.reason, &r.as_bytes()[..n]);
+            s.reason[n].store(0, Ordering::Relaxed);
+        }
+        // Release: pairs with the Acquire load in `StatsView::sources`; the reason is written
+        // first.
+        s.state.store(state as u32, Ordering::Release);
+    }
+}
+
+/// Stores `text` into the first bytes of `dst` (Relaxed: published by a later Release store
+/// of the source's state).
+fn store_text(dst: &[AtomicU8], text: &[u8]) {
+    for (d, &b) in dst.iter().zip(text) {
+        d.store(b, Ordering::Relaxed);
+    }
+}
+
+/// Loads the bytes of `src` (Relaxed: after an Acquire load of the source's state).
+fn load_bytes(src: &[AtomicU8]) -> Vec<u8> {
+    src.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+}
