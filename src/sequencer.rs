@@ -145,7 +145,18 @@ struct Source {
     staged: std::collections::VecDeque<Staged>,
     /// The ts of the run being copied into `staged`, while it may still grow.
     collecting: Option<u64>,
+    /// Payload and header bytes held in `staged`. Bounded by the source ring's capacity:
+    /// memory is bounded by ring sizes, never by the stream (SPEC section 9).
+    staged_bytes: usize,
+    /// Live: a backwards timestamp of this source has been logged (logged once per source).
+    backwards_logged: bool,
 }
+
+/// What a staged frame counts against the staging bound besides its payload: its header.
+const STAGED_OVERHEAD: usize = aegis_shm_client::frame::FRAME_HEADER_LEN;
+/// The staging bound of a source is its ring's capacity, but at least this much, so that
+/// tiny rings (tests, latency runs) still reorder ordinary runs.
+const MIN_STAGING_BYTES: usize = 1 << 20;
 
 /// A frame copied out of its ring to be reordered within its run.
 struct Staged {
@@ -233,6 +244,8 @@ impl Sequencer {
                 sorted_until: 0,
                 staged: std::collections::VecDeque::new(),
                 collecting: None,
+                staged_bytes: 0,
+                backwards_logged: false,
             })
             .collect();
         if let Some(c) = &control {
@@ -391,20 +404,14 @@ impl Sequencer {
                 Err(e) => return self.fail(i, e.to_string()).map(|()| true),
             };
             changed = true;
-            s.dry_since = None;
             let kind = h.kind().unwrap_or(Kind::Control);
             if let Some(run_ts) = s.collecting {
                 // Copying a run of equal timestamps out of key order: it ends at the first
                 // frame with another ts, or at end-of-stream.
                 if kind != Kind::Control && h.ts == run_ts {
-                    let f = s.reader.peek().ok().flatten().expect("peeked");
-                    let staged = Staged {
-                        key: merge_key(h.ts, kind, s.rank, h.source_seq),
-                        header: h,
-                        payload: f.payload.to_vec(),
-                    };
-                    s.reader.consume();
-                    s.staged.push_back(staged);
+                    if let Err(reason) = self.stage(i, h) {
+                        return self.fail(i, reason).map(|()| true);
+                    }
                     continue;
                 }
                 if !(kind == Kind::Control && h.has(flags::HEARTBEAT)) {
@@ -414,6 +421,9 @@ impl Sequencer {
                 }
             }
             if kind == Kind::Control {
+                // A heartbeat advances the watermark but is not an event: it does not end a
+                // dry spell, so stale heartbeats sent more often than `max_lateness` cannot
+                // hold a live merge back for ever.
                 s.reader.consume();
                 if h.has(flags::EOF) {
                     s.state = State::Ended;
@@ -427,9 +437,30 @@ impl Sequencer {
                 }
                 continue;
             }
+            s.dry_since = None;
             if h.ts < s.last_ts {
-                // A producer bug: refuse the event, count it, keep the stream in order.
+                // A producer bug. Backtest: exactness cannot hold, the session fails. Live: the
+                // event is refused, counted and logged once per source; the stream stays in
+                // order.
                 s.rejected += 1;
+                let what = format!(
+                    "event time went backwards: seq {} has ts {} after ts {}",
+                    h.source_seq, h.ts, s.last_ts
+                );
+                if !live {
+                    let reason =
+                        format!("{what} (sort the input first, e.g. `aegis-replay --sort`)");
+                    return self.fail(i, reason).map(|()| true);
+                }
+                if !s.backwards_logged {
+                    s.backwards_logged = true;
+                    let thread = std::thread::current();
+                    eprintln!(
+                        "{}: source {}: {what}: refused and counted (logged once per source)",
+                        thread.name().unwrap_or("aegis-seq"),
+                        s.name
+                    );
+                }
                 s.reader.consume();
                 continue;
             }
@@ -451,6 +482,35 @@ impl Sequencer {
         }
     }
 
+    /// Copies the frame under source `i`'s reader (header `h`) into its staging queue and
+    /// consumes it. Staging holds at most the source ring's capacity (and at least
+    /// [`MIN_STAGING_BYTES`]): a longer run of equal timestamps out of kind order is refused
+    /// with the reason, so memory stays bounded by the ring sizes, never by the stream.
+    fn stage(&mut self, i: usize, h: FrameHeader) -> Result<(), String> {
+        let s = &mut self.sources[i];
+        let need = STAGED_OVERHEAD + h.len as usize;
+        let cap = s.reader.capacity().max(MIN_STAGING_BYTES);
+        if s.staged_bytes + need > cap {
+            return Err(format!(
+                "a run of events at one timestamp ({}) out of kind order (trade, book, kline) \
+                 is longer than the staging bound ({cap} bytes, the source ring's size): it cannot be ordered in bounded \
+                 memory; give its kinds separate sources, or a larger --source-bytes",
+                h.ts
+            ));
+        }
+        let kind = h.kind().unwrap_or(Kind::Control);
+        let f = s.reader.peek().ok().flatten().expect("peeked");
+        let staged = Staged {
+            key: merge_key(h.ts, kind, s.rank, h.source_seq),
+            header: h,
+            payload: f.payload.to_vec(),
+        };
+        s.reader.consume();
+        s.staged.push_back(staged);
+        s.staged_bytes += need;
+        Ok(())
+    }
+
     /// Backtest: whether the run of frames with the head's ts is complete and in key order.
     /// Looks ahead in the ring without consuming; a run already checked is not rescanned.
     fn check_run(
@@ -458,12 +518,18 @@ impl Sequencer {
         i: usize,
         head: &FrameHeader,
     ) -> Result<Run, aegis_shm_client::frame::FrameError> {
+        let mut prio = head.kind().map_or(3, Kind::priority);
+        if prio == Kind::Trade.priority() {
+            // Nothing later in the source can sort before a trade at this ts (later frames
+            // have a ts at least as large, and a trade has the lowest priority): it may go
+            // without looking ahead, however long its run is.
+            return Ok(Run::Ordered);
+        }
         let s = &mut self.sources[i];
         let end = s.reader.peeked_end().expect("peeked");
         if end <= s.sorted_until {
             return Ok(Run::Ordered);
         }
-        let mut prio = head.kind().map_or(3, Kind::priority);
         let mut pos = end;
         loop {
             match s.reader.header_at(pos)? {
@@ -507,6 +573,7 @@ impl Sequencer {
         s.head = None;
         s.collecting = None;
         s.staged.clear();
+        s.staged_bytes = 0;
         if let Some(c) = &self.control {
             c.set_state(i, SourceState::Failed, Some(&reason));
         }
@@ -607,6 +674,9 @@ impl Sequencer {
         let s = &mut self.sources[i];
         s.head = None;
         let staged = s.staged.pop_front();
+        if let Some(f) = &staged {
+            s.staged_bytes -= STAGED_OVERHEAD + f.payload.len();
+        }
         let mut h = match &staged {
             Some(f) => f.header,
             None => s
@@ -628,7 +698,9 @@ impl Sequencer {
         if let Some(t) = s.topic_id {
             h.topic_id = t;
         }
-        h.flags &= !flags::LATE;
+        // Flags on the bus are the sequencer's: whatever a producer set on an event frame
+        // (EOF, HEARTBEAT, ABORT, PADDING, LATE) never reaches a consumer.
+        h.flags = 0;
         if h.ts < self.emitted_ts {
             h.flags |= flags::LATE;
             self.late += 1;

@@ -25,19 +25,18 @@
 //! anything takes. The tests run one at a time (a lock): the demo test compares `/dev/shm`
 //! before and after, and the load test's busy loops should not slow the others.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use aegis_shm_client::segment::{SegmentHeader, SEGMENT_MAGIC, SHM_DIR};
-use nix::sys::signal::{kill, killpg, Signal};
+use common::*;
+use nix::sys::signal::killpg;
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
@@ -45,14 +44,8 @@ use serde_json::{json, Value};
 // Parameters
 // ---------------------------------------------------------------------------------------------
 
-/// How long `session run` may take (passed as its `--timeout`), and our own deadline on it.
-const RUN_TIMEOUT_S: u64 = 300;
-const RUN_DEADLINE: Duration = Duration::from_secs(RUN_TIMEOUT_S + 60);
 /// How long the demo may take.
 const DEMO_DEADLINE: Duration = Duration::from_secs(600);
-/// How long a daemon may take to listen, and to exit after SIGTERM.
-const DAEMON_START: Duration = Duration::from_secs(30);
-const DAEMON_STOP: Duration = Duration::from_secs(10);
 
 const SYMBOL: &str = "BTCUSDT";
 const DAY_START_MS: u64 = 1_726_876_800_000;
@@ -71,295 +64,6 @@ const BURST_EVERY: u64 = 97;
 const BURST_AT: u64 = 13;
 const BURST: usize = 120;
 
-// ---------------------------------------------------------------------------------------------
-// Binaries, serialisation, temporary directories
-// ---------------------------------------------------------------------------------------------
-
-struct Bins {
-    shmctl: PathBuf,
-    replay: PathBuf,
-    tap: PathBuf,
-}
-
-fn bins() -> Bins {
-    let shmctl = PathBuf::from(env!("CARGO_BIN_EXE_aegis-shmctl"));
-    let find = |name: &str| {
-        let p = shmctl.with_file_name(name);
-        assert!(
-            p.is_file(),
-            "{name} not found at {}: build the whole workspace first \
-             (`cargo build --release --workspace`, or without --release for a debug test run)",
-            p.display()
-        );
-        p
-    };
-    let (replay, tap) = (find("aegis-replay"), find("aegis-tap"));
-    Bins {
-        shmctl,
-        replay,
-        tap,
-    }
-}
-
-/// One test at a time (see the module docs). A failed test poisons the lock; the next one
-/// goes on regardless.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A new private (0700) directory under the system temporary directory.
-fn unique_dir(tag: &str) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let dir = std::env::temp_dir().join(format!(
-        "aegis-e2e-{}-{tag}-{}-{nanos:x}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod 0700");
-    dir
-}
-
-/// Quotes `p` for `sh -c`.
-fn q(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
-}
-
-/// The last `n` bytes of a file, for failure messages.
-fn tail(path: &Path, n: usize) -> String {
-    let s = fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(&s[s.len().saturating_sub(n)..]).into_owned()
-}
-
-fn pid_alive(pid: u32) -> bool {
-    kill(Pid::from_raw(pid as i32), None).is_ok()
-}
-
-// ---------------------------------------------------------------------------------------------
-// /dev/shm
-// ---------------------------------------------------------------------------------------------
-
-/// An `aegis-*` file in /dev/shm, with the creator pid of its segment header (if it has one).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct ShmFile {
-    name: String,
-    creator: Option<u32>,
-}
-
-fn shm_files() -> Vec<ShmFile> {
-    let Ok(rd) = fs::read_dir(SHM_DIR) else {
-        return Vec::new();
-    };
-    let mut out: Vec<ShmFile> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_str()?.to_string();
-            name.starts_with("aegis-").then(|| ShmFile {
-                creator: creator_pid(&e.path()),
-                name,
-            })
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// The creator pid recorded in a segment's header (public layout of `aegis-shm-client`).
-fn creator_pid(path: &Path) -> Option<u32> {
-    let at = std::mem::offset_of!(SegmentHeader, creator_pid);
-    let mut buf = vec![0u8; at + 4];
-    fs::File::open(path).ok()?.read_exact(&mut buf).ok()?;
-    let magic = u64::from_ne_bytes(buf[..8].try_into().ok()?);
-    (magic == SEGMENT_MAGIC).then(|| u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()))
-}
-
-/// The session id in a segment name `aegis-<sid>-<suffix>`.
-fn sid_of(name: &str) -> Option<&str> {
-    name.strip_prefix("aegis-")?.split('-').next()
-}
-
-/// Removes every `/dev/shm/aegis-<sid>-*`.
-fn remove_session_segments(sid: &str) {
-    let prefix = format!("aegis-{sid}-");
-    for f in shm_files() {
-        if f.name.starts_with(&prefix) {
-            let _ = fs::remove_file(Path::new(SHM_DIR).join(&f.name));
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The guard
-// ---------------------------------------------------------------------------------------------
-
-/// Owns a test's directory, daemon and child process groups. Drop (also on panic) kills the
-/// groups (SIGKILL), stops the daemon (SIGTERM, then SIGKILL), removes the segments of that
-/// daemon's sessions and the directory.
-struct Harness {
-    dir: PathBuf,
-    daemon: Option<Child>,
-    daemon_pid: Option<u32>,
-    /// Children started in their own process group (pgid = pid).
-    groups: Vec<Child>,
-    /// Session ids seen in this test (their segments are removed at the end).
-    sids: BTreeSet<String>,
-    /// Other directories to remove at the end.
-    dirs: Vec<PathBuf>,
-}
-
-impl Harness {
-    fn new(tag: &str) -> Harness {
-        Harness {
-            dir: unique_dir(tag),
-            daemon: None,
-            daemon_pid: None,
-            groups: Vec::new(),
-            sids: BTreeSet::new(),
-            dirs: Vec::new(),
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("aegis.sock")
-    }
-
-    /// Starts `aegis-shmctl serve` on the private socket and waits until it accepts.
-    fn start_daemon(&mut self, b: &Bins) -> PathBuf {
-        let socket = self.socket();
-        let log = fs::File::create(self.dir.join("daemon.log")).expect("daemon log");
-        let child = Command::new(&b.shmctl)
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("spawn aegis-shmctl serve");
-        self.daemon_pid = Some(child.id());
-        self.daemon = Some(child);
-        let end = Instant::now() + DAEMON_START;
-        loop {
-            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                return socket;
-            }
-            if let Some(st) = self
-                .daemon
-                .as_mut()
-                .and_then(|d| d.try_wait().ok().flatten())
-            {
-                panic!(
-                    "the daemon exited ({st}) before listening:\n{}",
-                    tail(&self.dir.join("daemon.log"), 4000)
-                );
-            }
-            assert!(
-                Instant::now() < end,
-                "the daemon did not listen on {} within {DAEMON_START:?}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Spawns `cmd` in a new process group owned by the guard; returns its index.
-    fn spawn(&mut self, cmd: &mut Command, what: &str) -> usize {
-        let child = cmd
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        self.groups.push(child);
-        self.groups.len() - 1
-    }
-
-    fn pid(&self, i: usize) -> u32 {
-        self.groups[i].id()
-    }
-
-    /// Waits for child `i` to exit, up to `deadline`; calls `tick` every 50 ms meanwhile.
-    fn wait(
-        &mut self,
-        i: usize,
-        deadline: Duration,
-        what: &str,
-        mut tick: impl FnMut(),
-    ) -> ExitStatus {
-        let end = Instant::now() + deadline;
-        loop {
-            if let Some(st) = self.groups[i].try_wait().expect("try_wait") {
-                return st;
-            }
-            assert!(
-                Instant::now() < end,
-                "{what} did not finish within {deadline:?}"
-            );
-            tick();
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL to the whole process group of child `i`, then reaps the child.
-    fn kill_group(&mut self, i: usize) {
-        let c = &mut self.groups[i];
-        let _ = killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
-        let _ = c.wait();
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        for i in 0..self.groups.len() {
-            self.kill_group(i);
-        }
-        if let Some(mut d) = self.daemon.take() {
-            // SIGTERM first: the daemon removes its segments and its socket.
-            let _ = kill(Pid::from_raw(d.id() as i32), Signal::SIGTERM);
-            let end = Instant::now() + DAEMON_STOP;
-            while Instant::now() < end && matches!(d.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = killpg(Pid::from_raw(d.id() as i32), Signal::SIGKILL);
-            let _ = d.wait();
-        }
-        // Whatever the daemon left: the segments it created, and those of the sessions seen.
-        if let Some(dpid) = self.daemon_pid {
-            for f in shm_files() {
-                if f.creator == Some(dpid) {
-                    if let Some(sid) = sid_of(&f.name) {
-                        self.sids.insert(sid.to_string());
-                    }
-                }
-            }
-        }
-        for sid in &self.sids {
-            remove_session_segments(sid);
-        }
-        for d in self.dirs.iter().chain([&self.dir]) {
-            let _ = fs::remove_dir_all(d);
-        }
-    }
-}
-
-/// Spawns a process that spins on a CPU until killed (by the guard, by pid).
-fn busy_loop(h: &mut Harness) -> usize {
-    h.spawn(
-        Command::new("sh")
-            .arg("-c")
-            .arg("while :; do :; done")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-        "a busy loop",
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Input files
 // ---------------------------------------------------------------------------------------------
 
 /// xorshift64*: the same inputs on every run.
@@ -840,127 +544,6 @@ fn check_ndjson(ndjson: &str, want: &[RefEvent]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Runs
-// ---------------------------------------------------------------------------------------------
-
-/// What `session run --json` produced.
-struct RunOutput {
-    status: ExitStatus,
-    /// Everything before the summary (components that print on stdout).
-    stdout_head: String,
-    summary: Value,
-    stderr: String,
-}
-
-/// Runs `aegis-shmctl --json session run NAME --mode backtest EXTRA -c CMD...` under the guard,
-/// with stdout and stderr in files.
-fn session_run(
-    h: &mut Harness,
-    b: &Bins,
-    socket: &Path,
-    name: &str,
-    extra: &[&str],
-    commands: &[String],
-) -> RunOutput {
-    let out_path = h.dir.join(format!("{name}.stdout"));
-    let err_path = h.dir.join(format!("{name}.stderr"));
-    let mut cmd = Command::new(&b.shmctl);
-    cmd.arg("--socket")
-        .arg(socket)
-        .arg("--json")
-        .args(["session", "run", name, "--mode", "backtest", "--timeout"])
-        .arg(RUN_TIMEOUT_S.to_string())
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out_path).expect("stdout file"))
-        .stderr(fs::File::create(&err_path).expect("stderr file"));
-    for c in commands {
-        cmd.arg("-c").arg(c);
-    }
-    let i = h.spawn(&mut cmd, "aegis-shmctl session run");
-    let status = h.wait(i, RUN_DEADLINE, &format!("session run {name}"), || {});
-    let stdout = fs::read_to_string(&out_path).expect("read session run stdout");
-    let stderr = fs::read_to_string(&err_path).unwrap_or_default();
-    // The pretty summary is printed last; it is the only line that is exactly "{".
-    let at = if stdout.starts_with("{\n") {
-        Some(0)
-    } else {
-        stdout.rfind("\n{\n").map(|p| p + 1)
-    };
-    let summary = at
-        .and_then(|p| serde_json::from_str::<Value>(&stdout[p..]).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "session run {name} ({status}) printed no JSON summary\nstdout:\n{stdout}\nstderr:\n{stderr}\ndaemon log:\n{}",
-                tail(&h.dir.join("daemon.log"), 4000)
-            )
-        });
-    if let Some(bus) = summary["session"]["segments"]["bus"].as_str() {
-        if let Some(sid) = Path::new(bus)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(sid_of)
-        {
-            h.sids.insert(sid.to_string());
-        }
-    }
-    RunOutput {
-        status,
-        stdout_head: stdout[..at.unwrap_or(0)].to_string(),
-        summary,
-        stderr,
-    }
-}
-
-/// Panics unless the run succeeded: exit 0, every component exited 0, session finished,
-/// `events` merged, every source ended.
-fn assert_run_ok(h: &Harness, r: &RunOutput, events: usize) {
-    let s = &r.summary["session"];
-    let ok = r.status.success()
-        && r.summary["ok"] == true
-        && s["state"] == "finished"
-        && s["sequencer"]["events_merged"] == json!(events)
-        && s["sources"]
-            .as_array()
-            .is_some_and(|a| a.iter().all(|x| x["state"] == "ended"));
-    assert!(
-        ok,
-        "session run failed ({}): state {}, reason {}, merged {} of {events}\ncomponents: {}\nsources: {}\nconsumers: {}\nstderr:\n{}\ndaemon log:\n{}",
-        r.status,
-        s["state"],
-        s["reason"],
-        s["sequencer"]["events_merged"],
-        r.summary["components"],
-        s["sources"],
-        s["consumers"],
-        r.stderr,
-        tail(&h.dir.join("daemon.log"), 4000)
-    );
-}
-
-/// Waits until no `/dev/shm/aegis-<sid>-*` is left (the run destroyed its session).
-fn assert_segments_gone(h: &Harness) {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left: Vec<String> = shm_files()
-            .into_iter()
-            .map(|f| f.name)
-            .filter(|n| sid_of(n).is_some_and(|s| h.sids.contains(s)))
-            .collect();
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < end,
-            "segments left after session run destroyed its session: {left:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn is_digest(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|c| c.is_ascii_hexdigit())
-}
 
 /// The full run of test 1, checked; returns its digest. Run once per process (test 2 needs
 /// the digest too), whichever test comes first.
@@ -991,7 +574,15 @@ fn normal_run_digest() -> String {
         ),
         format!("exec {} --name tap-stdout --format digest", q(&b.tap)),
     ];
-    let r = session_run(&mut h, &b, &socket, "e2e-normal", &[], &commands);
+    let r = session_run(
+        &mut h,
+        &b,
+        &socket,
+        "e2e-normal",
+        "backtest",
+        &[],
+        &commands,
+    );
     assert_run_ok(&h, &r, want.len());
     assert_segments_gone(&h);
 
@@ -1055,6 +646,7 @@ fn tiny_rings_under_cpu_load_give_the_same_digest() {
         &b,
         &socket,
         "e2e-tiny",
+        "backtest",
         &["--bus-bytes", "4096", "--source-bytes", "4096"],
         &commands,
     );

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use aegis::sequencer::{self, Config, Input, Mode, Sequencer, SequencerError, Summary};
-use aegis_shm_client::event::{Decimal, Symbol, Trade};
+use aegis_shm_client::event::{Book, Decimal, Symbol, Trade};
 use aegis_shm_client::frame::{flags, FrameHeader, Kind};
 use aegis_shm_client::segment::HeapRegion;
 use aegis_shm_client::spmc::{self, BusReader, BusWriter, Policy, ReadError};
@@ -189,42 +189,196 @@ fn live_idle_source_holds_the_merge_only_for_max_lateness_then_late_events_are_f
     );
 }
 
+/// The sequencer's failure, after its thread ended.
+fn failure(rig: Rig) -> (String, String) {
+    match rig.handle.join().unwrap() {
+        Err(SequencerError::SourceFailed {
+            source_name,
+            reason,
+        }) => (source_name, reason),
+        other => panic!("expected a source failure, got {other:?}"),
+    }
+}
+
 #[test]
-fn backwards_ts_within_a_source_is_refused_and_counted() {
+fn backwards_ts_fails_a_backtest_naming_source_seq_and_both_timestamps() {
     let mut rig = rig(&["a"], Mode::Backtest);
     push(&mut rig.producers[0], 10, 1);
     push(&mut rig.producers[0], 5, 2);
     push(&mut rig.producers[0], 11, 3);
+    // Whatever went out before the failure, the bus ends with EOF + ABORT.
+    loop {
+        let (_, id, fl) = next(&mut rig.reader);
+        if id == u64::MAX {
+            assert_eq!(fl, flags::EOF | flags::ABORT);
+            break;
+        }
+        assert_eq!(id, 1, "nothing after the backwards event may go out");
+    }
+    let control = rig.control.clone();
+    let (source, reason) = failure(rig);
+    assert_eq!(source, "a");
+    // Source seq 1 (the second event) has ts 5 after ts 10.
+    assert!(
+        reason.contains("seq 1") && reason.contains("ts 5") && reason.contains("ts 10"),
+        "{reason}"
+    );
+    let src = &control.sources()[0];
+    assert_eq!((src.rejected, src.state), (1, SourceState::Failed));
+}
+
+#[test]
+fn backwards_ts_in_live_is_refused_counted_and_the_stream_goes_on() {
+    let mut rig = rig(
+        &["a"],
+        Mode::Live {
+            max_lateness: Duration::from_millis(1),
+        },
+    );
+    push(&mut rig.producers[0], 10, 1);
+    push(&mut rig.producers[0], 5, 2);
+    push(&mut rig.producers[0], 4, 3);
+    push(&mut rig.producers[0], 11, 4);
+    assert_eq!(next(&mut rig.reader), (10, 1, 0));
+    assert_eq!(next(&mut rig.reader), (11, 4, 0));
     let (r, control) = finish(rig);
     let summary = r.unwrap();
-    assert_eq!((summary.merged, summary.rejected), (2, 1));
+    assert_eq!((summary.merged, summary.rejected), (2, 2));
     let src = &control.sources()[0];
     assert_eq!(
         (src.events, src.rejected, src.state),
-        (2, 1, SourceState::Ended)
+        (2, 2, SourceState::Ended)
     );
 }
 
 #[test]
-fn backwards_ts_output_skips_the_refused_event() {
-    let mut rig = rig(&["a"], Mode::Backtest);
-    push(&mut rig.producers[0], 10, 1);
-    push(&mut rig.producers[0], 5, 2);
-    push(&mut rig.producers[0], 11, 3);
-    assert_eq!(next(&mut rig.reader), (10, 1, 0));
-    // Backtest emits an event once its run of equal timestamps is known to be complete:
-    // for the last event, that is at end-of-stream.
-    rig.producers[0]
-        .finish(
-            &mut Backoff::default(),
-            Deadline::after(Duration::from_secs(10)),
-        )
-        .unwrap();
-    assert_eq!(next(&mut rig.reader), (11, 3, 0));
-    assert_eq!(next(&mut rig.reader).1, u64::MAX);
-    rig.producers.clear();
+fn stale_heartbeats_do_not_hold_a_live_merge() {
+    let mut rig = rig(
+        &["a", "b"],
+        Mode::Live {
+            max_lateness: Duration::from_millis(5),
+        },
+    );
+    // b sends nothing but heartbeats with an old watermark, far more often than max_lateness.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut b = rig.producers.pop().unwrap();
+    let beating = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                b.heartbeat(
+                    1,
+                    &mut Backoff::default(),
+                    Deadline::after(Duration::from_secs(1)),
+                )
+                .unwrap();
+                b.flush();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            b
+        })
+    };
+    push(&mut rig.producers[0], 100, 1);
+    // Held at most max_lateness after b ran dry, whatever b's heartbeats say.
+    assert_eq!(next(&mut rig.reader), (100, 1, 0));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    rig.producers.push(beating.join().unwrap());
     let (r, _) = finish(rig);
-    r.unwrap();
+    assert_eq!(r.unwrap().merged, 1);
+}
+
+#[test]
+fn producer_flags_on_event_frames_never_reach_the_bus() {
+    let mut rig = rig(&["a"], Mode::Backtest);
+    let mut payload = Vec::new();
+    {
+        // An event frame encoded by hand, with every control flag a producer could set.
+        let region = Arc::new(HeapRegion::new(spsc::region_len(RING)));
+        let mut p = Producer::create(region.clone(), RING, 1, 0).unwrap();
+        p.try_push(10, 0, trade(7)).unwrap();
+        p.flush();
+        let mut r = RingReader::open(region, Some(1)).unwrap();
+        let f = r.peek().unwrap().unwrap();
+        payload.extend_from_slice(f.payload);
+    }
+    let h = FrameHeader {
+        kind: Kind::Trade as u8,
+        flags: flags::EOF | flags::HEARTBEAT | flags::ABORT | flags::LATE,
+        ts: 10,
+        len: payload.len() as u32,
+        ..FrameHeader::default()
+    };
+    rig.producers[0].try_push_frame(&h, &payload).unwrap();
+    push(&mut rig.producers[0], 11, 8);
+    assert_eq!(next(&mut rig.reader), (10, 7, 0));
+    assert_eq!(next(&mut rig.reader), (11, 8, 0));
+    let (r, _) = finish(rig);
+    assert_eq!(r.unwrap().merged, 2);
+}
+
+fn book(id: u64) -> Book {
+    Book {
+        symbol: Symbol::new("ETHUSDT").unwrap(),
+        update_id: id,
+        bid_price: Decimal::parse("1.5").unwrap(),
+        bid_qty: Decimal::parse("2").unwrap(),
+        ask_price: Decimal::parse("1.6").unwrap(),
+        ask_qty: Decimal::parse("3").unwrap(),
+    }
+}
+
+#[test]
+fn a_run_of_trades_at_one_ts_longer_than_the_ring_goes_through() {
+    let mut rig = rig(&["a"], Mode::Backtest);
+    // Ten rings' worth of trades at one timestamp: no look-ahead, no staging needed.
+    let n = 10 * RING as u64 / 64;
+    let mut p = rig.producers.pop().unwrap();
+    let writer = std::thread::spawn(move || {
+        for i in 0..n {
+            push(&mut p, 42, i);
+        }
+        p
+    });
+    for i in 0..n {
+        assert_eq!(next(&mut rig.reader), (42, i, 0));
+    }
+    rig.producers.push(writer.join().unwrap());
+    let (r, _) = finish(rig);
+    assert_eq!(r.unwrap().merged, n);
+}
+
+#[test]
+fn staging_is_bounded_by_the_ring_and_fails_the_source_beyond_it() {
+    let mut rig = rig(&["a"], Mode::Backtest);
+    // Book updates at one timestamp: a later trade at that ts would go first, so the run must
+    // be seen whole before any of it goes out. Longer than the staging bound (the ring's size,
+    // at least 1 MiB): refused.
+    let mut p = rig.producers.pop().unwrap();
+    let writer = std::thread::spawn(move || {
+        for i in 0..(2 << 20) / 64 {
+            let r = p.push(
+                42,
+                0,
+                book(i),
+                &mut Backoff::default(),
+                Deadline::after(Duration::from_millis(500)),
+            );
+            p.flush();
+            if r.is_err() {
+                break;
+            }
+        }
+    });
+    let (_, id, fl) = next(&mut rig.reader);
+    assert_eq!(id, u64::MAX, "no part of the run may go out");
+    assert_eq!(fl, flags::EOF | flags::ABORT);
+    writer.join().unwrap();
+    let (source, reason) = failure(rig);
+    assert_eq!(source, "a");
+    assert!(
+        reason.contains("one timestamp (42)") && reason.contains("staging bound"),
+        "{reason}"
+    );
 }
 
 fn push_corrupt(p: &mut Producer) {
@@ -244,6 +398,14 @@ fn corrupt_frame_fails_a_backtest_with_the_reason_and_aborts_the_bus() {
     push(&mut rig.producers[0], 10, 1);
     push(&mut rig.producers[1], 20, 2);
     push_corrupt(&mut rig.producers[1]);
+    // The good source ends, so the merge reaches the corrupt frame (a trade head goes out
+    // without looking ahead, so it is found when it is next, not before).
+    rig.producers[0]
+        .finish(
+            &mut Backoff::default(),
+            Deadline::after(Duration::from_secs(10)),
+        )
+        .unwrap();
     // The good event (10) and the bad source's valid one (20) may go out; then EOF + ABORT.
     let mut seen = Vec::new();
     loop {
