@@ -152,6 +152,10 @@ struct Source {
     backwards_logged: bool,
 }
 
+/// While the bus is full (block policy), the sequencer waits for the slowest consumer in
+/// slices this long, and between slices checks the stop flag and publishes its counters.
+const CONSUMER_WAIT_SLICE: Duration = Duration::from_millis(50);
+
 /// What a staged frame counts against the staging bound besides its payload: its header.
 const STAGED_OVERHEAD: usize = aegis_shm_client::frame::FRAME_HEADER_LEN;
 /// The staging bound of a source is its ring's capacity, but at least this much, so that
@@ -361,7 +365,7 @@ impl Sequencer {
                 h,
                 payload,
                 &mut wait,
-                Deadline::after(Duration::from_millis(50)),
+                Deadline::after(CONSUMER_WAIT_SLICE),
             ) {
                 Ok(_) => break Ok(()),
                 Err(WriteError::Timeout | WriteError::Full) => {
