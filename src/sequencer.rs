@@ -361,12 +361,10 @@ impl Sequencer {
             if stop.load(Ordering::Relaxed) {
                 break Err(SequencerError::Stopped);
             }
-            match self.bus.write(
-                h,
-                payload,
-                &mut wait,
-                Deadline::after(CONSUMER_WAIT_SLICE),
-            ) {
+            match self
+                .bus
+                .write(h, payload, &mut wait, Deadline::after(CONSUMER_WAIT_SLICE))
+            {
                 Ok(_) => break Ok(()),
                 Err(WriteError::Timeout | WriteError::Full) => {
                     self.publish_counters();

@@ -76,29 +76,34 @@ pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError>
     ))
 }
 
-pub(super) fn aegis_latency_histogram(
-    samples: u64,
-    spin: bool,
-) -> Result<Histogram<u64>, BenchError> {
-    const RING: usize = 1 << 16;
-    const BUS: usize = 1 << 16;
-    let skip = warmup(samples);
-    let total = skip + samples;
-    let cores = two_cores();
+/// The in-process setup of the Aegis latency row: one source ring, a live sequencer pinned to
+/// the second core, an overwrite bus with one consumer.
+struct LatencyRig {
+    producer: Producer,
+    consumer: BusReader,
+    sequencer: JoinHandle<Result<sequencer::Summary, sequencer::SequencerError>>,
+    stop: Arc<AtomicBool>,
+    cores: Option<(core_affinity::CoreId, core_affinity::CoreId)>,
+}
 
-    let ring_region = Arc::new(HeapRegion::new(spsc::region_len(RING)));
+/// Ring and bus size of the latency rig.
+const LATENCY_RING: usize = 1 << 16;
+
+fn latency_rig(spin: bool) -> Result<LatencyRig, BenchError> {
+    let cores = two_cores();
+    let ring_region = Arc::new(HeapRegion::new(spsc::region_len(LATENCY_RING)));
     let mut producer =
-        Producer::create(ring_region.clone(), RING, EPOCH, 0).map_err(setup_err("ring"))?;
+        Producer::create(ring_region.clone(), LATENCY_RING, EPOCH, 0).map_err(setup_err("ring"))?;
     producer.set_batch(1);
     producer.set_stamp(true);
     let reader = RingReader::open(ring_region, Some(EPOCH)).map_err(setup_err("ring reader"))?;
-    let bus_region = Arc::new(HeapRegion::new(spmc::region_len(BUS)));
-    let bus = BusWriter::create(bus_region.clone(), BUS, EPOCH, Policy::Overwrite)
+    let bus_region = Arc::new(HeapRegion::new(spmc::region_len(LATENCY_RING)));
+    let bus = BusWriter::create(bus_region.clone(), LATENCY_RING, EPOCH, Policy::Overwrite)
         .map_err(setup_err("bus"))?;
-    let mut consumer =
+    let consumer =
         BusReader::attach(bus_region, Some(EPOCH), None).map_err(setup_err("bus reader"))?;
-
     let mut config = Config::new(Mode::Live {
+        // One source that always has a head: lateness never holds the merge.
         max_lateness: Duration::from_micros(1),
     });
     config.core = cores.map(|c| c.1.id);
@@ -114,109 +119,136 @@ pub(super) fn aegis_latency_histogram(
     };
     let seq = Sequencer::new(vec![input], bus, config, None).map_err(setup_err("sequencer"))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let sequencer =
+        sequencer::spawn("bench-latency", seq, stop.clone()).map_err(setup_err("spawn"))?;
+    Ok(LatencyRig {
+        producer,
+        consumer,
+        sequencer,
+        stop,
+        cores,
+    })
+}
+
+/// Pushes trade `i` and waits for it on the bus; returns its producer → consumer latency.
+fn round_trip<W: WaitStrategy>(
+    producer: &mut Producer,
+    consumer: &mut BusReader,
+    w: &mut Waiter<W>,
+    i: u64,
+    abort: &AtomicBool,
+) -> Result<u64, BenchError> {
+    let ts = TS0 + i;
+    match producer.try_push(ts, 0, sample_trade(i)) {
+        Ok(_) => {}
+        Err(PushError::Full(ev)) => {
+            wait_for_room(abort, "producer (ring full)", ev, |ev, deadline| {
+                producer.push(ts, 0, ev, &mut spinning(), deadline)
+            })?
+        }
+        Err(e) => return Err(BenchError::Failed(e.to_string())),
+    }
+    w.progress();
+    let lat = loop {
+        match consumer.try_next() {
+            Ok(Some(f)) => {
+                if f.is_eof() {
+                    return Err(BenchError::Failed(
+                        "END-OF-STREAM before the last event".into(),
+                    ));
+                }
+                let id = match f.event() {
+                    Ok(EventRef::Trade(t)) => t.id.to_native(),
+                    other => {
+                        return Err(BenchError::Failed(format!(
+                            "unexpected bus frame: {other:?}"
+                        )))
+                    }
+                };
+                let now = monotonic_ns();
+                if id != i || f.header.ts != ts {
+                    return Err(BenchError::Failed(format!("expected trade {i}, got {id}")));
+                }
+                break now.saturating_sub(f.header.publish_ns);
+            }
+            Ok(None) => w.idle(abort)?,
+            Err(e) => return Err(BenchError::Failed(e.to_string())),
+        }
+    };
+    w.progress();
+    Ok(lat)
+}
+
+/// Ends the stream and waits for END-OF-STREAM; nothing else may arrive.
+fn end_of_stream<W: WaitStrategy>(
+    producer: &mut Producer,
+    consumer: &mut BusReader,
+    w: &mut Waiter<W>,
+    abort: &AtomicBool,
+) -> Result<(), BenchError> {
+    producer
+        .finish(&mut Backoff::default(), Deadline::after(STEP_TIMEOUT))
+        .map_err(|_| BenchError::Timeout("producer EOF"))?;
+    loop {
+        match consumer.try_next() {
+            Ok(Some(f)) if f.is_eof() => return Ok(()),
+            Ok(Some(_)) => return Err(BenchError::Failed("an extra frame on the bus".into())),
+            Ok(None) => w.idle(abort)?,
+            Err(e) => return Err(BenchError::Failed(e.to_string())),
+        }
+    }
+}
+
+/// `total` round trips, the first `skip` unrecorded; `gap`: idle time before each event.
+fn measure<W: WaitStrategy>(
+    producer: &mut Producer,
+    consumer: &mut BusReader,
+    mut w: Waiter<W>,
+    (total, skip): (u64, u64),
+    gap: Option<Duration>,
+    abort: &AtomicBool,
+) -> Result<Histogram<u64>, BenchError> {
+    let mut h = histogram();
+    for i in 0..total {
+        if let Some(gap) = gap {
+            std::thread::sleep(gap);
+        }
+        let lat = round_trip(producer, consumer, &mut w, i, abort)?;
+        if i >= skip {
+            h.saturating_record(lat);
+        }
+    }
+    end_of_stream(producer, consumer, &mut w, abort)?;
+    Ok(h)
+}
+
+pub(super) fn aegis_latency_histogram(
+    samples: u64,
+    spin: bool,
+) -> Result<Histogram<u64>, BenchError> {
+    let skip = warmup(samples);
+    let total = skip + samples;
+    let LatencyRig {
+        mut producer,
+        mut consumer,
+        sequencer: seq_handle,
+        stop,
+        cores,
+    } = latency_rig(spin)?;
     let abort = Arc::new(AtomicBool::new(false));
     let guard = StopOnDrop(vec![stop.clone(), abort.clone()]);
-    let seq_handle =
-        sequencer::spawn("bench-latency", seq, stop.clone()).map_err(setup_err("spawn"))?;
-
     let a = abort.clone();
     let worker = std::thread::Builder::new()
         .name("aegis-bench-pc".into())
         .spawn(move || -> Result<Histogram<u64>, BenchError> {
             pin(cores.map(|c| c.0));
-            fn run<W: WaitStrategy>(
-                producer: &mut Producer,
-                consumer: &mut BusReader,
-                mut w: Waiter<W>,
-                total: u64,
-                skip: u64,
-                gap: Option<Duration>,
-                abort: &AtomicBool,
-            ) -> Result<Histogram<u64>, BenchError> {
-                let mut h = histogram();
-                for i in 0..total {
-                    if let Some(gap) = gap {
-                        std::thread::sleep(gap);
-                    }
-                    let ts = TS0 + i;
-                    match producer.try_push(ts, 0, sample_trade(i)) {
-                        Ok(_) => {}
-                        Err(PushError::Full(ev)) => {
-                            wait_for_room(abort, "producer (ring full)", ev, |ev, deadline| {
-                                producer.push(ts, 0, ev, &mut spinning(), deadline)
-                            })?
-                        }
-                        Err(e) => return Err(BenchError::Failed(e.to_string())),
-                    }
-                    w.progress();
-                    let lat = loop {
-                        match consumer.try_next() {
-                            Ok(Some(f)) => {
-                                if f.is_eof() {
-                                    return Err(BenchError::Failed(
-                                        "END-OF-STREAM before the last event".into(),
-                                    ));
-                                }
-                                let id = match f.event() {
-                                    Ok(EventRef::Trade(t)) => t.id.to_native(),
-                                    other => {
-                                        return Err(BenchError::Failed(format!(
-                                            "unexpected bus frame: {other:?}"
-                                        )))
-                                    }
-                                };
-                                let now = monotonic_ns();
-                                if id != i || f.header.ts != ts {
-                                    return Err(BenchError::Failed(format!(
-                                        "expected trade {i}, got {id}"
-                                    )));
-                                }
-                                break now.saturating_sub(f.header.publish_ns);
-                            }
-                            Ok(None) => w.idle(abort)?,
-                            Err(e) => return Err(BenchError::Failed(e.to_string())),
-                        }
-                    };
-                    w.progress();
-                    if i >= skip {
-                        h.saturating_record(lat);
-                    }
-                }
-                producer
-                    .finish(&mut Backoff::default(), Deadline::after(STEP_TIMEOUT))
-                    .map_err(|_| BenchError::Timeout("producer EOF"))?;
-                loop {
-                    match consumer.try_next() {
-                        Ok(Some(f)) if f.is_eof() => return Ok(h),
-                        Ok(Some(_)) => {
-                            return Err(BenchError::Failed("an extra frame on the bus".into()))
-                        }
-                        Ok(None) => w.idle(abort)?,
-                        Err(e) => return Err(BenchError::Failed(e.to_string())),
-                    }
-                }
-            }
             let what = "latency producer/consumer";
+            let (p, c, n) = (&mut producer, &mut consumer, (total, skip));
             let r = if spin {
-                run(
-                    &mut producer,
-                    &mut consumer,
-                    Waiter::new(spinning(), what),
-                    total,
-                    skip,
-                    None,
-                    &a,
-                )
+                measure(p, c, Waiter::new(spinning(), what), n, None, &a)
             } else {
-                run(
-                    &mut producer,
-                    &mut consumer,
-                    Waiter::new(Backoff::default(), what),
-                    total,
-                    skip,
-                    Some(BACKOFF_GAP),
-                    &a,
-                )
+                let w = Waiter::new(Backoff::default(), what);
+                measure(p, c, w, n, Some(BACKOFF_GAP), &a)
             };
             if r.is_err() {
                 a.store(true, Ordering::Relaxed);

@@ -78,35 +78,7 @@ pub fn socket_json_latency(samples: u64) -> Result<LatencyRow, BenchError> {
         .name("aegis-bench-json-rx".into())
         .spawn(move || -> Result<Histogram<u64>, BenchError> {
             pin(cores.map(|c| c.1));
-            let run = || -> Result<Histogram<u64>, BenchError> {
-                let mut h = histogram();
-                let mut rx = BufReader::new(rx);
-                let mut line = String::new();
-                for i in 0..total {
-                    line.clear();
-                    let n = rx.read_line(&mut line).map_err(|e| match e.kind() {
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                            BenchError::Timeout("JSON consumer")
-                        }
-                        _ => BenchError::Io(e),
-                    })?;
-                    if n == 0 {
-                        return Err(BenchError::Aborted);
-                    }
-                    let t: JsonTrade = serde_json::from_str(&line)
-                        .map_err(|e| BenchError::Failed(format!("bad JSON line: {e}")))?;
-                    let now = monotonic_ns();
-                    if t.id != i {
-                        return Err(BenchError::Failed(format!("expected {i}, got {}", t.id)));
-                    }
-                    if i >= skip {
-                        h.saturating_record(now.saturating_sub(t.publish_ns));
-                    }
-                    r.store(i + 1, Ordering::Release);
-                }
-                Ok(h)
-            };
-            let res = run();
+            let res = json_receive(rx, (total, skip), &r);
             if res.is_err() {
                 a.store(true, Ordering::Relaxed);
             }
@@ -119,23 +91,7 @@ pub fn socket_json_latency(samples: u64) -> Result<LatencyRow, BenchError> {
         .name("aegis-bench-json-tx".into())
         .spawn(move || -> Result<(), BenchError> {
             pin(cores.map(|c| c.0));
-            let mut buf = Vec::with_capacity(256);
-            let mut w = Waiter::new(SpinYield::default(), "JSON producer");
-            let res = (|| {
-                for i in 0..total {
-                    while received.load(Ordering::Acquire) != i {
-                        w.idle(&a)?;
-                    }
-                    w.progress();
-                    buf.clear();
-                    let msg = json_trade(i, TS0 + i, monotonic_ns());
-                    serde_json::to_writer(&mut buf, &msg)
-                        .map_err(|e| BenchError::Failed(e.to_string()))?;
-                    buf.push(b'\n');
-                    tx.write_all(&buf)?;
-                }
-                Ok(())
-            })();
+            let res = json_send(&mut tx, total, &received, &a);
             if res.is_err() {
                 a.store(true, Ordering::Relaxed);
             }
@@ -152,6 +108,65 @@ pub fn socket_json_latency(samples: u64) -> Result<LatencyRow, BenchError> {
         }
     };
     Ok(latency_row("socket + JSON (Unix socket)", &h))
+}
+
+/// The consumer of [`socket_json_latency`]: reads and parses `total` lines, records the
+/// latency of all but the first `skip`, and tells the producer each one arrived.
+fn json_receive(
+    rx: UnixStream,
+    (total, skip): (u64, u64),
+    received: &AtomicU64,
+) -> Result<Histogram<u64>, BenchError> {
+    let mut h = histogram();
+    let mut rx = BufReader::new(rx);
+    let mut line = String::new();
+    for i in 0..total {
+        line.clear();
+        let n = rx.read_line(&mut line).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                BenchError::Timeout("JSON consumer")
+            }
+            _ => BenchError::Io(e),
+        })?;
+        if n == 0 {
+            return Err(BenchError::Aborted);
+        }
+        let t: JsonTrade = serde_json::from_str(&line)
+            .map_err(|e| BenchError::Failed(format!("bad JSON line: {e}")))?;
+        let now = monotonic_ns();
+        if t.id != i {
+            return Err(BenchError::Failed(format!("expected {i}, got {}", t.id)));
+        }
+        if i >= skip {
+            h.saturating_record(now.saturating_sub(t.publish_ns));
+        }
+        received.store(i + 1, Ordering::Release);
+    }
+    Ok(h)
+}
+
+/// The producer of [`socket_json_latency`]: one stamped line at a time, each once the
+/// previous one arrived.
+fn json_send(
+    tx: &mut UnixStream,
+    total: u64,
+    received: &AtomicU64,
+    abort: &AtomicBool,
+) -> Result<(), BenchError> {
+    let mut buf = Vec::with_capacity(256);
+    let mut w = Waiter::new(SpinYield::default(), "JSON producer");
+    for i in 0..total {
+        while received.load(Ordering::Acquire) != i {
+            w.idle(abort)?;
+        }
+        w.progress();
+        buf.clear();
+        let msg = json_trade(i, TS0 + i, monotonic_ns());
+        serde_json::to_writer(&mut buf, &msg).map_err(|e| BenchError::Failed(e.to_string()))?;
+        buf.push(b'\n');
+        tx.write_all(&buf)?;
+    }
+    Ok(())
 }
 
 /// JSON lines of one topic, pre-serialised (as the Aegis feeds push pre-encoded frames).
@@ -245,6 +260,70 @@ impl LineReader {
     }
 }
 
+/// The consumer of [`socket_json_throughput`]: `poll`s the sockets and parses every line
+/// until each producer has shut its socket down. Returns the number of lines.
+fn poll_lines(readers: &mut [LineReader], abort: &AtomicBool) -> Result<u64, BenchError> {
+    let mut chunk = vec![0u8; 1 << 16];
+    let (mut lines, mut sum) = (0u64, 0u64);
+    let mut idle_since: Option<Instant> = None;
+    while readers.iter().any(|r| r.open) {
+        let mut fds: Vec<libc::pollfd> = readers
+            .iter()
+            .map(|r| libc::pollfd {
+                fd: if r.open { r.stream.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that outlives the
+        // call; negative fds are ignored by poll.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        if abort.load(Ordering::Relaxed) {
+            return Err(BenchError::Aborted);
+        }
+        let mut progress = false;
+        for (src, (r, fd)) in readers.iter_mut().zip(&fds).enumerate() {
+            if r.open && fd.revents != 0 {
+                let before = lines;
+                lines += r.pump(src, &mut chunk, &mut sum)?;
+                progress |= lines != before || !r.open;
+            }
+        }
+        if progress {
+            idle_since = None;
+        } else if idle_since.get_or_insert_with(Instant::now).elapsed() > STEP_TIMEOUT {
+            return Err(BenchError::Timeout("JSON consumer"));
+        }
+    }
+    std::hint::black_box(sum);
+    Ok(lines)
+}
+
+/// One producer of [`socket_json_throughput`]: `count` pre-serialised lines from `pool`.
+fn write_lines(
+    tx: &UnixStream,
+    pool: &[Vec<u8>],
+    count: u64,
+    abort: &AtomicBool,
+) -> Result<(), BenchError> {
+    let mut w = std::io::BufWriter::with_capacity(1 << 16, tx);
+    for j in 0..count {
+        if j.is_multiple_of(4096) && abort.load(Ordering::Relaxed) {
+            return Err(BenchError::Aborted);
+        }
+        w.write_all(&pool[j as usize % POOL])?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
 /// The design Aegis replaces: one Unix socket per topic (trades, book, klines ~ 60/30/10 % of
 /// `events`) carrying JSON lines, written as fast as possible by one producer thread per topic
 /// (pre-serialised lines through a 64 KiB buffer); one consumer thread `poll`s the three
@@ -276,18 +355,7 @@ pub fn socket_json_throughput(events: u64) -> Result<ThroughputRow, BenchError> 
                 .name(format!("aegis-bench-json-{src}"))
                 .spawn(move || -> Result<(), BenchError> {
                     wait_for_start(&go, &a)?;
-                    let mut w = std::io::BufWriter::with_capacity(1 << 16, &tx);
-                    let r = (|| {
-                        for j in 0..count {
-                            if j.is_multiple_of(4096) && a.load(Ordering::Relaxed) {
-                                return Err(BenchError::Aborted);
-                            }
-                            w.write_all(&pool[j as usize % POOL])?;
-                        }
-                        w.flush()?;
-                        Ok(())
-                    })();
-                    drop(w);
+                    let r = write_lines(&tx, &pool, count, &a);
                     let _ = tx.shutdown(std::net::Shutdown::Write);
                     if r.is_err() {
                         a.store(true, Ordering::Relaxed);
@@ -300,49 +368,7 @@ pub fn socket_json_throughput(events: u64) -> Result<ThroughputRow, BenchError> 
 
     let t0 = Instant::now();
     go.store(true, Ordering::Release);
-    let consumed = (|| -> Result<u64, BenchError> {
-        let mut chunk = vec![0u8; 1 << 16];
-        let (mut lines, mut sum) = (0u64, 0u64);
-        let mut idle_since: Option<Instant> = None;
-        while readers.iter().any(|r| r.open) {
-            let mut fds: Vec<libc::pollfd> = readers
-                .iter()
-                .map(|r| libc::pollfd {
-                    fd: if r.open { r.stream.as_raw_fd() } else { -1 },
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
-            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that outlives the
-            // call; negative fds are ignored by poll.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.into());
-            }
-            if abort.load(Ordering::Relaxed) {
-                return Err(BenchError::Aborted);
-            }
-            let mut progress = false;
-            for (src, (r, fd)) in readers.iter_mut().zip(&fds).enumerate() {
-                if r.open && fd.revents != 0 {
-                    let before = lines;
-                    lines += r.pump(src, &mut chunk, &mut sum)?;
-                    progress |= lines != before || !r.open;
-                }
-            }
-            if progress {
-                idle_since = None;
-            } else if idle_since.get_or_insert_with(Instant::now).elapsed() > STEP_TIMEOUT {
-                return Err(BenchError::Timeout("JSON consumer"));
-            }
-        }
-        std::hint::black_box(sum);
-        Ok(lines)
-    })();
+    let consumed = poll_lines(&mut readers, &abort);
     let elapsed = t0.elapsed();
     if consumed.is_err() {
         abort.store(true, Ordering::Relaxed);

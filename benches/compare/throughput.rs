@@ -199,76 +199,12 @@ pub fn aegis_throughput_feeds(
     let seq = Sequencer::new(inputs, bus, config, None).map_err(setup_err("sequencer"))?;
     let seq_handle =
         sequencer::spawn("bench-throughput", seq, stop.clone()).map_err(setup_err("spawn"))?;
-    let mut producers = Vec::new();
-    for (feed, mut pusher) in pushers {
-        let go = go.clone();
-        let a = abort.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("aegis-bench-{}", feed.name))
-            .spawn(move || -> Result<u64, BenchError> {
-                wait_for_start(&go, &a)?;
-                let r = (feed.push)(&mut pusher).and_then(|()| {
-                    pusher.producer.flush();
-                    pusher
-                        .producer
-                        .finish(&mut Backoff::default(), Deadline::after(STEP_TIMEOUT))
-                        .map_err(|_| BenchError::Timeout("producer EOF"))
-                });
-                if r.is_err() {
-                    a.store(true, Ordering::Relaxed);
-                }
-                r.map(|()| pusher.pushed)
-            });
-        match spawned {
-            Ok(h) => producers.push(h),
-            Err(e) => {
-                // The guard calls off the threads already waiting for the start.
-                return Err(BenchError::Setup(format!("spawn: {e}")));
-            }
-        }
-    }
+    // On an error the guard calls off the threads already waiting for the start.
+    let producers = spawn_pushers(pushers, &go, &abort)?;
 
     let t0 = Instant::now();
     go.store(true, Ordering::Release);
-    let consumed = (|| -> Result<(u64, u64), BenchError> {
-        let mut w = Waiter::new(SpinYield::default(), "consumer");
-        let (mut count, mut sum, mut prev) = (0u64, 0u64, 0u128);
-        loop {
-            match consumer.try_next() {
-                Ok(Some(f)) => {
-                    w.progress();
-                    let h = f.header;
-                    if f.is_eof() {
-                        if h.has(flags::ABORT) {
-                            return Err(BenchError::Failed("the session aborted".into()));
-                        }
-                        return Ok((count, sum));
-                    }
-                    let key = merge_key(
-                        h.ts,
-                        h.kind().unwrap_or(Kind::Control),
-                        h.source_id,
-                        h.source_seq,
-                    );
-                    if key < prev {
-                        return Err(BenchError::Failed(format!(
-                            "bus out of merge-key order at bus seq {}",
-                            h.bus_seq
-                        )));
-                    }
-                    prev = key;
-                    let p = f.payload;
-                    if p.len() >= 8 {
-                        sum = sum
-                            .wrapping_add(u64::from_le_bytes(p[..8].try_into().expect("8 bytes")));
-                    }
-                    count += 1;
-                }
-                Ok(None) => w.idle(&abort)?,
-                Err(e) => return Err(BenchError::Failed(e.to_string())),
-            }
-        }
-    })();
+    let consumed = consume_in_order(&mut consumer, &abort);
     let elapsed = t0.elapsed();
     if consumed.is_err() {
         abort.store(true, Ordering::Relaxed);
@@ -300,6 +236,82 @@ pub fn aegis_throughput_feeds(
         )));
     }
     Ok(ThroughputRow::new(name, count, elapsed))
+}
+
+/// One thread per feed: waits for `go`, pushes the feed, ends the stream with EOF. Each
+/// returns how many events it pushed; a failure raises `abort`.
+fn spawn_pushers(
+    pushers: Vec<(Feed, FramePusher)>,
+    go: &Arc<AtomicBool>,
+    abort: &Arc<AtomicBool>,
+) -> Result<Vec<JoinHandle<Result<u64, BenchError>>>, BenchError> {
+    let mut producers = Vec::new();
+    for (feed, mut pusher) in pushers {
+        let go = go.clone();
+        let a = abort.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("aegis-bench-{}", feed.name))
+            .spawn(move || -> Result<u64, BenchError> {
+                wait_for_start(&go, &a)?;
+                let r = (feed.push)(&mut pusher).and_then(|()| {
+                    pusher.producer.flush();
+                    pusher
+                        .producer
+                        .finish(&mut Backoff::default(), Deadline::after(STEP_TIMEOUT))
+                        .map_err(|_| BenchError::Timeout("producer EOF"))
+                });
+                if r.is_err() {
+                    a.store(true, Ordering::Relaxed);
+                }
+                r.map(|()| pusher.pushed)
+            });
+        producers.push(spawned.map_err(|e| BenchError::Setup(format!("spawn: {e}")))?);
+    }
+    Ok(producers)
+}
+
+/// Reads every frame until END-OF-STREAM, in place: touches each payload and checks that the
+/// bus is in merge-key order. Returns (events, a sum over the payloads).
+fn consume_in_order(
+    consumer: &mut BusReader,
+    abort: &AtomicBool,
+) -> Result<(u64, u64), BenchError> {
+    let mut w = Waiter::new(SpinYield::default(), "consumer");
+    let (mut count, mut sum, mut prev) = (0u64, 0u64, 0u128);
+    loop {
+        match consumer.try_next() {
+            Ok(Some(f)) => {
+                w.progress();
+                let h = f.header;
+                if f.is_eof() {
+                    if h.has(flags::ABORT) {
+                        return Err(BenchError::Failed("the session aborted".into()));
+                    }
+                    return Ok((count, sum));
+                }
+                let key = merge_key(
+                    h.ts,
+                    h.kind().unwrap_or(Kind::Control),
+                    h.source_id,
+                    h.source_seq,
+                );
+                if key < prev {
+                    return Err(BenchError::Failed(format!(
+                        "bus out of merge-key order at bus seq {}",
+                        h.bus_seq
+                    )));
+                }
+                prev = key;
+                let p = f.payload;
+                if p.len() >= 8 {
+                    sum = sum.wrapping_add(u64::from_le_bytes(p[..8].try_into().expect("8 bytes")));
+                }
+                count += 1;
+            }
+            Ok(None) => w.idle(abort)?,
+            Err(e) => return Err(BenchError::Failed(e.to_string())),
+        }
+    }
 }
 
 /// How a throughput producer waits for room: it spins and yields briefly, then sleeps in
