@@ -92,6 +92,18 @@ pub enum SessionCommand {
         /// Session name.
         name: String,
     },
+    /// Evict a component on purpose: it is marked dead and told so (ERROR evicted).
+    ///
+    /// A consumer's bus slot is released, so it no longer holds the bus back; its next read
+    /// fails saying it was evicted. A producer is treated as dead: a backtest fails with the
+    /// reason, a live session removes its sources from the merge. Use it for a consumer that
+    /// is `stalled` (paused) in a backtest, which the session would otherwise wait for.
+    Evict {
+        /// Session name.
+        name: String,
+        /// Component name (as in `session inspect`).
+        component: String,
+    },
 }
 
 /// `session run`.

@@ -153,6 +153,13 @@ pub enum ErrorCode {
     Busy,
     /// The daemon failed (a segment could not be created, say).
     Internal,
+    /// No component of that name in the session.
+    NoComponent,
+    /// The component already finished, died or was evicted.
+    ComponentGone,
+    /// Sent to a component that `session evict` evicted: it must stop (a consumer's bus slot
+    /// is released; its next read says so).
+    Evicted,
 }
 
 named_enum!(ErrorCode, "error code", {
@@ -177,6 +184,9 @@ named_enum!(ErrorCode, "error code", {
     PermissionDenied => "permission_denied",
     Busy => "busy",
     Internal => "internal",
+    NoComponent => "no_component",
+    ComponentGone => "component_gone",
+    Evicted => "evicted",
 });
 
 /// Where a session is in its life: `created → running → draining → finished`, or `failed` /
@@ -231,6 +241,10 @@ pub enum ComponentState {
     Dead,
     /// Reported an ERROR.
     Error,
+    /// Backtest only: silent past the heartbeat timeout while its pid is alive (paused by a
+    /// debugger or SIGSTOP). Not dead: the session waits for it, and it goes back to the
+    /// state it had when its heartbeats resume.
+    Stalled,
 }
 
 named_enum!(ComponentState, "component state", {
@@ -239,6 +253,7 @@ named_enum!(ComponentState, "component state", {
     Finished => "finished",
     Dead => "dead",
     Error => "error",
+    Stalled => "stalled",
 });
 
 /// A source's state as `inspect` shows it: `registered` before the session starts, then the
@@ -453,6 +468,14 @@ pub enum Request {
         /// Session name.
         name: String,
     },
+    /// CLI: evict a component on purpose (it is marked dead, as if it had died).
+    #[serde(rename = "SESSION_EVICT")]
+    SessionEvict {
+        /// Session name.
+        name: String,
+        /// Component name.
+        component: String,
+    },
 }
 
 /// A source in an ACK.
@@ -599,6 +622,8 @@ pub enum Cmd {
     SessionStop,
     /// [`Request::SessionDestroy`].
     SessionDestroy,
+    /// [`Request::SessionEvict`].
+    SessionEvict,
 }
 
 impl Request {
@@ -618,6 +643,7 @@ impl Request {
             Request::SessionInspect { .. } => Cmd::SessionInspect,
             Request::SessionStop { .. } => Cmd::SessionStop,
             Request::SessionDestroy { .. } => Cmd::SessionDestroy,
+            Request::SessionEvict { .. } => Cmd::SessionEvict,
         }
     }
 }
@@ -691,6 +717,19 @@ pub struct SessionDestroyed {
     pub destroyed: bool,
 }
 
+/// The answer to `SESSION_EVICT`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ComponentEvicted {
+    /// Session name.
+    pub name: String,
+    /// The evicted component.
+    pub component: String,
+    /// Its role.
+    pub role: Role,
+    /// The session's state after the eviction (`failed` when a backtest lost a producer).
+    pub state: SessionState,
+}
+
 /// The answer to `SESSION_INSPECT` (SPEC section 7).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Inspect {
@@ -733,7 +772,7 @@ pub struct ComponentInfo {
     pub pid: u32,
     /// State.
     pub state: ComponentState,
-    /// Why it is dead or in error.
+    /// Why it is dead, in error or stalled.
     pub reason: Option<String>,
 }
 
@@ -1011,6 +1050,7 @@ mod tests {
             "SESSION_INSPECT",
             "SESSION_STOP",
             "SESSION_DESTROY",
+            "SESSION_EVICT",
         ];
         for name in cmds {
             let cmd: Cmd = serde_json::from_value(name.into()).unwrap();

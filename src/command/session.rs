@@ -1,12 +1,12 @@
-//! `aegis-shmctl session ...`: create, run, start, list, inspect, stop, destroy.
+//! `aegis-shmctl session ...`: create, run, start, list, inspect, stop, destroy, evict.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aegis_shm_client::protocol::{
-    Inspect, Mode, Request, SessionCreated, SessionDestroyed, SessionInfo, SessionSpec,
-    SessionStarted, SessionState, SessionStopped,
+    ComponentEvicted, Inspect, Mode, Request, SessionCreated, SessionDestroyed, SessionInfo,
+    SessionSpec, SessionStarted, SessionState, SessionStopped,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -91,6 +91,16 @@ pub fn run(socket: &Path, json_out: bool, cmd: SessionCommand) -> Result<bool, C
         SessionCommand::Destroy { name } => {
             let v: SessionDestroyed = request(socket, &Request::SessionDestroy { name }, T)?;
             show(json_out, &v, |v| println!("session {} destroyed", v.name));
+        }
+        SessionCommand::Evict { name, component } => {
+            let v: ComponentEvicted =
+                request(socket, &Request::SessionEvict { name, component }, T)?;
+            show(json_out, &v, |v| {
+                println!(
+                    "{} {} of session {} evicted; the session is {}",
+                    v.role, v.component, v.name, v.state
+                )
+            });
         }
     }
     Ok(true)
