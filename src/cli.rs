@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use aegis_shm_client::protocol::Mode;
 use clap::{Args, Parser, Subcommand};
 
 /// Aegis: one deterministic, time-ordered market-data stream over shared memory.
@@ -42,7 +43,7 @@ pub struct CreateArgs {
     pub name: String,
     /// live or backtest.
     #[arg(long)]
-    pub mode: String,
+    pub mode: Mode,
     /// Start automatically once N components are READY.
     #[arg(long)]
     pub expect: Option<u32>,

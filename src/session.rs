@@ -355,13 +355,13 @@ impl Session {
         outbox: Outbox,
     ) -> Result<Ack, Refusal> {
         let role = self.check_registration(reg)?;
-        let kinds = self.check_sources(reg, role)?;
+        self.check_sources(reg, role)?;
         let slot = if role.consumes() {
             Some(self.free_slot()?)
         } else {
             None
         };
-        let mut ack_sources = self.create_sources(reg, &kinds)?;
+        let mut ack_sources = self.create_sources(reg)?;
         let topics = self.topic_table();
         for a in &mut ack_sources {
             a.topic_id = topics[&self.sources[&a.name].topic];
@@ -433,8 +433,8 @@ impl Session {
         Ok(role)
     }
 
-    /// The declared sources: names, topics, kinds, uniqueness, count. Returns their kinds.
-    fn check_sources(&self, reg: &Register, role: Role) -> Result<Vec<SourceKind>, Refusal> {
+    /// The declared sources: names, topics, uniqueness, count (their kinds are typed).
+    fn check_sources(&self, reg: &Register, role: Role) -> Result<(), Refusal> {
         if role.produces() && reg.sources.is_empty() {
             return Err(Refusal::bad_request(
                 "a producer must declare at least one source",
@@ -443,7 +443,6 @@ impl Session {
         if !role.produces() && !reg.sources.is_empty() {
             return Err(Refusal::bad_request("only producers declare sources"));
         }
-        let mut kinds = Vec::with_capacity(reg.sources.len());
         for (i, s) in reg.sources.iter().enumerate() {
             if !protocol::valid_name(&s.name) {
                 return Err(Refusal::bad_name("source name", &s.name));
@@ -451,7 +450,6 @@ impl Session {
             if !protocol::valid_name(&s.topic) {
                 return Err(Refusal::bad_name("topic", &s.topic));
             }
-            kinds.push(s.source_kind().map_err(Refusal::bad_request)?);
             if self.sources.contains_key(&s.name)
                 || reg.sources[..i].iter().any(|o| o.name == s.name)
             {
@@ -467,7 +465,7 @@ impl Session {
                 format!("a session has at most {MAX_SOURCES} sources"),
             ));
         }
-        Ok(kinds)
+        Ok(())
     }
 
     /// A bus slot held by no live component and no attached reader.
@@ -491,11 +489,7 @@ impl Session {
 
     /// Creates the source rings of `reg` (all or none) and records them. The ACK entries
     /// have topic id 0 until the caller fills them in.
-    fn create_sources(
-        &mut self,
-        reg: &Register,
-        kinds: &[SourceKind],
-    ) -> Result<Vec<AckSource>, Refusal> {
+    fn create_sources(&mut self, reg: &Register) -> Result<Vec<AckSource>, Refusal> {
         let ring_bytes = self.spec.source_bytes.unwrap_or(DEFAULT_SOURCE_BYTES);
         let mut created = Vec::new();
         for s in &reg.sources {
@@ -506,18 +500,18 @@ impl Session {
             created.push(Arc::new(region));
         }
         let mut ack_sources = Vec::new();
-        for ((s, region), kind) in reg.sources.iter().zip(created).zip(kinds) {
+        for (s, region) in reg.sources.iter().zip(created) {
             ack_sources.push(AckSource {
                 name: s.name.clone(),
                 path: region.path().display().to_string(),
                 topic_id: 0,
-                kind: *kind,
+                kind: s.kind,
             });
             self.sources.insert(
                 s.name.clone(),
                 SourceRec {
                     region,
-                    kind: *kind,
+                    kind: s.kind,
                     topic: s.topic.clone(),
                     component: reg.component_name.clone(),
                 },

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use aegis_shm_client::client::Component;
 use aegis_shm_client::event::{Decimal, EventRef, Symbol, Trade};
-use aegis_shm_client::protocol::{self, Register, Reply, Request, Role, SourceDecl};
+use aegis_shm_client::protocol::{self, Register, Reply, Request, Role, SourceDecl, SourceKind};
 use aegis_shm_client::spmc::ReadError;
 use aegis_shm_client::wait::{Backoff, Deadline};
 use nix::sys::signal::{kill, Signal};
@@ -689,7 +689,7 @@ fn role_producer() {
         Role::Producer,
         vec![SourceDecl {
             name: source.clone(),
-            kind: "trade".into(),
+            kind: SourceKind::Trade,
             topic: "trades.BTCUSDT".into(),
         }],
     )
@@ -952,7 +952,7 @@ fn protocol_refusals_keep_the_daemon_serving() {
             role: Some(Role::Producer),
             sources: vec![SourceDecl {
                 name: "src1".into(),
-                kind: "trade".into(),
+                kind: SourceKind::Trade,
                 topic: "trades.BTCUSDT".into(),
             }],
             pid: Some(std::process::id()),
@@ -1755,7 +1755,7 @@ fn gc_cleans_up_after_a_killed_daemon() {
             role: Some(Role::Producer),
             sources: vec![SourceDecl {
                 name: "feed".into(),
-                kind: "book".into(),
+                kind: SourceKind::Book,
                 topic: "book.BTCUSDT".into(),
             }],
             pid: Some(std::process::id()),

@@ -106,6 +106,19 @@ impl From<SourceKind> for crate::frame::Kind {
     }
 }
 
+impl TryFrom<crate::frame::Kind> for SourceKind {
+    /// `Control`, which no source declares.
+    type Error = crate::frame::Kind;
+    fn try_from(k: crate::frame::Kind) -> Result<SourceKind, crate::frame::Kind> {
+        match k {
+            crate::frame::Kind::Trade => Ok(SourceKind::Trade),
+            crate::frame::Kind::Book => Ok(SourceKind::Book),
+            crate::frame::Kind::Kline => Ok(SourceKind::Kline),
+            crate::frame::Kind::Control => Err(k),
+        }
+    }
+}
+
 /// Why the daemon refused: the `code` of an `ERROR` reply. Serialised as snake_case
 /// (`bad_request`, ...); `docs/protocol.md` lists them.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -328,21 +341,10 @@ impl Role {
 pub struct SourceDecl {
     /// The source's name (`[A-Za-z0-9._-]{1,64}`), unique in the session.
     pub name: String,
-    /// A [`SourceKind`] name: `trade`, `book` or `kline`. A string rather than a
-    /// [`SourceKind`] only because producers outside this crate build it from their own kind
-    /// names; [`SourceDecl::source_kind`] checks it.
-    pub kind: String,
+    /// `trade`, `book` or `kline` (another value makes the REGISTER a `bad_request`).
+    pub kind: SourceKind,
     /// The topic it publishes, e.g. `klines.BTCUSDT.1m`.
     pub topic: String,
-}
-
-impl SourceDecl {
-    /// The declared kind, or why it is not one.
-    pub fn source_kind(&self) -> Result<SourceKind, String> {
-        self.kind
-            .parse()
-            .map_err(|e: String| format!("source {}: {e}", self.name))
-    }
 }
 
 /// The REGISTER payload.
@@ -999,6 +1001,7 @@ mod tests {
         for line in [
             &br#"{"cmd":"REGISTER","component_name":"x","session_token":"00","role":"admin"}"#[..],
             br#"{"cmd":"SESSION_CREATE","name":"s","mode":"paper"}"#,
+            br#"{"cmd":"REGISTER","component_name":"x","session_token":"00","role":"producer","sources":[{"name":"s","kind":"candle","topic":"t"}]}"#,
         ] {
             match parse_request(line) {
                 Err(Reply::Error { code, .. }) => assert_eq!(code, ErrorCode::BadRequest),

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::CliError;
 use crate::cli::{CreateArgs, DemoArgs, RunArgs};
 use aegis::session::pid_alive;
+use aegis_shm_client::protocol::Mode;
 
 /// The real Binance 1m klines of 2024-09-21, bundled in the binary.
 const KLINES_1M: &str = include_str!("../../data/binance/BTCUSDT-1m-2024-09-21.csv");
@@ -228,7 +229,7 @@ pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
     let args = RunArgs {
         create: CreateArgs {
             name: "demo".into(),
-            mode: "backtest".into(),
+            mode: Mode::Backtest,
             expect: None,
             sequencer_core: None,
             bus_bytes: None,

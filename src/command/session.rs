@@ -5,8 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aegis_shm_client::protocol::{
-    ComponentEvicted, Inspect, Mode, Request, SessionCreated, SessionDestroyed, SessionInfo,
-    SessionSpec, SessionStarted, SessionState, SessionStopped,
+    ComponentEvicted, Inspect, Request, SessionCreated, SessionDestroyed, SessionInfo, SessionSpec,
+    SessionStarted, SessionState, SessionStopped,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -24,16 +24,16 @@ const GRACE: Duration = Duration::from_secs(5);
 /// How often `session run` looks at its components and the session.
 const RUN_POLL: Duration = Duration::from_millis(50);
 
-fn spec(a: &CreateArgs, expect: Option<u32>) -> Result<SessionSpec, CliError> {
-    Ok(SessionSpec {
+fn spec(a: &CreateArgs, expect: Option<u32>) -> SessionSpec {
+    SessionSpec {
         name: a.name.clone(),
-        mode: a.mode.parse::<Mode>().map_err(CliError)?,
+        mode: a.mode,
         expect: expect.or(a.expect),
         sequencer_core: a.sequencer_core,
         bus_bytes: a.bus_bytes,
         source_bytes: a.source_bytes,
         max_lateness_us: a.max_lateness_us,
-    })
+    }
 }
 
 /// Prints `answer` as JSON with `--json`, else as the line `text` makes of it.
@@ -54,7 +54,7 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 pub fn run(socket: &Path, json_out: bool, cmd: SessionCommand) -> Result<bool, CliError> {
     match cmd {
         SessionCommand::Create(a) => {
-            let v: SessionCreated = request(socket, &Request::SessionCreate(spec(&a, None)?), T)?;
+            let v: SessionCreated = request(socket, &Request::SessionCreate(spec(&a, None)), T)?;
             show(json_out, &v, |v| {
                 println!("session {} created ({} mode, id {})", v.name, v.mode, v.id);
                 println!("export AEGIS_SOCKET={}", socket.display());
@@ -333,7 +333,7 @@ pub fn run_components(
 ) -> Result<Outcome, CliError> {
     let expect = Some(a.commands.len() as u32);
     let created: SessionCreated =
-        request(socket, &Request::SessionCreate(spec(&a.create, expect)?), T)?;
+        request(socket, &Request::SessionCreate(spec(&a.create, expect)), T)?;
     let name = a.create.name.clone();
     let mut children = spawn_components(socket, a, &created.token, configure)?;
     let (last, timed_out, mut reason) = supervise(socket, a, &mut children);
