@@ -709,7 +709,9 @@ fn role_producer() {
         if Some(i) == stop_at {
             p.flush();
             say(&format!("stopping at {i}"));
-            kill(Pid::this(), Signal::SIGSTOP).expect("SIGSTOP myself");
+            // To this thread (tgkill), not the process: a process-directed SIGSTOP may be
+            // taken by another thread while this one pushes thousands more events.
+            nix::sys::signal::raise(Signal::SIGSTOP).expect("SIGSTOP myself");
             say(&format!("continued at {i}"));
         }
         let (ts, t) = trade(i);
@@ -2127,6 +2129,20 @@ fn paused_producer_is_stalled_not_dead_in_backtest() {
     assert_eq!(component_of(&v, "feed")["state"], "finished", "{v:#}");
 }
 
+/// Registers a consumer named `name` from this process.
+fn consumer_here(h: &Harness, name: &str, token: &str) -> Component {
+    Component::connect(
+        Some(&h.sock),
+        Register {
+            component_name: name.into(),
+            session_token: token.into(),
+            role: Some(Role::Consumer),
+            ..Register::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("register {name}: {e}"))
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. session evict
 // ---------------------------------------------------------------------------------------------
@@ -2152,16 +2168,7 @@ fn evicted_consumer_is_dead_and_the_other_gets_every_event() {
     );
     let survivor = h.role("consumer", "survivor", &token, &[]);
     // The victim, in this process: attached, READY, never reading.
-    let victim = Component::connect(
-        Some(&h.sock),
-        Register {
-            component_name: "victim".into(),
-            session_token: token.clone(),
-            role: Some(Role::Consumer),
-            ..Register::default()
-        },
-    )
-    .expect("register the victim");
+    let victim = consumer_here(&h, "victim", &token);
     let _bus = victim.consumer().expect("attach the bus");
     victim.ready(RUN).expect("STARTED");
     h.wait_inspect("evict", "held back by the victim", RUN, |v| {
@@ -2263,16 +2270,7 @@ fn late_live_consumer_starts_at_the_head() {
     h.wait_inspect("late", "merged the first events", RUN, |v| {
         v["state"] == "running" && v["sequencer"]["events_merged"] == STOP_AT
     });
-    let late = Component::connect(
-        Some(&h.sock),
-        Register {
-            component_name: "late".into(),
-            session_token: token,
-            role: Some(Role::Consumer),
-            ..Register::default()
-        },
-    )
-    .expect("a live session accepts a late consumer");
+    let late = consumer_here(&h, "late", &token);
     let mut bus = late.consumer().expect("attach the bus");
     late.ready(REPLY)
         .expect("STARTED at once for a late consumer");

@@ -258,9 +258,6 @@ pub fn run_session(socket: &Path, json_out: bool, a: &RunArgs) -> Result<bool, C
 pub struct Outcome {
     /// All components exited 0 and the session finished.
     pub ok: bool,
-    /// [`Outcome::run`] as JSON: `{"session": inspect, "components": [{command, pid, exit}],
-    /// "timed_out", "reason", "ok"}`.
-    pub summary: Value,
     /// The run, typed.
     pub run: RunSummary,
 }
@@ -361,8 +358,7 @@ pub fn run_components(
             .collect(),
         ok,
     };
-    let summary = serde_json::to_value(&run)?;
-    Ok(Outcome { ok, summary, run })
+    Ok(Outcome { ok, run })
 }
 
 /// Starts one `sh -c CMD` per component with the session in its environment. If one cannot
