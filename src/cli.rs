@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use aegis_shm_client::protocol::Mode;
 use clap::{Args, Parser, Subcommand};
 
 /// Aegis: one deterministic, time-ordered market-data stream over shared memory.
@@ -42,7 +43,7 @@ pub struct CreateArgs {
     pub name: String,
     /// live or backtest.
     #[arg(long)]
-    pub mode: String,
+    pub mode: Mode,
     /// Start automatically once N components are READY.
     #[arg(long)]
     pub expect: Option<u32>,
@@ -91,6 +92,18 @@ pub enum SessionCommand {
     Destroy {
         /// Session name.
         name: String,
+    },
+    /// Evict a component on purpose: it is marked dead and told so (ERROR evicted).
+    ///
+    /// A consumer's bus slot is released, so it no longer holds the bus back; its next read
+    /// fails saying it was evicted. A producer is treated as dead: a backtest fails with the
+    /// reason, a live session removes its sources from the merge. Use it for a consumer that
+    /// is `stalled` (paused) in a backtest, which the session would otherwise wait for.
+    Evict {
+        /// Session name.
+        name: String,
+        /// Component name (as in `session inspect`).
+        component: String,
     },
 }
 

@@ -255,66 +255,35 @@ fn stopping(shared: &Shared) -> bool {
     shared.shutdown.load(Ordering::Relaxed) || SIGNALLED.load(Ordering::Relaxed)
 }
 
-/// A connection's reader: splits lines, answers each through the connection's [`Outbox`],
-/// and enforces the line-length cap and the partial-line and idle clocks.
+/// A connection's reader: answers each line through the connection's [`Outbox`] and
+/// enforces the idle clock; [`Lines`] does the framing.
 fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
     let _ = stream.set_read_timeout(Some(READ_POLL));
-    let outbox = match stream
+    let Ok(outbox) = stream
         .try_clone()
         .and_then(|w| Outbox::spawn(w, format!("aegis-out-{conn}")))
-    {
-        Ok(o) => o,
-        Err(_) => return,
+    else {
+        return;
+    };
+    let ctx = dispatch::Conn {
+        shared,
+        conn,
+        pid,
+        outbox: &outbox,
     };
     let mut reader = stream;
     let mut peer = Peer::Anonymous;
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut lines = Lines::default();
     let mut chunk = [0u8; 8192];
-    let mut partial_since: Option<Instant> = None;
     let mut last_activity = Instant::now();
-    let mut discarding = false;
-    'conn: loop {
-        if stopping(shared) {
-            break;
-        }
-        // Answer every complete line in the buffer.
-        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=nl).collect();
-            partial_since = None;
-            if discarding {
-                discarding = false;
-                continue;
-            }
-            let ctx = dispatch::Conn {
-                shared,
-                conn,
-                pid,
-                outbox: &outbox,
-            };
-            if let Some(r) = dispatch::handle_line(&ctx, &mut peer, &line[..line.len() - 1]) {
+    while !stopping(shared) {
+        while let Some(line) = lines.next_line() {
+            if let Some(r) = dispatch::handle_line(&ctx, &mut peer, &line) {
                 outbox.send(&r);
             }
         }
-        if buf.len() >= protocol::MAX_LINE {
-            outbox.send(&Reply::error(
-                ErrorCode::LineTooLong,
-                format!("line longer than {} bytes", protocol::MAX_LINE),
-            ));
-            buf.clear();
-            discarding = true;
-        }
-        if !buf.is_empty() && partial_since.is_none() {
-            partial_since = Some(Instant::now());
-        }
-        if partial_since.is_some_and(|t| t.elapsed() > PARTIAL_LINE_TIMEOUT) {
-            outbox.send(&Reply::error(
-                ErrorCode::Timeout,
-                format!(
-                    "incomplete line: no newline within {} s",
-                    PARTIAL_LINE_TIMEOUT.as_secs()
-                ),
-            ));
-            break 'conn;
+        if !lines.check(&outbox) {
+            break;
         }
         if matches!(peer, Peer::Anonymous) && last_activity.elapsed() > IDLE_TIMEOUT {
             break;
@@ -323,18 +292,7 @@ fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
             Ok(0) => break,
             Ok(n) => {
                 last_activity = Instant::now();
-                if discarding {
-                    if let Some(nl) = chunk[..n].iter().position(|&b| b == b'\n') {
-                        discarding = false;
-                        // The over-long line is over, and so is its partial-line clock. It
-                        // used to keep running: an idle connection was dropped with
-                        // "incomplete line" 5 s after an over-long line it had been told about.
-                        partial_since = None;
-                        buf.extend_from_slice(&chunk[nl + 1..n]);
-                    }
-                } else {
-                    buf.extend_from_slice(&chunk[..n]);
-                }
+                lines.push(&chunk[..n]);
             }
             Err(e)
                 if matches!(
@@ -348,4 +306,78 @@ fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
     }
     outbox.close();
     dispatch::disconnected(&peer, conn);
+}
+
+/// The line framing of one connection: the bytes read and not yet answered, the cap of
+/// [`protocol::MAX_LINE`] (the rest of an over-long line is discarded up to its newline) and
+/// the partial-line clock.
+#[derive(Default)]
+struct Lines {
+    buf: Vec<u8>,
+    /// Since when `buf` holds an unfinished line.
+    partial_since: Option<Instant>,
+    /// Skipping the rest of an over-long line.
+    discarding: bool,
+}
+
+impl Lines {
+    /// The next complete line, without its newline.
+    fn next_line(&mut self) -> Option<Vec<u8>> {
+        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = self.buf.drain(..=nl).collect();
+            self.partial_since = None;
+            if self.discarding {
+                self.discarding = false;
+                continue;
+            }
+            line.pop();
+            return Some(line);
+        }
+        None
+    }
+
+    /// Bytes read from the peer.
+    fn push(&mut self, bytes: &[u8]) {
+        if !self.discarding {
+            self.buf.extend_from_slice(bytes);
+        } else if let Some(nl) = bytes.iter().position(|&b| b == b'\n') {
+            self.discarding = false;
+            // The over-long line is over, and so is its partial-line clock. It used to keep
+            // running: an idle connection was dropped with "incomplete line" 5 s after an
+            // over-long line it had been told about.
+            self.partial_since = None;
+            self.buf.extend_from_slice(&bytes[nl + 1..]);
+        }
+    }
+
+    /// After the complete lines are answered: refuses an over-long line (`line_too_long`,
+    /// the connection goes on) and a line left unfinished too long (`timeout`). Returns false
+    /// when the connection must close.
+    fn check(&mut self, outbox: &Outbox) -> bool {
+        if self.buf.len() >= protocol::MAX_LINE {
+            outbox.send(&Reply::error(
+                ErrorCode::LineTooLong,
+                format!("line longer than {} bytes", protocol::MAX_LINE),
+            ));
+            self.buf.clear();
+            self.discarding = true;
+        }
+        if !self.buf.is_empty() && self.partial_since.is_none() {
+            self.partial_since = Some(Instant::now());
+        }
+        if self
+            .partial_since
+            .is_some_and(|t| t.elapsed() > PARTIAL_LINE_TIMEOUT)
+        {
+            outbox.send(&Reply::error(
+                ErrorCode::Timeout,
+                format!(
+                    "incomplete line: no newline within {} s",
+                    PARTIAL_LINE_TIMEOUT.as_secs()
+                ),
+            ));
+            return false;
+        }
+        true
+    }
 }

@@ -73,6 +73,7 @@ pub fn handle_line(ctx: &Conn<'_>, peer: &mut Peer, line: &[u8]) -> Option<Reply
         Request::SessionInspect { name } => inspect(ctx.shared, &name),
         Request::SessionStop { name } => stop(ctx.shared, &name),
         Request::SessionDestroy { name } => destroy(ctx.shared, &name),
+        Request::SessionEvict { name, component } => evict(ctx.shared, &name, &component),
         Request::Ready
         | Request::Finished
         | Request::Heartbeat
@@ -104,10 +105,7 @@ fn component_request(s: &mut Session, conn: u64, req: Request) -> Option<Reply> 
         Request::Heartbeat => Some(Reply::Heartbeat),
         Request::Ready => ready(s, conn),
         Request::Finished => {
-            if let Some(c) = s.component_mut(conn) {
-                c.state = CompState::Finished;
-            }
-            s.tick();
+            s.component_finished(conn);
             Some(Reply::ack())
         }
         Request::Error { code, message } => {
@@ -268,6 +266,13 @@ fn stop(shared: &Shared, name: &str) -> Result<Reply, Refusal> {
         name: name.to_string(),
         state: s.state.public(),
     }))
+}
+
+/// SESSION_EVICT.
+fn evict(shared: &Shared, name: &str, component: &str) -> Result<Reply, Refusal> {
+    let cell = session(shared, name)?;
+    let mut s = lock(&cell, name)?;
+    Ok(Reply::data(&s.evict(component)?))
 }
 
 /// SESSION_DESTROY: out of the registry, then out of its cell (its components' connections

@@ -11,9 +11,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use aegis_shm_client::protocol::{
-    self, Ack, AckSource, ComponentInfo, ComponentState, ConsumerInfo, ErrorCode, Inspect,
-    Register, Reply, Role, Segments, SequencerStats, SessionInfo, SessionSpec, SessionState,
-    SourceInfo, SourceKind, SourceProgress, SourceStatus,
+    self, Ack, AckSource, ComponentEvicted, ComponentInfo, ComponentState, ConsumerInfo, ErrorCode,
+    Inspect, Register, Reply, Role, Segments, SequencerStats, SessionInfo, SessionSpec,
+    SessionState, SourceInfo, SourceKind, SourceProgress, SourceStatus,
 };
 use aegis_shm_client::segment::{segment_path, ShmRegion, LAYOUT_VERSION};
 use aegis_shm_client::spmc::{self, BusMonitor, BusWriter, Policy, MAX_CONSUMERS};
@@ -138,12 +138,38 @@ pub struct Component {
     pub sources: Vec<String>,
     /// Last heartbeat (or any message).
     pub last_seen: Instant,
+    /// Backtest: silent past [`HEARTBEAT_TIMEOUT`] while its pid is alive (paused). Shown as
+    /// `stalled` over `state`, which it keeps: cleared when it is heard from again.
+    pub stalled: bool,
     /// Whether its connection is still open.
     pub connected: bool,
     /// Its connection's outbound queue, to push STARTED / STOP without blocking.
     pub outbox: Outbox,
     /// Connection id.
     pub conn: u64,
+}
+
+impl Component {
+    /// The state `inspect` shows: `stalled` over the state it keeps while paused.
+    pub fn public_state(&self) -> ComponentState {
+        if self.stalled && !self.state.gone() {
+            ComponentState::Stalled
+        } else {
+            self.state.public()
+        }
+    }
+
+    /// Why it is dead, in error or stalled.
+    pub fn reason(&self) -> Option<String> {
+        if self.stalled && !self.state.gone() {
+            return Some(format!(
+                "no heartbeat for {} ms, pid {} alive (paused?): the backtest waits for it",
+                self.last_seen.elapsed().as_millis(),
+                self.pid
+            ));
+        }
+        self.state.reason()
+    }
 }
 
 struct SourceRec {
@@ -329,13 +355,13 @@ impl Session {
         outbox: Outbox,
     ) -> Result<Ack, Refusal> {
         let role = self.check_registration(reg)?;
-        let kinds = self.check_sources(reg, role)?;
+        self.check_sources(reg, role)?;
         let slot = if role.consumes() {
             Some(self.free_slot()?)
         } else {
             None
         };
-        let mut ack_sources = self.create_sources(reg, &kinds)?;
+        let mut ack_sources = self.create_sources(reg)?;
         let topics = self.topic_table();
         for a in &mut ack_sources {
             a.topic_id = topics[&self.sources[&a.name].topic];
@@ -348,6 +374,7 @@ impl Session {
             slot,
             sources: reg.sources.iter().map(|s| s.name.clone()).collect(),
             last_seen: Instant::now(),
+            stalled: false,
             connected: true,
             outbox,
             conn,
@@ -406,8 +433,8 @@ impl Session {
         Ok(role)
     }
 
-    /// The declared sources: names, topics, kinds, uniqueness, count. Returns their kinds.
-    fn check_sources(&self, reg: &Register, role: Role) -> Result<Vec<SourceKind>, Refusal> {
+    /// The declared sources: names, topics, uniqueness, count (their kinds are typed).
+    fn check_sources(&self, reg: &Register, role: Role) -> Result<(), Refusal> {
         if role.produces() && reg.sources.is_empty() {
             return Err(Refusal::bad_request(
                 "a producer must declare at least one source",
@@ -416,7 +443,6 @@ impl Session {
         if !role.produces() && !reg.sources.is_empty() {
             return Err(Refusal::bad_request("only producers declare sources"));
         }
-        let mut kinds = Vec::with_capacity(reg.sources.len());
         for (i, s) in reg.sources.iter().enumerate() {
             if !protocol::valid_name(&s.name) {
                 return Err(Refusal::bad_name("source name", &s.name));
@@ -424,7 +450,6 @@ impl Session {
             if !protocol::valid_name(&s.topic) {
                 return Err(Refusal::bad_name("topic", &s.topic));
             }
-            kinds.push(s.source_kind().map_err(Refusal::bad_request)?);
             if self.sources.contains_key(&s.name)
                 || reg.sources[..i].iter().any(|o| o.name == s.name)
             {
@@ -440,7 +465,7 @@ impl Session {
                 format!("a session has at most {MAX_SOURCES} sources"),
             ));
         }
-        Ok(kinds)
+        Ok(())
     }
 
     /// A bus slot held by no live component and no attached reader.
@@ -464,11 +489,7 @@ impl Session {
 
     /// Creates the source rings of `reg` (all or none) and records them. The ACK entries
     /// have topic id 0 until the caller fills them in.
-    fn create_sources(
-        &mut self,
-        reg: &Register,
-        kinds: &[SourceKind],
-    ) -> Result<Vec<AckSource>, Refusal> {
+    fn create_sources(&mut self, reg: &Register) -> Result<Vec<AckSource>, Refusal> {
         let ring_bytes = self.spec.source_bytes.unwrap_or(DEFAULT_SOURCE_BYTES);
         let mut created = Vec::new();
         for s in &reg.sources {
@@ -479,18 +500,18 @@ impl Session {
             created.push(Arc::new(region));
         }
         let mut ack_sources = Vec::new();
-        for ((s, region), kind) in reg.sources.iter().zip(created).zip(kinds) {
+        for (s, region) in reg.sources.iter().zip(created) {
             ack_sources.push(AckSource {
                 name: s.name.clone(),
                 path: region.path().display().to_string(),
                 topic_id: 0,
-                kind: *kind,
+                kind: s.kind,
             });
             self.sources.insert(
                 s.name.clone(),
                 SourceRec {
                     region,
-                    kind: *kind,
+                    kind: s.kind,
                     topic: s.topic.clone(),
                     component: reg.component_name.clone(),
                 },
@@ -660,6 +681,60 @@ impl Session {
         }
     }
 
+    /// `session evict`: marks the component named `name` dead on purpose, as if it had died,
+    /// after telling it (`ERROR evicted` through its outbox). A consumer's bus slot is
+    /// released; a producer fails a backtest, or leaves a live merge. A component that
+    /// registered again under the name after an earlier one was gone is the one evicted.
+    pub fn evict(&mut self, name: &str) -> Result<ComponentEvicted, Refusal> {
+        let i = self
+            .components
+            .iter()
+            .rposition(|c| c.name == name)
+            .ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::NoComponent,
+                    format!("session {} has no component named {name:?}", self.name),
+                )
+            })?;
+        let c = &self.components[i];
+        if c.state.gone() {
+            return Err(Refusal::new(
+                ErrorCode::ComponentGone,
+                format!(
+                    "component {name} of session {} is already {}",
+                    self.name,
+                    c.state.public()
+                ),
+            ));
+        }
+        let role = c.role;
+        c.outbox.send(&Reply::error(
+            ErrorCode::Evicted,
+            format!(
+                "evicted from session {} by `aegis-shmctl session evict`",
+                self.name
+            ),
+        ));
+        self.bury(i, "evicted by operator (aegis-shmctl session evict)".into());
+        self.advance_state();
+        Ok(ComponentEvicted {
+            name: self.name.clone(),
+            component: name.to_string(),
+            role,
+            state: self.state.public(),
+        })
+    }
+
+    /// A component sent FINISHED (ignored once it is dead: an evicted component stays so).
+    pub fn component_finished(&mut self, conn: u64) {
+        if let Some(c) = self.component_mut(conn) {
+            if !c.state.gone() {
+                c.state = CompState::Finished;
+            }
+        }
+        self.tick();
+    }
+
     /// Liveness and progress: called periodically by the daemon.
     pub fn tick(&mut self) {
         self.check_liveness();
@@ -667,24 +742,32 @@ impl Session {
         self.advance_state();
     }
 
-    /// Buries every component whose connection closed, whose heartbeats stopped or whose
-    /// pid is gone.
+    /// Buries every component whose connection closed, whose pid is gone, or whose
+    /// heartbeats stopped. In a backtest, a silent component whose pid is alive is paused
+    /// (SIGSTOP, a debugger: every thread stops, the heartbeat thread too), not dead: it is
+    /// marked stalled and the session waits for it, since exactness needs every producer and
+    /// back-pressure every consumer. Live sessions never wait: silence is death there.
     fn check_liveness(&mut self) {
         let now = Instant::now();
+        let backtest = self.mode == Mode::Backtest;
         for i in 0..self.components.len() {
-            let c = &self.components[i];
+            let c = &mut self.components[i];
             if c.state.gone() {
                 continue;
             }
             let silent = now.duration_since(c.last_seen);
+            c.stalled = false;
             let reason = if !c.connected {
                 Some("its connection closed".to_string())
-            } else if silent > HEARTBEAT_TIMEOUT {
-                Some(format!("no heartbeat for {} ms", silent.as_millis()))
             } else if c.pid != 0 && !pid_alive(c.pid) {
                 Some(format!("pid {} is gone", c.pid))
-            } else {
+            } else if silent <= HEARTBEAT_TIMEOUT {
                 None
+            } else if backtest && c.pid != 0 {
+                c.stalled = true;
+                None
+            } else {
+                Some(format!("no heartbeat for {} ms", silent.as_millis()))
             };
             if let Some(r) = reason {
                 self.bury(i, r);
@@ -745,7 +828,11 @@ impl Session {
 
     /// A component reported an error.
     pub fn component_error(&mut self, conn: u64, message: String) {
-        if let Some(i) = self.components.iter().position(|c| c.conn == conn) {
+        let pos = self
+            .components
+            .iter()
+            .position(|c| c.conn == conn && !c.state.gone());
+        if let Some(i) = pos {
             self.components[i].state = CompState::Error(message.clone());
             let c = &self.components[i];
             if let Some(slot) = c.slot {
@@ -784,8 +871,8 @@ impl Session {
                     name: c.name.clone(),
                     role: c.role,
                     pid: c.pid,
-                    state: c.state.public(),
-                    reason: c.state.reason(),
+                    state: c.public_state(),
+                    reason: c.reason(),
                 })
                 .collect(),
             sources: self.source_infos(),
@@ -816,7 +903,7 @@ impl Session {
                 ConsumerInfo {
                     name: c.name.clone(),
                     slot: c.slot,
-                    state: c.state.public(),
+                    state: c.public_state(),
                     cursor: st.map(|s| s.cursor),
                     lag_bytes: st.map(|s| tail.saturating_sub(s.cursor)),
                     read: st.map(|s| s.read),

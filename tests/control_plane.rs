@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use aegis_shm_client::client::Component;
 use aegis_shm_client::event::{Decimal, EventRef, Symbol, Trade};
-use aegis_shm_client::protocol::{self, Register, Reply, Request, Role, SourceDecl};
+use aegis_shm_client::protocol::{self, Register, Reply, Request, Role, SourceDecl, SourceKind};
 use aegis_shm_client::spmc::ReadError;
 use aegis_shm_client::wait::{Backoff, Deadline};
 use nix::sys::signal::{kill, Signal};
@@ -46,6 +46,7 @@ const ENV_ROLE: &str = "AEGIS_CP_ROLE";
 const ENV_NAME: &str = "AEGIS_CP_NAME";
 const ENV_EVENTS: &str = "AEGIS_CP_EVENTS";
 const ENV_PAUSE_AT: &str = "AEGIS_CP_PAUSE_AT";
+const ENV_STOP_AT: &str = "AEGIS_CP_STOP_AT";
 
 /// How long the daemon may take to answer on its socket after it was spawned.
 const DAEMON_UP: Duration = Duration::from_secs(15);
@@ -670,7 +671,9 @@ fn trade(i: u64) -> (u64, Trade) {
 }
 
 /// Producer role: source `<name>-src`, `AEGIS_CP_EVENTS` trades. With `AEGIS_CP_PAUSE_AT=K` it
-/// pushes K trades, flushes, says `paused` and waits to be killed.
+/// pushes K trades, flushes, says `paused` and waits to be killed. With `AEGIS_CP_STOP_AT=K` it
+/// pushes K trades, flushes, says `stopping` and stops itself (SIGSTOP: every thread, the
+/// heartbeat thread too, as a debugger would); after SIGCONT it goes on to the end.
 #[test]
 fn role_producer() {
     if std::env::var(ENV_ROLE).as_deref() != Ok("producer") {
@@ -679,13 +682,14 @@ fn role_producer() {
     let name = std::env::var(ENV_NAME).unwrap();
     let events = role_env(ENV_EVENTS).unwrap();
     let pause_at = role_env(ENV_PAUSE_AT);
+    let stop_at = role_env(ENV_STOP_AT);
     let source = format!("{name}-src");
     let comp = Component::from_env(
         &name,
         Role::Producer,
         vec![SourceDecl {
             name: source.clone(),
-            kind: "trade".into(),
+            kind: SourceKind::Trade,
             topic: "trades.BTCUSDT".into(),
         }],
     )
@@ -701,6 +705,14 @@ fn role_producer() {
             say(&format!("paused at {i}"));
             std::thread::sleep(PAUSE_LIMIT);
             panic!("paused producer was not killed within {PAUSE_LIMIT:?}");
+        }
+        if Some(i) == stop_at {
+            p.flush();
+            say(&format!("stopping at {i}"));
+            // To this thread (tgkill), not the process: a process-directed SIGSTOP may be
+            // taken by another thread while this one pushes thousands more events.
+            nix::sys::signal::raise(Signal::SIGSTOP).expect("SIGSTOP myself");
+            say(&format!("continued at {i}"));
         }
         let (ts, t) = trade(i);
         if p.push(ts, topic, t, &mut wait, Deadline::after(CHILD_DEADLINE))
@@ -942,7 +954,7 @@ fn protocol_refusals_keep_the_daemon_serving() {
             role: Some(Role::Producer),
             sources: vec![SourceDecl {
                 name: "src1".into(),
-                kind: "trade".into(),
+                kind: SourceKind::Trade,
                 topic: "trades.BTCUSDT".into(),
             }],
             pid: Some(std::process::id()),
@@ -1745,7 +1757,7 @@ fn gc_cleans_up_after_a_killed_daemon() {
             role: Some(Role::Producer),
             sources: vec![SourceDecl {
                 name: "feed".into(),
-                kind: "book".into(),
+                kind: SourceKind::Book,
                 topic: "book.BTCUSDT".into(),
             }],
             pid: Some(std::process::id()),
@@ -2025,4 +2037,272 @@ fn session_run_exit_status() {
     // `session run` destroys its sessions.
     let list = h.request(&json!({"cmd": "SESSION_LIST"}));
     assert_eq!(expect_data(&list), json!([]), "{list}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Stalled, not dead: a paused producer in a backtest
+// ---------------------------------------------------------------------------------------------
+
+/// Longer than the daemon's heartbeat timeout (protocol::HEARTBEAT_TIMEOUT_MS) with a margin:
+/// a component paused this long used to be declared dead.
+const LONGER_THAN_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// The entry of component `name` in an inspect view.
+fn component_of<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v["components"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// A backtest producer stopped (SIGSTOP: no heartbeats) for longer than the heartbeat
+/// timeout is `stalled`, never dead, and the session does not fail: it waits. After SIGCONT
+/// the session finishes and the consumer has every event, in order.
+#[test]
+fn paused_producer_is_stalled_not_dead_in_backtest() {
+    const EVENTS: u64 = 100_000;
+    const STOP_AT: u64 = 30_000;
+    let h = Harness::new();
+    let token = h.create(
+        "paused-producer",
+        "backtest",
+        json!({"expect": 2, "bus_bytes": 65536, "source_bytes": 65536}),
+    );
+    let prod = h.role(
+        "producer",
+        "feed",
+        &token,
+        &[
+            (ENV_EVENTS, EVENTS.to_string()),
+            (ENV_STOP_AT, STOP_AT.to_string()),
+        ],
+    );
+    let cons = h.role("consumer", "reader", &token, &[]);
+    h.wait_stdout(prod, &format!("{MARK}stopping at {STOP_AT}"), RUN);
+    let end = Instant::now() + LONGER_THAN_HEARTBEAT_TIMEOUT;
+    let mut stalled = None;
+    while Instant::now() < end {
+        let v = h.inspect("paused-producer");
+        let feed = component_of(&v, "feed");
+        assert_ne!(
+            feed["state"], "dead",
+            "a paused producer is not dead: {v:#}"
+        );
+        assert_eq!(
+            v["state"], "running",
+            "the backtest must wait for it: {v:#}"
+        );
+        if feed["state"] == "stalled" {
+            stalled = Some(v.clone());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v = stalled.expect("inspect never showed the paused producer as stalled");
+    let reason = component_of(&v, "feed")["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("heartbeat"), "say why it is stalled: {v:#}");
+    // The text view shows it too.
+    let text = h.shmctl(&["session", "inspect", "paused-producer"], REPLY);
+    assert!(text.status.success(), "inspect failed: {}", text.stderr);
+    assert!(
+        text.stdout
+            .lines()
+            .any(|l| l.contains("feed") && l.contains("stalled")),
+        "the text inspect must show the producer stalled:\n{}",
+        text.stdout
+    );
+
+    kill(Pid::from_raw(h.pid(prod) as i32), Signal::SIGCONT).expect("SIGCONT");
+    h.wait_ok(prod, RUN);
+    h.wait_ok(cons, RUN);
+    let out = h.stdout(cons);
+    assert!(
+        out.contains(&format!("consumer done count={EVENTS} in-order")),
+        "the consumer must get every event: {out}"
+    );
+    let v = h.wait_inspect(
+        "paused-producer",
+        "finished",
+        Duration::from_secs(20),
+        |v| v["state"] == "finished",
+    );
+    assert_eq!(v["sequencer"]["events_merged"], EVENTS, "{v:#}");
+    assert_eq!(component_of(&v, "feed")["state"], "finished", "{v:#}");
+}
+
+/// Registers a consumer named `name` from this process.
+fn consumer_here(h: &Harness, name: &str, token: &str) -> Component {
+    Component::connect(
+        Some(&h.sock),
+        Register {
+            component_name: name.into(),
+            session_token: token.into(),
+            role: Some(Role::Consumer),
+            ..Register::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("register {name}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. session evict
+// ---------------------------------------------------------------------------------------------
+
+/// A consumer that attached the bus and never reads holds a backtest back; `session evict`
+/// marks it dead with the reason, tells it (ERROR evicted, seen by the client library), and
+/// releases its slot: the other consumer gets every event and the session finishes. Evicting
+/// it again, or a name the session does not know, is a clear error.
+#[test]
+fn evicted_consumer_is_dead_and_the_other_gets_every_event() {
+    const EVENTS: u64 = 200_000;
+    let h = Harness::new();
+    let token = h.create(
+        "evict",
+        "backtest",
+        json!({"expect": 3, "bus_bytes": 65536, "source_bytes": 65536}),
+    );
+    let prod = h.role(
+        "producer",
+        "prod",
+        &token,
+        &[(ENV_EVENTS, EVENTS.to_string())],
+    );
+    let survivor = h.role("consumer", "survivor", &token, &[]);
+    // The victim, in this process: attached, READY, never reading.
+    let victim = consumer_here(&h, "victim", &token);
+    let _bus = victim.consumer().expect("attach the bus");
+    victim.ready(RUN).expect("STARTED");
+    h.wait_inspect("evict", "held back by the victim", RUN, |v| {
+        v["state"] == "running" && v["sequencer"]["consumer_stalls"].as_u64() > Some(0)
+    });
+    assert!(victim.evicted().is_none());
+
+    let out = h.shmctl(&["--json", "session", "evict", "evict", "victim"], REPLY);
+    assert!(out.status.success(), "session evict failed: {}", out.stderr);
+    let answer: Value = serde_json::from_str(&out.stdout).expect("evict --json prints JSON");
+    assert_eq!(answer["component"], "victim", "{answer}");
+    assert_eq!(answer["role"], "consumer", "{answer}");
+
+    // The victim is told.
+    let end = Instant::now() + REPLY;
+    let told = loop {
+        if let Some(m) = victim.evicted() {
+            break m;
+        }
+        assert!(
+            Instant::now() < end,
+            "the victim was not told it was evicted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(told.contains("evict"), "{told}");
+    assert!(
+        victim
+            .stop_requested()
+            .is_some_and(|r| r.starts_with("evicted")),
+        "{:?}",
+        victim.stop_requested()
+    );
+
+    // The others go on without it.
+    h.wait_ok(prod, RUN);
+    h.wait_ok(survivor, RUN);
+    let out = h.stdout(survivor);
+    assert!(
+        out.contains(&format!("consumer done count={EVENTS} in-order")),
+        "the survivor must get every event: {out}"
+    );
+    let v = h.wait_inspect("evict", "finished", Duration::from_secs(20), |v| {
+        v["state"] == "finished"
+    });
+    assert_eq!(v["sequencer"]["events_merged"], EVENTS, "{v:#}");
+    let c = component_of(&v, "victim");
+    assert_eq!(c["state"], "dead", "{v:#}");
+    assert!(
+        c["reason"].as_str().is_some_and(|r| r.contains("evicted")),
+        "the reason must say it was evicted: {v:#}"
+    );
+
+    // Clear errors.
+    let evict = |session: &str, component: &str| {
+        h.request(&json!({"cmd": "SESSION_EVICT", "name": session, "component": component}))
+    };
+    let msg = expect_error(&evict("evict", "victim"), "component_gone");
+    assert!(msg.contains("victim"), "{msg}");
+    let msg = expect_error(&evict("evict", "nobody"), "no_component");
+    assert!(msg.contains("nobody"), "{msg}");
+    expect_error(&evict("no-such-session", "victim"), "no_session");
+    let out = h.shmctl(&["session", "evict", "evict", "nobody"], REPLY);
+    assert!(
+        !out.status.success(),
+        "evict of an unknown component must fail"
+    );
+    assert!(
+        out.stderr.contains("nobody") && out.stderr.contains("no_component"),
+        "the CLI must say why: {}",
+        out.stderr
+    );
+    drop(victim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. A late consumer in a live session
+// ---------------------------------------------------------------------------------------------
+
+/// A consumer that registers after a live session started is accepted, gets STARTED at once,
+/// and reads from the head: not one event merged before it attached, every one after.
+#[test]
+fn late_live_consumer_starts_at_the_head() {
+    const EVENTS: u64 = 20_000;
+    const STOP_AT: u64 = 5_000;
+    let h = Harness::new();
+    let token = h.create("late", "live", json!({"expect": 1}));
+    let prod = h.role(
+        "producer",
+        "feed",
+        &token,
+        &[
+            (ENV_EVENTS, EVENTS.to_string()),
+            (ENV_STOP_AT, STOP_AT.to_string()),
+        ],
+    );
+    h.wait_stdout(prod, &format!("{MARK}stopping at {STOP_AT}"), RUN);
+    // The producer is stopped: once the first STOP_AT events are merged, nothing moves.
+    h.wait_inspect("late", "merged the first events", RUN, |v| {
+        v["state"] == "running" && v["sequencer"]["events_merged"] == STOP_AT
+    });
+    let late = consumer_here(&h, "late", &token);
+    let mut bus = late.consumer().expect("attach the bus");
+    late.ready(REPLY)
+        .expect("STARTED at once for a late consumer");
+    kill(Pid::from_raw(h.pid(prod) as i32), Signal::SIGCONT).expect("SIGCONT");
+
+    let mut wait = Backoff::default();
+    let mut ids = Vec::new();
+    loop {
+        let f = bus
+            .next(&mut wait, Deadline::after(RUN))
+            .unwrap_or_else(|e| panic!("late consumer, after {} events: {e}", ids.len()));
+        if f.is_eof() {
+            break;
+        }
+        match f.event().expect("a valid event") {
+            EventRef::Trade(t) => ids.push(t.id.to_native()),
+            _ => panic!("only trades were produced"),
+        }
+    }
+    let expected: Vec<u64> = (STOP_AT..EVENTS).collect();
+    assert!(
+        ids == expected,
+        "the late consumer must read from the head (trade {STOP_AT}) to the end, in order: \
+         got {} events, first {:?}, last {:?}",
+        ids.len(),
+        ids.first(),
+        ids.last()
+    );
+    late.finished().expect("FINISHED");
+    h.wait_ok(prod, RUN);
+    let v = h.wait_inspect("late", "finished", Duration::from_secs(20), |v| {
+        v["state"] == "finished"
+    });
+    assert_eq!(component_of(&v, "late")["state"], "finished", "{v:#}");
 }

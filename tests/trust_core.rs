@@ -392,7 +392,6 @@ fn paused_setup(h: &mut Harness, b: &Bins, name: &str, n: usize) -> (PathBuf, us
 }
 
 #[test]
-#[ignore = "issue 9: in progress"]
 fn paused_consumer_is_stalled_not_evicted_in_backtest() {
     let _g = serial();
     let b = bins();

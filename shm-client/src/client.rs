@@ -1,6 +1,11 @@
 //! The component side of the control protocol: connect, register, map, READY, wait for
 //! STARTED, heartbeat in the background, FINISHED.
 //!
+//! While it runs, a component learns that it must stop from [`Component::stop_requested`]
+//! (the session's STOP, or an ERROR the daemon sent, such as `evicted`),
+//! [`Component::evicted`] (`aegis-shmctl session evict`) and [`Component::disconnected`] (the
+//! daemon is gone). A long-running component looks at them whenever it is idle.
+//!
 //! ```no_run
 //! use aegis_shm_client::client::Component;
 //! use aegis_shm_client::protocol::{Register, Role};
@@ -58,6 +63,9 @@ pub enum ClientError {
     /// The session was stopped.
     #[error("session stopped: {0}")]
     Stopped(String),
+    /// `aegis-shmctl session evict` evicted this component (a consumer's bus slot is gone).
+    #[error("evicted: {0}")]
+    Evicted(String),
     /// A segment could not be mapped.
     #[error("cannot map {path}: {source}")]
     Map {
@@ -90,6 +98,8 @@ pub struct Started {
 struct Status {
     started: Option<Started>,
     stopped: Option<String>,
+    /// The message of the daemon's `ERROR evicted` (`stopped` is set too).
+    evicted: Option<String>,
     finished_ack: bool,
     closed: bool,
 }
@@ -248,6 +258,9 @@ impl Component {
             if let Some(v) = f(&st) {
                 return Ok(v);
             }
+            if let Some(r) = &st.evicted {
+                return Err(ClientError::Evicted(r.clone()));
+            }
             if let Some(r) = &st.stopped {
                 return Err(ClientError::Stopped(r.clone()));
             }
@@ -269,14 +282,25 @@ impl Component {
         }
     }
 
-    /// Why the daemon asked us to stop, if it did.
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.shared.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Why the daemon asked us to stop, if it did: its STOP, or any ERROR it sent after the
+    /// registration (an eviction included, as `evicted: ...`).
     pub fn stop_requested(&self) -> Option<String> {
-        self.shared
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stopped
-            .clone()
+        self.status().stopped.clone()
+    }
+
+    /// The daemon's message if `aegis-shmctl session evict` evicted this component. A
+    /// consumer must stop reading: its bus slot was released.
+    pub fn evicted(&self) -> Option<String> {
+        self.status().evicted.clone()
+    }
+
+    /// Whether the daemon's connection closed (the daemon is gone, or it dropped us).
+    pub fn disconnected(&self) -> bool {
+        self.status().closed
     }
 
     /// Tells the daemon we are done, waits (5 s at most) for its ACK, and disconnects.
@@ -356,7 +380,12 @@ fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared) {
                 })
             }
             Reply::Stop { reason } => st.stopped = Some(reason),
-            Reply::Error { code, message } => st.stopped = Some(format!("{code}: {message}")),
+            Reply::Error { code, message } => {
+                if code == ErrorCode::Evicted {
+                    st.evicted = Some(message.clone());
+                }
+                st.stopped = Some(format!("{code}: {message}"));
+            }
             Reply::Ack { .. } => st.finished_ack = true,
             Reply::Wait { .. } | Reply::Heartbeat => continue,
         }

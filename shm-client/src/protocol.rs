@@ -106,6 +106,19 @@ impl From<SourceKind> for crate::frame::Kind {
     }
 }
 
+impl TryFrom<crate::frame::Kind> for SourceKind {
+    /// `Control`, which no source declares.
+    type Error = crate::frame::Kind;
+    fn try_from(k: crate::frame::Kind) -> Result<SourceKind, crate::frame::Kind> {
+        match k {
+            crate::frame::Kind::Trade => Ok(SourceKind::Trade),
+            crate::frame::Kind::Book => Ok(SourceKind::Book),
+            crate::frame::Kind::Kline => Ok(SourceKind::Kline),
+            crate::frame::Kind::Control => Err(k),
+        }
+    }
+}
+
 /// Why the daemon refused: the `code` of an `ERROR` reply. Serialised as snake_case
 /// (`bad_request`, ...); `docs/protocol.md` lists them.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +166,13 @@ pub enum ErrorCode {
     Busy,
     /// The daemon failed (a segment could not be created, say).
     Internal,
+    /// No component of that name in the session.
+    NoComponent,
+    /// The component already finished, died or was evicted.
+    ComponentGone,
+    /// Sent to a component that `session evict` evicted: it must stop (a consumer's bus slot
+    /// is released; its next read says so).
+    Evicted,
 }
 
 named_enum!(ErrorCode, "error code", {
@@ -177,6 +197,9 @@ named_enum!(ErrorCode, "error code", {
     PermissionDenied => "permission_denied",
     Busy => "busy",
     Internal => "internal",
+    NoComponent => "no_component",
+    ComponentGone => "component_gone",
+    Evicted => "evicted",
 });
 
 /// Where a session is in its life: `created → running → draining → finished`, or `failed` /
@@ -231,6 +254,10 @@ pub enum ComponentState {
     Dead,
     /// Reported an ERROR.
     Error,
+    /// Backtest only: silent past the heartbeat timeout while its pid is alive (paused by a
+    /// debugger or SIGSTOP). Not dead: the session waits for it, and it goes back to the
+    /// state it had when its heartbeats resume.
+    Stalled,
 }
 
 named_enum!(ComponentState, "component state", {
@@ -239,6 +266,7 @@ named_enum!(ComponentState, "component state", {
     Finished => "finished",
     Dead => "dead",
     Error => "error",
+    Stalled => "stalled",
 });
 
 /// A source's state as `inspect` shows it: `registered` before the session starts, then the
@@ -313,21 +341,10 @@ impl Role {
 pub struct SourceDecl {
     /// The source's name (`[A-Za-z0-9._-]{1,64}`), unique in the session.
     pub name: String,
-    /// A [`SourceKind`] name: `trade`, `book` or `kline`. A string rather than a
-    /// [`SourceKind`] only because producers outside this crate build it from their own kind
-    /// names; [`SourceDecl::source_kind`] checks it.
-    pub kind: String,
+    /// `trade`, `book` or `kline` (another value makes the REGISTER a `bad_request`).
+    pub kind: SourceKind,
     /// The topic it publishes, e.g. `klines.BTCUSDT.1m`.
     pub topic: String,
-}
-
-impl SourceDecl {
-    /// The declared kind, or why it is not one.
-    pub fn source_kind(&self) -> Result<SourceKind, String> {
-        self.kind
-            .parse()
-            .map_err(|e: String| format!("source {}: {e}", self.name))
-    }
 }
 
 /// The REGISTER payload.
@@ -452,6 +469,14 @@ pub enum Request {
     SessionDestroy {
         /// Session name.
         name: String,
+    },
+    /// CLI: evict a component on purpose (it is marked dead, as if it had died).
+    #[serde(rename = "SESSION_EVICT")]
+    SessionEvict {
+        /// Session name.
+        name: String,
+        /// Component name.
+        component: String,
     },
 }
 
@@ -599,6 +624,8 @@ pub enum Cmd {
     SessionStop,
     /// [`Request::SessionDestroy`].
     SessionDestroy,
+    /// [`Request::SessionEvict`].
+    SessionEvict,
 }
 
 impl Request {
@@ -618,6 +645,7 @@ impl Request {
             Request::SessionInspect { .. } => Cmd::SessionInspect,
             Request::SessionStop { .. } => Cmd::SessionStop,
             Request::SessionDestroy { .. } => Cmd::SessionDestroy,
+            Request::SessionEvict { .. } => Cmd::SessionEvict,
         }
     }
 }
@@ -691,6 +719,19 @@ pub struct SessionDestroyed {
     pub destroyed: bool,
 }
 
+/// The answer to `SESSION_EVICT`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ComponentEvicted {
+    /// Session name.
+    pub name: String,
+    /// The evicted component.
+    pub component: String,
+    /// Its role.
+    pub role: Role,
+    /// The session's state after the eviction (`failed` when a backtest lost a producer).
+    pub state: SessionState,
+}
+
 /// The answer to `SESSION_INSPECT` (SPEC section 7).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Inspect {
@@ -733,7 +774,7 @@ pub struct ComponentInfo {
     pub pid: u32,
     /// State.
     pub state: ComponentState,
-    /// Why it is dead or in error.
+    /// Why it is dead, in error or stalled.
     pub reason: Option<String>,
 }
 
@@ -960,6 +1001,7 @@ mod tests {
         for line in [
             &br#"{"cmd":"REGISTER","component_name":"x","session_token":"00","role":"admin"}"#[..],
             br#"{"cmd":"SESSION_CREATE","name":"s","mode":"paper"}"#,
+            br#"{"cmd":"REGISTER","component_name":"x","session_token":"00","role":"producer","sources":[{"name":"s","kind":"candle","topic":"t"}]}"#,
         ] {
             match parse_request(line) {
                 Err(Reply::Error { code, .. }) => assert_eq!(code, ErrorCode::BadRequest),
@@ -1011,6 +1053,7 @@ mod tests {
             "SESSION_INSPECT",
             "SESSION_STOP",
             "SESSION_DESTROY",
+            "SESSION_EVICT",
         ];
         for name in cmds {
             let cmd: Cmd = serde_json::from_value(name.into()).unwrap();

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::session::{Outcome, RunSummary};
 use super::CliError;
 use crate::cli::{CreateArgs, DemoArgs, RunArgs};
 use aegis::session::pid_alive;
+use aegis_shm_client::protocol::Mode;
 
 /// The real Binance 1m klines of 2024-09-21, bundled in the binary.
 const KLINES_1M: &str = include_str!("../../data/binance/BTCUSDT-1m-2024-09-21.csv");
@@ -145,43 +147,41 @@ impl Drop for Cleanup {
     }
 }
 
-/// Runs the demo. Ok(true) when every consumer saw the same stream.
-pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
-    if a.consumers < 2 {
-        return Err(CliError("the demo runs at least 2 consumers".into()));
-    }
-    let replay = tool("aegis-replay")?;
-    let tap = tool("aegis-tap")?;
-    let dir = std::env::temp_dir().join(format!("aegis-demo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mut cleanup = Cleanup {
-        dir: dir.clone(),
-        daemon: None,
-    };
-    let socket = dir.join("aegis.sock");
+/// The demo's input files: the bundled klines and the generated trades and book updates.
+struct Inputs {
+    klines: PathBuf,
+    trades_csv: PathBuf,
+    book_csv: PathBuf,
+}
 
-    println!("== Aegis demo: backtest of bundled Binance klines + generated trades and book ==");
-    let klines = dir.join(KLINES_NAME);
-    std::fs::write(&klines, KLINES_1M)?;
-    let n_trades = a.events * 3 / 5;
-    let n_book = a.events - n_trades;
-    let trades_csv = dir.join("BTCUSDT-trades-2024-09-21.csv");
-    let book_csv = dir.join("BTCUSDT-bookTicker-2024-09-21.csv");
+/// Writes the bundled klines and generates `events` trades and book updates (3:2) in `dir`.
+fn generate_inputs(dir: &Path, events: u64) -> Result<Inputs, CliError> {
+    let inputs = Inputs {
+        klines: dir.join(KLINES_NAME),
+        trades_csv: dir.join("BTCUSDT-trades-2024-09-21.csv"),
+        book_csv: dir.join("BTCUSDT-bookTicker-2024-09-21.csv"),
+    };
+    std::fs::write(&inputs.klines, KLINES_1M)?;
+    let n_trades = events * 3 / 5;
+    let n_book = events - n_trades;
     let t = Instant::now();
-    write_trades(&trades_csv, n_trades)?;
-    write_book(&book_csv, n_book)?;
+    write_trades(&inputs.trades_csv, n_trades)?;
+    write_book(&inputs.book_csv, n_book)?;
     println!(
         "generated {n_trades} trades and {n_book} book updates in {:.2} s ({})",
         t.elapsed().as_secs_f64(),
         dir.display()
     );
+    Ok(inputs)
+}
 
-    // CSV → journal once (parse-bound), then replay journals by mmap (the fast path).
+/// CSV → journal once (parse-bound), so that the run replays journals by mmap (the fast
+/// path). Returns the journals.
+fn convert(replay: &Path, csvs: &[&Path]) -> Result<Vec<PathBuf>, CliError> {
     let mut journals = Vec::new();
-    for csv in [&trades_csv, &book_csv] {
+    for csv in csvs {
         let journal = csv.with_extension("aegisj");
-        let out = Command::new(&replay)
+        let out = Command::new(replay)
             .arg("--convert")
             .arg(&journal)
             .arg(csv)
@@ -193,11 +193,15 @@ pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
         print!("{}", String::from_utf8_lossy(&out.stdout));
         journals.push(journal);
     }
+    Ok(journals)
+}
 
+/// Starts a private daemon on `socket` (owned by `cleanup`) and waits until it listens.
+fn start_daemon(socket: &Path, cleanup: &mut Cleanup) -> Result<(), CliError> {
     let daemon = Command::new(std::env::current_exe()?)
         .arg("serve")
         .arg("--socket")
-        .arg(&socket)
+        .arg(socket)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -210,15 +214,26 @@ pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
+}
 
+/// Runs the backtest session `demo`: one replay of every input, `consumers` digest taps
+/// whose stats go to `tap-<i>.stats` in `dir`.
+fn run_session(
+    socket: &Path,
+    dir: &Path,
+    replay: &Path,
+    tap: &Path,
+    sources: &[PathBuf],
+    consumers: usize,
+) -> Result<Outcome, CliError> {
+    let files: Vec<String> = sources.iter().map(|p| p.display().to_string()).collect();
     let mut commands = vec![format!(
-        "{} --name replay {} {} {}",
+        "{} --name replay {}",
         replay.display(),
-        klines.display(),
-        journals[0].display(),
-        journals[1].display()
+        files.join(" ")
     )];
-    for i in 0..a.consumers {
+    for i in 0..consumers {
         commands.push(format!(
             "{} --name tap-{i} --format digest --json --out {}",
             tap.display(),
@@ -228,7 +243,7 @@ pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
     let args = RunArgs {
         create: CreateArgs {
             name: "demo".into(),
-            mode: "backtest".into(),
+            mode: Mode::Backtest,
             expect: None,
             sequencer_core: None,
             bus_bytes: None,
@@ -239,30 +254,24 @@ pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
         timeout: 600,
         keep: false,
     };
-    let stats_dir = dir.clone();
-    let t = Instant::now();
-    let outcome = super::session::run_components(&socket, &args, |i, c| {
+    super::session::run_components(socket, &args, |i, c| {
         if i > 0 {
-            if let Ok(f) = std::fs::File::create(stats_dir.join(format!("tap-{}.stats", i - 1))) {
+            if let Ok(f) = std::fs::File::create(dir.join(format!("tap-{}.stats", i - 1))) {
                 c.stderr(f);
             }
         }
-    })?;
-    let wall = t.elapsed().as_secs_f64();
-    let s = &outcome.summary["session"];
-    let merged = s["sequencer"]["events_merged"].as_u64().unwrap_or(0);
-    println!(
-        "session demo: {} — {merged} events merged in {:.3} s ({:.0} events/s end to end, {wall:.2} s with process start-up)",
-        s["state"].as_str().unwrap_or("?"),
-        s["elapsed_s"].as_f64().unwrap_or(0.0),
-        merged as f64 / s["elapsed_s"].as_f64().unwrap_or(f64::INFINITY)
-    );
+    })
+}
+
+/// Prints each consumer's rate, latencies and digest; returns whether every digest is equal
+/// (and present).
+fn report_consumers(dir: &Path, consumers: usize) -> bool {
     println!(
         "{:<8} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9}  digest",
         "consumer", "events", "events/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs"
     );
     let mut digests = Vec::new();
-    for i in 0..a.consumers {
+    for i in 0..consumers {
         let stats = std::fs::read_to_string(dir.join(format!("tap-{i}.stats"))).unwrap_or_default();
         let line = stats
             .lines()
@@ -295,42 +304,87 @@ pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
     }
     let same = !digests[0].is_empty() && digests.iter().all(|d| *d == digests[0]);
     println!("digests equal: {}", if same { "yes" } else { "NO" });
+    same
+}
+
+/// Prints the session's outcome: rate, and why it or a component failed.
+fn report_session(run: &RunSummary, wall: f64) {
+    let s = run.session.as_ref();
+    let merged = s.map_or(0, |s| s.sequencer.events_merged);
+    let elapsed = s.and_then(|s| s.elapsed_s);
+    println!(
+        "session demo: {} — {merged} events merged in {:.3} s ({:.0} events/s end to end, {wall:.2} s with process start-up)",
+        s.map_or("?", |s| s.state.name()),
+        elapsed.unwrap_or(0.0),
+        merged as f64 / elapsed.unwrap_or(f64::INFINITY)
+    );
+}
+
+/// Prints why the session did not finish and which component failed, if any.
+fn report_failures(run: &RunSummary) {
     // Say why the session did not finish: the daemon's reason was not shown before.
-    if let Some(r) = s["reason"].as_str() {
+    if let Some(r) = run.session.as_ref().and_then(|s| s.reason.as_ref()) {
         println!("session reason: {r}");
     }
-    for c in outcome.summary["components"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        if c["exit"] != 0 {
-            println!(
-                "component failed (exit {}): {}",
-                c["exit"],
-                c["command"].as_str().unwrap_or("")
-            );
-        }
+    for c in run.components.iter().filter(|c| c.exit != Some(0)) {
+        println!(
+            "component failed (exit {}): {}",
+            c.exit.map_or_else(|| "null".to_string(), |e| e.to_string()),
+            c.command
+        );
     }
-    drop(cleanup);
-    // Every segment of the session (`aegis-<sid>-*`, from the bus name `aegis-<sid>-bus`),
-    // not only the bus: the control and source segments were not checked before.
-    let prefix = s["segments"]["bus"]
-        .as_str()
-        .and_then(|b| Path::new(b).file_name()?.to_str()?.strip_suffix("bus"))
+}
+
+/// How many segments of the session (`aegis-<sid>-*`, from the bus name `aegis-<sid>-bus`)
+/// are left in /dev/shm: the control and source segments too, not only the bus.
+fn segments_left(run: &RunSummary) -> Result<usize, CliError> {
+    let prefix = run
+        .session
+        .as_ref()
+        .and_then(|s| s.segments.bus.file_name()?.to_str()?.strip_suffix("bus"))
         .map(str::to_string);
-    let sid_left = std::fs::read_dir(aegis_shm_client::segment::SHM_DIR)?
+    Ok(std::fs::read_dir(aegis_shm_client::segment::SHM_DIR)?
         .filter_map(|e| e.ok())
         .filter(|e| {
             prefix
                 .as_deref()
                 .is_some_and(|p| e.file_name().to_str().is_some_and(|n| n.starts_with(p)))
         })
-        .count();
-    if sid_left > 0 {
-        println!("segments left in /dev/shm: {sid_left}");
+        .count())
+}
+
+/// Runs the demo. Ok(true) when every consumer saw the same stream.
+pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
+    if a.consumers < 2 {
+        return Err(CliError("the demo runs at least 2 consumers".into()));
+    }
+    let replay = tool("aegis-replay")?;
+    let tap = tool("aegis-tap")?;
+    let dir = std::env::temp_dir().join(format!("aegis-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut cleanup = Cleanup {
+        dir: dir.clone(),
+        daemon: None,
+    };
+    let socket = dir.join("aegis.sock");
+
+    println!("== Aegis demo: backtest of bundled Binance klines + generated trades and book ==");
+    let inputs = generate_inputs(&dir, a.events)?;
+    let mut sources = vec![inputs.klines.clone()];
+    sources.extend(convert(&replay, &[&inputs.trades_csv, &inputs.book_csv])?);
+    start_daemon(&socket, &mut cleanup)?;
+    let t = Instant::now();
+    let outcome = run_session(&socket, &dir, &replay, &tap, &sources, a.consumers)?;
+    report_session(&outcome.run, t.elapsed().as_secs_f64());
+    let same = report_consumers(&dir, a.consumers);
+    report_failures(&outcome.run);
+    drop(cleanup);
+    let left = segments_left(&outcome.run)?;
+    if left > 0 {
+        println!("segments left in /dev/shm: {left}");
     } else {
         println!("cleaned up: daemon stopped, no segment left in /dev/shm");
     }
-    Ok(outcome.ok && same && sid_left == 0)
+    Ok(outcome.ok && same && left == 0)
 }

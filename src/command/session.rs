@@ -1,11 +1,11 @@
-//! `aegis-shmctl session ...`: create, run, start, list, inspect, stop, destroy.
+//! `aegis-shmctl session ...`: create, run, start, list, inspect, stop, destroy, evict.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aegis_shm_client::protocol::{
-    Inspect, Mode, Request, SessionCreated, SessionDestroyed, SessionInfo, SessionSpec,
+    ComponentEvicted, Inspect, Request, SessionCreated, SessionDestroyed, SessionInfo, SessionSpec,
     SessionStarted, SessionState, SessionStopped,
 };
 use serde::Serialize;
@@ -24,16 +24,16 @@ const GRACE: Duration = Duration::from_secs(5);
 /// How often `session run` looks at its components and the session.
 const RUN_POLL: Duration = Duration::from_millis(50);
 
-fn spec(a: &CreateArgs, expect: Option<u32>) -> Result<SessionSpec, CliError> {
-    Ok(SessionSpec {
+fn spec(a: &CreateArgs, expect: Option<u32>) -> SessionSpec {
+    SessionSpec {
         name: a.name.clone(),
-        mode: a.mode.parse::<Mode>().map_err(CliError)?,
+        mode: a.mode,
         expect: expect.or(a.expect),
         sequencer_core: a.sequencer_core,
         bus_bytes: a.bus_bytes,
         source_bytes: a.source_bytes,
         max_lateness_us: a.max_lateness_us,
-    })
+    }
 }
 
 /// Prints `answer` as JSON with `--json`, else as the line `text` makes of it.
@@ -54,7 +54,7 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 pub fn run(socket: &Path, json_out: bool, cmd: SessionCommand) -> Result<bool, CliError> {
     match cmd {
         SessionCommand::Create(a) => {
-            let v: SessionCreated = request(socket, &Request::SessionCreate(spec(&a, None)?), T)?;
+            let v: SessionCreated = request(socket, &Request::SessionCreate(spec(&a, None)), T)?;
             show(json_out, &v, |v| {
                 println!("session {} created ({} mode, id {})", v.name, v.mode, v.id);
                 println!("export AEGIS_SOCKET={}", socket.display());
@@ -91,6 +91,16 @@ pub fn run(socket: &Path, json_out: bool, cmd: SessionCommand) -> Result<bool, C
         SessionCommand::Destroy { name } => {
             let v: SessionDestroyed = request(socket, &Request::SessionDestroy { name }, T)?;
             show(json_out, &v, |v| println!("session {} destroyed", v.name));
+        }
+        SessionCommand::Evict { name, component } => {
+            let v: ComponentEvicted =
+                request(socket, &Request::SessionEvict { name, component }, T)?;
+            show(json_out, &v, |v| {
+                println!(
+                    "{} {} of session {} evicted; the session is {}",
+                    v.role, v.component, v.name, v.state
+                )
+            });
         }
     }
     Ok(true)
@@ -248,9 +258,6 @@ pub fn run_session(socket: &Path, json_out: bool, a: &RunArgs) -> Result<bool, C
 pub struct Outcome {
     /// All components exited 0 and the session finished.
     pub ok: bool,
-    /// [`Outcome::run`] as JSON: `{"session": inspect, "components": [{command, pid, exit}],
-    /// "timed_out", "reason", "ok"}`.
-    pub summary: Value,
     /// The run, typed.
     pub run: RunSummary,
 }
@@ -323,7 +330,7 @@ pub fn run_components(
 ) -> Result<Outcome, CliError> {
     let expect = Some(a.commands.len() as u32);
     let created: SessionCreated =
-        request(socket, &Request::SessionCreate(spec(&a.create, expect)?), T)?;
+        request(socket, &Request::SessionCreate(spec(&a.create, expect)), T)?;
     let name = a.create.name.clone();
     let mut children = spawn_components(socket, a, &created.token, configure)?;
     let (last, timed_out, mut reason) = supervise(socket, a, &mut children);
@@ -351,8 +358,7 @@ pub fn run_components(
             .collect(),
         ok,
     };
-    let summary = serde_json::to_value(&run)?;
-    Ok(Outcome { ok, summary, run })
+    Ok(Outcome { ok, run })
 }
 
 /// Starts one `sh -c CMD` per component with the session in its environment. If one cannot

@@ -117,7 +117,8 @@ fn main() {
         .iter()
         .map(|i| SourceDecl {
             name: i.name.clone(),
-            kind: i.info.kind.event_kind().name().to_string(),
+            kind: aegis_shm_client::protocol::SourceKind::try_from(i.info.kind.event_kind())
+                .expect("a file kind is an event kind"),
             topic: i.info.topic(),
         })
         .collect();
