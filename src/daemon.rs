@@ -47,6 +47,27 @@ extern "C" fn on_signal(_: libc::c_int) {
     SIGNALLED.store(true, Ordering::SeqCst);
 }
 
+/// What the daemon prints when a mapped segment was truncated under it (see README,
+/// "Security"): the one failure it cannot survive, said plainly instead of a bare core dump.
+const SIGBUS_MESSAGE: &[u8] = b"aegis-shmctl serve: fatal: SIGBUS: a shared-memory segment \
+was truncated or resized by another process of the same user while the daemon had it mapped; \
+the daemon cannot go on safely and exits. Every session of this daemon is lost: run \
+`aegis-shmctl gc` to remove their segments.\n";
+/// Exit status after [`SIGBUS_MESSAGE`] (EX_SOFTWARE).
+const SIGBUS_EXIT: libc::c_int = 70;
+
+extern "C" fn on_sigbus(_: libc::c_int) {
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; the message is a static buffer.
+    unsafe {
+        libc::write(
+            libc::STDERR_FILENO,
+            SIGBUS_MESSAGE.as_ptr().cast(),
+            SIGBUS_MESSAGE.len(),
+        );
+        libc::_exit(SIGBUS_EXIT);
+    }
+}
+
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -146,6 +167,15 @@ impl Daemon {
             // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
             unsafe { sigaction(sig, &action) }.expect("install a signal handler");
         }
+        // A same-uid process that truncates a mapped segment raises SIGBUS in whichever thread
+        // touches it next; say so and exit rather than die without a word.
+        let bus = SigAction::new(
+            SigHandler::Handler(on_sigbus),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler only calls async-signal-safe functions (write, _exit).
+        unsafe { sigaction(Signal::SIGBUS, &bus) }.expect("install the SIGBUS handler");
         // A client that disconnects mid-write must not kill the daemon.
         // SAFETY: ignoring SIGPIPE is always sound.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };

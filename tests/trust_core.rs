@@ -628,3 +628,91 @@ fn backtest_memory_does_not_grow_with_a_run_of_equal_timestamps() {
         "the daemon peaked at {peak} kB: it copied the run of equal timestamps into memory"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. A truncated segment: the documented limit (README, "Security")
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn truncated_segment_ends_the_daemon_with_a_clear_message_and_gc_cleans_up() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("truncate");
+    let csv = h.dir.join("BTCUSDT-trades-2024-09-21.csv");
+    write_trades(&csv, &increasing_times(10_000));
+    let socket = h.start_daemon(&b);
+    let token = create(&mut h, &b, &socket, "trunc", &["--mode", "backtest"]);
+    let csv_arg = csv.display().to_string();
+    component(&mut h, &socket, &token, &b.replay, "replay", &[&csv_arg]);
+    component(
+        &mut h,
+        &socket,
+        &token,
+        &b.tap,
+        "tap",
+        &["--format", "count"],
+    );
+    let info = wait_inspect(&b, &socket, "trunc", "both READY", |v| {
+        comp(v, "replay")["state"] == "ready" && comp(v, "tap")["state"] == "ready"
+    });
+    let ring = info["segments"]["sources"][0]
+        .as_str()
+        .expect("a source ring segment")
+        .to_string();
+    // A same-uid process truncates the ring under the daemon's mapping.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&ring)
+        .and_then(|f| f.set_len(0))
+        .expect("truncate the source ring");
+    // The trigger: the sequencer's first look at the ring faults. The CLI may or may not get
+    // an answer before the daemon is gone.
+    let _ = Command::new(&b.shmctl)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["session", "start", "trunc", "--timeout", "10"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let daemon = h.daemon.as_mut().expect("the daemon");
+    let end = Instant::now() + STATE_DEADLINE;
+    let status = loop {
+        if let Some(st) = daemon.try_wait().expect("try_wait") {
+            break st;
+        }
+        assert!(
+            Instant::now() < end,
+            "the daemon survived a truncated segment"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = fs::read_to_string(h.dir.join("daemon.log")).unwrap_or_default();
+    assert_eq!(
+        status.code(),
+        Some(70),
+        "daemon exit: {status}; log:\n{log}"
+    );
+    assert!(
+        log.contains("SIGBUS") && log.contains("truncated") && log.contains("aegis-shmctl gc"),
+        "the daemon must say why it stopped; log:\n{log}"
+    );
+    // `gc` removes what the dead daemon left.
+    let out = Command::new(&b.shmctl)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("gc")
+        .output()
+        .expect("run gc");
+    assert!(
+        out.status.success(),
+        "gc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<String> = shm_files()
+        .into_iter()
+        .map(|f| f.name)
+        .filter(|n| sid_of(n).is_some_and(|s| h.sids.contains(s)))
+        .collect();
+    assert!(left.is_empty(), "gc left {left:?}");
+}

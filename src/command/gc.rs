@@ -55,38 +55,59 @@ pub fn collect(socket: &Path) -> Result<Report, CliError> {
                 None
             }
         };
+    let mut segments = Vec::new();
     for entry in std::fs::read_dir(SHM_DIR)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(rest) = name.strip_prefix("aegis-") else {
             continue;
         };
+        let sid = rest.split('-').next().unwrap_or("").to_string();
+        segments.push((entry, sid));
+    }
+    // First the segments with a valid header: their creator or their session decides.
+    let mut dead_sids = std::collections::BTreeSet::new();
+    let mut verdicts = Vec::new();
+    for (entry, sid) in &segments {
         let path = entry.path();
-        let sid = rest.split('-').next().unwrap_or("");
-        let reason = match creator_pid(&path) {
+        let reason = creator_pid(&path).map(|pid| {
+            if !pid_alive(pid) {
+                Some(format!("its creator (pid {pid}) is gone"))
+            } else {
+                match &live_sids {
+                    Some(sids)
+                        if !sids.iter().any(|s| s == sid) && creator_is_daemon(&path, socket) =>
+                    {
+                        Some("its session no longer exists".to_string())
+                    }
+                    _ => None,
+                }
+            }
+        });
+        if let Some(Some(_)) = &reason {
+            dead_sids.insert(sid.clone());
+        }
+        verdicts.push(reason);
+    }
+    for ((entry, sid), verdict) in segments.iter().zip(verdicts) {
+        let reason = match verdict {
+            Some(reason) => reason,
+            // No valid header (being created, or truncated by someone): it goes with its
+            // session's other segments, or once it is old enough not to be in creation.
+            None if dead_sids.contains(sid) => {
+                Some("no valid header, and the rest of its session is gone".to_string())
+            }
             None => {
                 let age = entry
                     .metadata()
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.elapsed().ok());
-                // A segment still being created has no header yet: leave young ones alone.
-                if age.is_some_and(|a| a > YOUNG_SEGMENT) {
-                    Some("no valid header".to_string())
-                } else {
-                    None
-                }
+                age.is_some_and(|a| a > YOUNG_SEGMENT)
+                    .then(|| "no valid header".to_string())
             }
-            Some(pid) if !pid_alive(pid) => Some(format!("its creator (pid {pid}) is gone")),
-            Some(_) => match &live_sids {
-                Some(sids)
-                    if !sids.iter().any(|s| s == sid) && creator_is_daemon(&path, socket) =>
-                {
-                    Some("its session no longer exists".to_string())
-                }
-                _ => None,
-            },
         };
+        let path = entry.path();
         match reason {
             Some(reason) => {
                 std::fs::remove_file(&path)?;
