@@ -134,7 +134,7 @@ fn prepare(sources: &[Vec<u64>], payload: &[u8]) -> Prepared {
             Input {
                 name: name(i),
                 topic_id: None,
-                reader: RingReader::open(region, Some(EPOCH)).unwrap(),
+                reader: RingReader::open(region, Some(EPOCH)).unwrap().into(),
             }
         })
         .collect();

@@ -14,3 +14,4 @@ pub mod refusal;
 mod registry;
 pub mod sequencer;
 pub mod session;
+pub mod source;

@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use aegis_shm_client::frame::{flags, FrameHeader, Kind};
 use aegis_shm_client::spmc::{BusWriter, WriteError};
-use aegis_shm_client::spsc::RingReader;
 use aegis_shm_client::stats::{SourceState, StatsWriter, MAX_SOURCES};
 use aegis_shm_client::wait::{Deadline, WaitKind, WaitStrategy};
+
+use crate::source::{SourceError, SourceReader};
 
 /// Session mode.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -72,8 +73,8 @@ pub struct Input {
     /// The topic id stamped on its frames on the bus (`None`: keep the producer's). The
     /// daemon numbers topics by sorted name, so ids never depend on connection order.
     pub topic_id: Option<u32>,
-    /// The reading end of its ring.
-    pub reader: RingReader,
+    /// Where its frames come from: a producer's ring, or a journal the daemon maps.
+    pub reader: SourceReader,
 }
 
 /// Why the sequencer stopped without finishing.
@@ -127,7 +128,7 @@ struct Source {
     name: String,
     rank: u16,
     topic_id: Option<u32>,
-    reader: RingReader,
+    reader: SourceReader,
     state: State,
     /// Merge key of the frame under the reader, if any.
     head: Option<u128>,
@@ -515,11 +516,7 @@ impl Sequencer {
 
     /// Backtest: whether the run of frames with the head's ts is complete and in key order.
     /// Looks ahead in the ring without consuming; a run already checked is not rescanned.
-    fn check_run(
-        &mut self,
-        i: usize,
-        head: &FrameHeader,
-    ) -> Result<Run, aegis_shm_client::frame::FrameError> {
+    fn check_run(&mut self, i: usize, head: &FrameHeader) -> Result<Run, SourceError> {
         let mut prio = head.kind().map_or(3, Kind::priority);
         if prio == Kind::Trade.priority() {
             // Nothing later in the source can sort before a trade at this ts (later frames

@@ -23,6 +23,7 @@ use aegis_shm_client::stats::{StatsWriter, MAX_SOURCES};
 use crate::outbox::Outbox;
 pub use crate::refusal::Refusal;
 use crate::sequencer::{self, Config, Input, Mode, SequencerError, Summary};
+use crate::source::{JournalSource, SourceReader};
 
 /// Default bus size.
 pub const DEFAULT_BUS_BYTES: usize = 1 << 22;
@@ -173,10 +174,22 @@ impl Component {
 }
 
 struct SourceRec {
-    region: Arc<ShmRegion>,
+    backing: Backing,
     kind: SourceKind,
     topic: String,
     component: String,
+}
+
+/// Where a source's frames come from.
+enum Backing {
+    /// A ring in shared memory that the producer writes.
+    Ring(Arc<ShmRegion>),
+    /// A journal the daemon mapped at registration (backtest); moved into the sequencer at
+    /// the start.
+    Journal {
+        path: std::path::PathBuf,
+        source: Option<JournalSource>,
+    },
 }
 
 struct Running {
@@ -493,24 +506,29 @@ impl Session {
         let ring_bytes = self.spec.source_bytes.unwrap_or(DEFAULT_SOURCE_BYTES);
         let mut created = Vec::new();
         for s in &reg.sources {
-            let path = segment_path(&self.sid, &format!("src-{}", s.name));
-            // On failure `created` drops, and its files are removed.
-            let region =
-                spsc::create_shm(&path, ring_bytes, self.epoch).map_err(Refusal::internal)?;
-            created.push(Arc::new(region));
+            // On failure `created` drops: its ring files are removed, its journals unmapped.
+            created.push(match &s.journal {
+                Some(journal) => self.open_journal(journal, s.kind)?,
+                None => {
+                    let path = segment_path(&self.sid, &format!("src-{}", s.name));
+                    let region = spsc::create_shm(&path, ring_bytes, self.epoch)
+                        .map_err(Refusal::internal)?;
+                    Backing::Ring(Arc::new(region))
+                }
+            });
         }
         let mut ack_sources = Vec::new();
-        for (s, region) in reg.sources.iter().zip(created) {
+        for (s, backing) in reg.sources.iter().zip(created) {
             ack_sources.push(AckSource {
                 name: s.name.clone(),
-                path: region.path().display().to_string(),
+                path: backing.path().display().to_string(),
                 topic_id: 0,
                 kind: s.kind,
             });
             self.sources.insert(
                 s.name.clone(),
                 SourceRec {
-                    region,
+                    backing,
                     kind: s.kind,
                     topic: s.topic.clone(),
                     component: reg.component_name.clone(),
@@ -518,6 +536,28 @@ impl Session {
             );
         }
         Ok(ack_sources)
+    }
+
+    /// Maps a journal-backed source's journal (backtest only), checking its header, size and
+    /// kind now, so that a bad journal is refused at REGISTER with the reason.
+    fn open_journal(&self, journal: &str, kind: SourceKind) -> Result<Backing, Refusal> {
+        if matches!(self.mode, Mode::Live { .. }) {
+            return Err(Refusal::bad_request(
+                "journal-backed sources are for backtests; a live producer pushes into its ring",
+            ));
+        }
+        let path = std::path::PathBuf::from(journal);
+        if !path.is_absolute() {
+            return Err(Refusal::bad_request(format!(
+                "the journal path {journal:?} must be absolute"
+            )));
+        }
+        let source = JournalSource::open(&path, kind.into())
+            .map_err(|e| Refusal::bad_request(e.to_string()))?;
+        Ok(Backing::Journal {
+            path,
+            source: Some(source),
+        })
     }
 
     /// Topic ids: the position of the topic's name among the sorted names, so they never
@@ -568,9 +608,16 @@ impl Session {
         }
         let topics = self.topic_table();
         let mut inputs = Vec::new();
-        for (name, s) in &self.sources {
-            let reader =
-                RingReader::open(s.region.clone(), Some(self.epoch)).map_err(Refusal::internal)?;
+        for (name, s) in &mut self.sources {
+            let reader: SourceReader = match &mut s.backing {
+                Backing::Ring(region) => RingReader::open(region.clone(), Some(self.epoch))
+                    .map_err(Refusal::internal)?
+                    .into(),
+                Backing::Journal { source, .. } => source
+                    .take()
+                    .ok_or_else(|| Refusal::internal("the journal was already handed over"))?
+                    .into(),
+            };
             inputs.push(Input {
                 name: name.clone(),
                 topic_id: Some(topics[&s.topic]),
@@ -885,7 +932,10 @@ impl Session {
                 sources: self
                     .sources
                     .values()
-                    .map(|s| s.region.path().to_path_buf())
+                    .filter_map(|s| match &s.backing {
+                        Backing::Ring(region) => Some(region.path().to_path_buf()),
+                        Backing::Journal { .. } => None,
+                    })
                     .collect(),
             },
         }
@@ -1011,5 +1061,15 @@ pub fn pid_alive(pid: u32) -> bool {
         Ok(()) => true,
         Err(nix::errno::Errno::EPERM) => true,
         Err(_) => false,
+    }
+}
+
+impl Backing {
+    /// The ring's segment, or the journal.
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Backing::Ring(region) => region.path(),
+            Backing::Journal { path, .. } => path,
+        }
     }
 }

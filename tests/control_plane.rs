@@ -691,6 +691,7 @@ fn role_producer() {
             name: source.clone(),
             kind: SourceKind::Trade,
             topic: "trades.BTCUSDT".into(),
+            journal: None,
         }],
     )
     .expect("register");
@@ -956,6 +957,7 @@ fn protocol_refusals_keep_the_daemon_serving() {
                 name: "src1".into(),
                 kind: SourceKind::Trade,
                 topic: "trades.BTCUSDT".into(),
+                journal: None,
             }],
             pid: Some(std::process::id()),
             ..Register::default()
@@ -1759,6 +1761,7 @@ fn gc_cleans_up_after_a_killed_daemon() {
                 name: "feed".into(),
                 kind: SourceKind::Book,
                 topic: "book.BTCUSDT".into(),
+                journal: None,
             }],
             pid: Some(std::process::id()),
             ..Register::default()

@@ -117,7 +117,7 @@ fn run(
         inputs.push(Input {
             name: name.clone(),
             topic_id: None,
-            reader: RingReader::open(region, Some(7)).unwrap(),
+            reader: RingReader::open(region, Some(7)).unwrap().into(),
         });
         let evs = sources[i].clone();
         let delay = delays[i % delays.len()];

@@ -55,7 +55,7 @@ fn rig(names: &[&str], mode: Mode) -> Rig {
         inputs.push(Input {
             name: name.to_string(),
             topic_id: None,
-            reader: RingReader::open(region, Some(1)).unwrap(),
+            reader: RingReader::open(region, Some(1)).unwrap().into(),
         });
     }
     let control = Arc::new(StatsWriter::create(
@@ -530,7 +530,7 @@ fn duplicate_source_names_are_refused() {
         Input {
             name: "same".into(),
             topic_id: None,
-            reader: RingReader::open(region, Some(1)).unwrap(),
+            reader: RingReader::open(region, Some(1)).unwrap().into(),
         }
     };
     let r = Sequencer::new(vec![mk(), mk()], bus, Config::new(Mode::Backtest), None);

@@ -115,7 +115,7 @@ fn latency_rig(spin: bool) -> Result<LatencyRig, BenchError> {
     let input = Input {
         name: "trades".into(),
         topic_id: Some(0),
-        reader,
+        reader: reader.into(),
     };
     let seq = Sequencer::new(vec![input], bus, config, None).map_err(setup_err("sequencer"))?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -182,7 +182,9 @@ pub fn aegis_throughput_feeds(
         inputs.push(Input {
             name: feed.name.clone(),
             topic_id: None,
-            reader: RingReader::open(region, Some(EPOCH)).map_err(setup_err("ring reader"))?,
+            reader: RingReader::open(region, Some(EPOCH))
+                .map_err(setup_err("ring reader"))?
+                .into(),
         });
         pushers.push((
             feed,

@@ -54,6 +54,7 @@
 pub mod client;
 pub mod event;
 pub mod frame;
+pub mod journal;
 pub mod protocol;
 pub(crate) mod ring;
 pub mod segment;

@@ -345,6 +345,12 @@ pub struct SourceDecl {
     pub kind: SourceKind,
     /// The topic it publishes, e.g. `klines.BTCUSDT.1m`.
     pub topic: String,
+    /// Backtest only: an absolute path to a journal (SPEC section 8) holding the source's
+    /// frames. The daemon maps it read-only and merges straight from it: no ring is created,
+    /// and the producer pushes nothing for this source (it stays registered until the
+    /// session ends, and may follow the source's progress in the ctl segment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<String>,
 }
 
 /// The REGISTER payload.
@@ -485,7 +491,7 @@ pub enum Request {
 pub struct AckSource {
     /// Name.
     pub name: String,
-    /// Segment path.
+    /// Its ring's segment path, or the journal's path for a journal-backed source.
     pub path: String,
     /// Topic id to stamp on its frames.
     pub topic_id: u32,

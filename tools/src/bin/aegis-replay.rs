@@ -120,6 +120,7 @@ fn main() {
             kind: aegis_shm_client::protocol::SourceKind::try_from(i.info.kind.event_kind())
                 .expect("a file kind is an event kind"),
             topic: i.info.topic(),
+            journal: None,
         })
         .collect();
     let token = std::env::var("AEGIS_SESSION_TOKEN").unwrap_or_else(|_| {

@@ -1,0 +1,375 @@
+//! What the sequencer reads a source from: a producer's ring in shared memory, or, in a
+//! backtest, a journal file the daemon maps itself (SPEC section 8: a journal is already
+//! frames in the bus format, so a journal-backed source skips the copy into a ring and the
+//! hop through a producer process). Both are untrusted input, checked frame by frame.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use aegis_shm_client::frame::{flags, stride, FrameError, FrameHeader, Kind, FRAME_HEADER_LEN};
+use aegis_shm_client::journal::{
+    archived_len, check_frame, HeaderError, JournalHeader, JournalKind, HEADER_LEN,
+};
+use aegis_shm_client::spsc::{FrameRef, RingReader};
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+
+/// Why a frame could not be read from a source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// A ring frame or cursor is invalid.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A journal frame is invalid, or the journal ends early.
+    #[error("{path}: bad frame #{index} at offset {offset}: {reason}")]
+    Journal {
+        /// The journal.
+        path: PathBuf,
+        /// The frame's index.
+        index: u64,
+        /// Its offset in the file.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A source's frames, for the sequencer.
+pub enum SourceReader {
+    /// A producer's ring.
+    Ring(RingReader),
+    /// A journal mapped by the daemon.
+    Journal(JournalSource),
+}
+
+impl From<RingReader> for SourceReader {
+    fn from(r: RingReader) -> SourceReader {
+        SourceReader::Ring(r)
+    }
+}
+
+impl From<JournalSource> for SourceReader {
+    fn from(j: JournalSource) -> SourceReader {
+        SourceReader::Journal(j)
+    }
+}
+
+impl SourceReader {
+    /// The next frame without consuming it, or `None` when nothing is waiting.
+    #[inline]
+    pub fn peek(&mut self) -> Result<Option<FrameRef<'_>>, SourceError> {
+        match self {
+            SourceReader::Ring(r) => Ok(r.peek()?),
+            SourceReader::Journal(j) => j.peek(),
+        }
+    }
+
+    /// The header of the next frame, if any.
+    #[inline]
+    pub fn peek_header(&mut self) -> Result<Option<FrameHeader>, SourceError> {
+        match self {
+            SourceReader::Ring(r) => Ok(r.peek_header()?),
+            SourceReader::Journal(j) => j.peek_header(),
+        }
+    }
+
+    /// Looks ahead without consuming: the first frame at or after `pos` and the position
+    /// after it; `None` at the end of what is available now.
+    pub fn header_at(&mut self, pos: u64) -> Result<Option<(FrameHeader, u64)>, SourceError> {
+        match self {
+            SourceReader::Ring(r) => Ok(r.header_at(pos)?),
+            SourceReader::Journal(j) => j.header_at(pos),
+        }
+    }
+
+    /// The position right after the frame under the read position (once peeked).
+    #[inline]
+    pub fn peeked_end(&self) -> Option<u64> {
+        match self {
+            SourceReader::Ring(r) => r.peeked_end(),
+            SourceReader::Journal(j) => j.peeked.map(|(_, stride)| j.head + stride),
+        }
+    }
+
+    /// Consumes the frame returned by the last peek.
+    #[inline]
+    pub fn consume(&mut self) {
+        match self {
+            SourceReader::Ring(r) => r.consume(),
+            SourceReader::Journal(j) => j.consume(),
+        }
+    }
+
+    /// Hands consumed bytes back: to the producer (a ring), or to the kernel (a journal's
+    /// pages, every [`RELEASE_EVERY`] bytes, so the daemon's resident set stays small).
+    #[inline]
+    pub fn release(&mut self) {
+        match self {
+            SourceReader::Ring(r) => r.release(),
+            SourceReader::Journal(j) => j.release(),
+        }
+    }
+
+    /// Ring capacity in bytes (0 for a journal, which is not a ring).
+    pub fn capacity(&self) -> usize {
+        match self {
+            SourceReader::Ring(r) => r.capacity(),
+            SourceReader::Journal(_) => 0,
+        }
+    }
+}
+
+/// A journal's pages behind the read position go back to the kernel every this many bytes.
+pub const RELEASE_EVERY: u64 = 16 << 20;
+/// Release boundaries are aligned to this (a multiple of any page size).
+const RELEASE_ALIGN: u64 = 1 << 20;
+
+/// A journal mapped read-only, read frame by frame with the journal's rules
+/// ([`check_frame`]). Positions are byte offsets into the frame data (after the header). At
+/// the end of the data it yields one END-OF-STREAM control frame, as a producer's ring would.
+/// Frames get `source_seq` = their index, as a producer pushing them would give them.
+pub struct JournalSource {
+    path: PathBuf,
+    map: Mmap,
+    kind: JournalKind,
+    frame_count: u64,
+    data_len: u64,
+    /// Read position in the data. Invariant: `head <= data_len`.
+    head: u64,
+    /// Index of the frame at `head`.
+    index: u64,
+    /// The frame at `head`, once checked: (header, stride).
+    peeked: Option<(FrameHeader, u64)>,
+    /// The END-OF-STREAM frame was consumed.
+    ended: bool,
+    /// Data bytes already given back to the kernel.
+    released: u64,
+    /// The stride of every frame (one kind, fixed payload size).
+    stride: u64,
+}
+
+/// Why a journal cannot back a source.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalOpenError {
+    /// The file cannot be read or mapped.
+    #[error("{path}: cannot {op}: {error}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The cause.
+        error: std::io::Error,
+    },
+    /// The header is refused.
+    #[error("{path}: {error}")]
+    Header {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: HeaderError,
+    },
+    /// The file's size does not match its header.
+    #[error("{path}: the header implies {expected} bytes, the file has {actual} (truncated, or trailing bytes)")]
+    Size {
+        /// The file.
+        path: PathBuf,
+        /// From the header.
+        expected: u64,
+        /// On disk.
+        actual: u64,
+    },
+    /// The journal holds another kind than the source declares.
+    #[error("{path}: a {found} journal, but the source is declared {declared}")]
+    Kind {
+        /// The file.
+        path: PathBuf,
+        /// What the journal holds.
+        found: &'static str,
+        /// What the REGISTER said.
+        declared: &'static str,
+    },
+}
+
+impl JournalSource {
+    /// Maps `path` read-only and checks its header and size. `kind`: the event kind the
+    /// source was declared with; the journal must hold that kind.
+    pub fn open(path: &Path, kind: Kind) -> Result<JournalSource, JournalOpenError> {
+        let io = |op| {
+            move |error| JournalOpenError::Io {
+                path: path.to_path_buf(),
+                op,
+                error,
+            }
+        };
+        let file = File::open(path).map_err(io("open the journal"))?;
+        // SAFETY: a read-only map of a file. Journals are written once (to a temporary name,
+        // then renamed) and never modified in place. A process that truncates a journal while
+        // it is mapped makes reads past the new end fault (SIGBUS), the documented limit of
+        // every mapped file (README, "Security").
+        let map = unsafe { Mmap::map(&file) }.map_err(io("map the journal"))?;
+        let header = JournalHeader::parse(&map).map_err(|error| JournalOpenError::Header {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let expected = header.file_len().unwrap_or(u64::MAX);
+        if expected != map.len() as u64 {
+            return Err(JournalOpenError::Size {
+                path: path.to_path_buf(),
+                expected,
+                actual: map.len() as u64,
+            });
+        }
+        if header.kind.event_kind() != kind {
+            return Err(JournalOpenError::Kind {
+                path: path.to_path_buf(),
+                found: header.kind.event_kind().name(),
+                declared: kind.name(),
+            });
+        }
+        let stride = archived_len(kind).map_or(0, stride) as u64;
+        if header.frame_count.checked_mul(stride) != Some(header.data_len) {
+            return Err(JournalOpenError::Header {
+                path: path.to_path_buf(),
+                error: HeaderError::Bad(format!(
+                    "{} frames of {stride} bytes do not make the data length {}",
+                    header.frame_count, header.data_len
+                )),
+            });
+        }
+        // A hint only: the merge reads the file front to back.
+        let _ = map.advise(Advice::Sequential);
+        Ok(JournalSource {
+            path: path.to_path_buf(),
+            kind: header.kind,
+            frame_count: header.frame_count,
+            data_len: header.data_len,
+            map,
+            head: 0,
+            index: 0,
+            peeked: None,
+            ended: false,
+            released: 0,
+            stride,
+        })
+    }
+
+    /// Events in the journal, as its header says.
+    pub fn frame_count(&self) -> u64 {
+        self.frame_count
+    }
+
+    fn bad(&self, index: u64, pos: u64, reason: String) -> SourceError {
+        SourceError::Journal {
+            path: self.path.clone(),
+            index,
+            offset: HEADER_LEN as u64 + pos,
+            reason,
+        }
+    }
+
+    /// The frame at data position `pos` (the `index`-th), checked; END-OF-STREAM (stride 0)
+    /// at the end of the data; `None` once that was consumed.
+    fn frame_at(&self, pos: u64, index: u64) -> Result<Option<(FrameHeader, u64)>, SourceError> {
+        if pos == self.data_len {
+            if self.ended {
+                return Ok(None);
+            }
+            if index != self.frame_count {
+                let reason = format!(
+                    "the header counts {} frames, the file holds {index}",
+                    self.frame_count
+                );
+                return Err(self.bad(index, pos, reason));
+            }
+            let eof = FrameHeader {
+                kind: Kind::Control as u8,
+                flags: flags::EOF,
+                ..FrameHeader::default()
+            };
+            return Ok(Some((eof, 0)));
+        }
+        if index >= self.frame_count {
+            let reason = format!(
+                "more frames than the header's count of {}",
+                self.frame_count
+            );
+            return Err(self.bad(index, pos, reason));
+        }
+        let at = HEADER_LEN + pos as usize;
+        let available = (self.data_len - pos) as usize;
+        let Some(bytes) = self
+            .map
+            .get(at..at + FRAME_HEADER_LEN)
+            .and_then(|b| <&[u8; FRAME_HEADER_LEN]>::try_from(b).ok())
+        else {
+            let reason = format!("truncated frame header: {available} bytes left");
+            return Err(self.bad(index, pos, reason));
+        };
+        let mut h = FrameHeader::from_bytes(bytes);
+        let stride = check_frame(&h, available, self.kind).map_err(|r| self.bad(index, pos, r))?;
+        h.source_seq = index;
+        Ok(Some((h, stride as u64)))
+    }
+
+    fn peek_header(&mut self) -> Result<Option<FrameHeader>, SourceError> {
+        if self.peeked.is_none() {
+            self.peeked = self.frame_at(self.head, self.index)?;
+        }
+        Ok(self.peeked.map(|(h, _)| h))
+    }
+
+    fn peek(&mut self) -> Result<Option<FrameRef<'_>>, SourceError> {
+        let Some(header) = self.peek_header()? else {
+            return Ok(None);
+        };
+        let at = HEADER_LEN + self.head as usize + FRAME_HEADER_LEN;
+        // Checked by `frame_at`: the payload lies inside the data.
+        let payload = &self.map[at..at + header.len as usize];
+        Ok(Some(FrameRef { header, payload }))
+    }
+
+    fn header_at(&mut self, pos: u64) -> Result<Option<(FrameHeader, u64)>, SourceError> {
+        // Every frame of a journal has the same stride (one kind, a fixed payload size), so a
+        // position names its frame's index. `pos` comes from an earlier look-ahead: check it
+        // like a cursor anyway.
+        if pos < self.head || pos > self.data_len || !pos.is_multiple_of(self.stride) {
+            return Err(SourceError::Frame(FrameError::BadCursor(
+                "look-ahead position outside the journal or inside a frame",
+            )));
+        }
+        Ok(self
+            .frame_at(pos, pos / self.stride)?
+            .map(|(h, stride)| (h, pos + stride)))
+    }
+
+    fn consume(&mut self) {
+        if let Some((h, stride)) = self.peeked.take() {
+            if h.kind == Kind::Control as u8 {
+                self.ended = true;
+            } else {
+                self.head += stride;
+                self.index += 1;
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        // Only what is consumed and not under a peek: the frame under the read position may
+        // still be borrowed by the caller.
+        let upto = (HEADER_LEN as u64 + self.head) & !(RELEASE_ALIGN - 1);
+        if upto >= self.released + RELEASE_EVERY {
+            // SAFETY: the map is a read-only file mapping, so MADV_DONTNEED only drops this
+            // process's page-table entries (a later access would re-read the file), and no
+            // reference into [released, upto) is alive: the sequencer consumed those frames
+            // and holds no borrow across `release`.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    self.released as usize,
+                    (upto - self.released) as usize,
+                )
+            };
+            self.released = upto;
+        }
+    }
+}
