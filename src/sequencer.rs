@@ -188,6 +188,10 @@ pub struct Sequencer {
     consumer_stalls: u64,
     consumer_stall_ns: u64,
     scratch: Vec<u8>,
+    /// The clock read of the current pass (0: not read yet), stamped as `publish_ns` on
+    /// frames that come without a stamp (journal-backed sources, unstamped producers): one
+    /// clock read per pass, not per frame.
+    pass_ns: u64,
     /// Bit i set: remove source i from a live merge (set from another thread).
     removals: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -271,6 +275,7 @@ impl Sequencer {
             consumer_stalls: 0,
             consumer_stall_ns: 0,
             scratch: Vec::new(),
+            pass_ns: 0,
             removals: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
     }
@@ -588,6 +593,7 @@ impl Sequencer {
     /// Moves up to `batch` frames. Publishes the bus and releases the rings once.
     fn pass(&mut self, stop: &AtomicBool) -> Result<Pass, SequencerError> {
         let mut progress = false;
+        self.pass_ns = 0;
         let removals = self.removals.swap(0, Ordering::Relaxed);
         if removals != 0 {
             for rank in (0..self.sources.len()).filter(|r| removals & (1 << r) != 0) {
@@ -700,6 +706,12 @@ impl Sequencer {
         // Flags on the bus are the sequencer's: whatever a producer set on an event frame
         // (EOF, HEARTBEAT, ABORT, PADDING, LATE) never reaches a consumer.
         h.flags = 0;
+        if h.publish_ns == 0 {
+            if self.pass_ns == 0 {
+                self.pass_ns = aegis_shm_client::frame::monotonic_ns();
+            }
+            h.publish_ns = self.pass_ns;
+        }
         if h.ts < self.emitted_ts {
             h.flags |= flags::LATE;
             self.late += 1;

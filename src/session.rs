@@ -507,7 +507,8 @@ impl Session {
         let mut created = Vec::new();
         for s in &reg.sources {
             // On failure `created` drops: its ring files are removed, its journals unmapped.
-            created.push(match &s.journal {
+            let handover = s.journal.as_deref().filter(|_| self.mode == Mode::Backtest);
+            created.push(match handover {
                 Some(journal) => self.open_journal(journal, s.kind)?,
                 None => {
                     let path = segment_path(&self.sid, &format!("src-{}", s.name));
@@ -524,6 +525,7 @@ impl Session {
                 path: backing.path().display().to_string(),
                 topic_id: 0,
                 kind: s.kind,
+                journal: matches!(backing, Backing::Journal { .. }),
             });
             self.sources.insert(
                 s.name.clone(),
@@ -541,11 +543,6 @@ impl Session {
     /// Maps a journal-backed source's journal (backtest only), checking its header, size and
     /// kind now, so that a bad journal is refused at REGISTER with the reason.
     fn open_journal(&self, journal: &str, kind: SourceKind) -> Result<Backing, Refusal> {
-        if matches!(self.mode, Mode::Live { .. }) {
-            return Err(Refusal::bad_request(
-                "journal-backed sources are for backtests; a live producer pushes into its ring",
-            ));
-        }
         let path = std::path::PathBuf::from(journal);
         if !path.is_absolute() {
             return Err(Refusal::bad_request(format!(

@@ -345,10 +345,11 @@ pub struct SourceDecl {
     pub kind: SourceKind,
     /// The topic it publishes, e.g. `klines.BTCUSDT.1m`.
     pub topic: String,
-    /// Backtest only: an absolute path to a journal (SPEC section 8) holding the source's
-    /// frames. The daemon maps it read-only and merges straight from it: no ring is created,
-    /// and the producer pushes nothing for this source (it stays registered until the
-    /// session ends, and may follow the source's progress in the ctl segment).
+    /// An absolute path to a journal (SPEC section 8) holding the source's frames, offered to
+    /// the daemon. In a backtest the daemon maps it read-only and merges straight from it: no
+    /// ring is created, the ACK says `journal: true`, and the producer pushes nothing for this
+    /// source (it stays registered until the session ends, and may follow the source's
+    /// progress in the ctl segment). A live session creates a ring as usual.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<String>,
 }
@@ -497,6 +498,11 @@ pub struct AckSource {
     pub topic_id: u32,
     /// Kind.
     pub kind: SourceKind,
+    /// The daemon reads this source straight from the journal the producer declared (a
+    /// backtest): the producer pushes nothing for it. `false` (a live session, or no journal
+    /// declared): the producer writes its ring as usual.
+    #[serde(default)]
+    pub journal: bool,
 }
 
 /// The ACK of a REGISTER.
