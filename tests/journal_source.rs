@@ -78,7 +78,7 @@ fn event(kind: FileKind, i: u64) -> AnyEvent {
             id: i,
             price: dec(100 + i as i64),
             qty: dec(1),
-            buyer_maker: i % 2 == 0,
+            buyer_maker: i.is_multiple_of(2),
         }),
     }
 }
