@@ -253,10 +253,45 @@ impl FrameHeader {
 ///
 /// # Safety
 /// `ptr` must be valid for reads of [`FRAME_HEADER_LEN`] bytes and 8-byte aligned.
+///
+/// The bytes may be written concurrently by another process (a misbehaving producer, the bus
+/// writer lapping a consumer): they are read as relaxed atomic 8-byte words, never as plain
+/// memory, and the result is validated (or, on the bus, checked against a seqlock) before it
+/// is trusted. On x86-64 and aarch64 a relaxed load is a plain load.
 #[inline]
 pub(crate) unsafe fn read_header(ptr: *const u8) -> FrameHeader {
-    // SAFETY: guaranteed by the caller; every bit pattern is a valid FrameHeader.
-    unsafe { std::ptr::read(ptr as *const FrameHeader) }
+    const WORDS: usize = FRAME_HEADER_LEN / 8;
+    let mut w = [0u64; WORDS];
+    // SAFETY: the caller's promise: `FRAME_HEADER_LEN` readable bytes, 8-byte aligned.
+    unsafe { copy_racy(ptr, w.as_mut_ptr() as *mut u8, FRAME_HEADER_LEN) };
+    // SAFETY: `w` holds FRAME_HEADER_LEN initialised bytes, 8-aligned (FrameHeader's
+    // alignment); every bit pattern is a valid FrameHeader.
+    unsafe { std::ptr::read(w.as_ptr() as *const FrameHeader) }
+}
+
+/// Copies `len` bytes (rounded up to whole 8-byte words) from memory another process may be
+/// writing, as relaxed atomic loads: a racing write gives a torn copy for the caller to detect
+/// (seqlock, validation), never undefined behaviour on our side.
+///
+/// Uses `std`'s atomics even under loom: loom does not model the ring's data bytes (see
+/// `sync.rs`).
+///
+/// # Safety
+/// `src` and `dst` are 8-byte aligned; `src .. src + len.next_multiple_of(8)` is mapped and
+/// readable, and `dst .. dst + len.next_multiple_of(8)` is writable and not aliased.
+#[inline]
+pub(crate) unsafe fn copy_racy(src: *const u8, dst: *mut u8, len: usize) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    debug_assert_eq!(src as usize % 8, 0);
+    debug_assert_eq!(dst as usize % 8, 0);
+    let src = src as *const AtomicU64;
+    let dst = dst as *mut u64;
+    for i in 0..len.div_ceil(8) {
+        // SAFETY: the caller's promise: word `i` is inside both ranges and aligned; an
+        // `AtomicU64` has the size and alignment of a `u64`, and shared memory may be viewed
+        // as atomics.
+        unsafe { dst.add(i).write((*src.add(i)).load(Ordering::Relaxed)) };
+    }
 }
 
 /// Writes a header into ring memory.

@@ -2651,14 +2651,14 @@ fn bus_overwrite_threads_account_for_every_frame() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Known issues (need a layout change to fix; see the report)
+// Issue 9: lapped, released and stale consumers
 // ---------------------------------------------------------------------------------------------
 
-/// A consumer lapped before it has read its first frame does not know which bus sequence to
-/// expect, so it reports nothing: the frames it skipped vanish from the accounting.
+/// A consumer lapped before it had read its first frame did not know which bus sequence to
+/// expect, so it reported nothing: the frames it skipped vanished from the accounting. It now
+/// takes the bus sequence that goes with the tail it starts at (published with the tail).
 #[test]
-#[ignore = "known issue: overwrite consumer lapped before its first frame reports no Overrun"]
-fn known_issue_overwrite_lap_before_the_first_frame_is_reported() {
+fn regression_overwrite_lap_before_the_first_frame_is_reported() {
     let (region, mut w) = new_bus(256, Policy::Overwrite);
     let mut c = attach(&region);
     for seq in 0..10 {
@@ -2671,11 +2671,11 @@ fn known_issue_overwrite_lap_before_the_first_frame_is_reported() {
     assert_eq!(c.try_next().err(), Some(ReadError::Overrun { missed: 10 }));
 }
 
-/// A consumer lapped over the last frames of the stream resumes after the END-OF-STREAM
-/// frame: it never sees EOF, nor an Overrun (that needs a frame after the lap).
+/// A consumer lapped over the last frames of the stream resumed after the END-OF-STREAM
+/// frame: it never saw EOF, nor an Overrun (that needs a frame after the lap). It now jumps to
+/// the EOF frame (published in the control block, never overwritten), with the exact count.
 #[test]
-#[ignore = "known issue: overwrite consumer lapped over the EOF frame never learns of it"]
-fn known_issue_overwrite_lap_over_the_eof_is_reported() {
+fn regression_overwrite_lap_over_the_eof_is_reported() {
     let (region, mut w) = new_bus(256, Policy::Overwrite);
     let mut c = attach(&region);
     wr(&mut w, 0, 16).unwrap();
@@ -2686,8 +2686,10 @@ fn known_issue_overwrite_lap_over_the_eof_is_reported() {
     }
     w.try_write(&eof_header(), &[]).unwrap();
     w.publish();
-    let r = c.try_next().map(|f| f.map(|f| f.header));
-    assert_ne!(r, Ok(None), "neither EOF nor an Overrun");
+    assert_eq!(c.try_next().err(), Some(ReadError::Overrun { missed: 10 }));
+    let (h, _) = must_read(&mut c);
+    assert!(h.has(flags::EOF) && h.bus_seq == 11, "{h:?}");
+    assert!(c.try_next().unwrap().is_none());
 }
 
 /// The daemon releases a consumer's slot, a new consumer takes it, then the first consumer
@@ -2702,4 +2704,137 @@ fn regression_dropping_a_released_reader_keeps_the_new_occupant() {
     assert_eq!(new.slot(), old.slot());
     drop(old);
     assert_eq!(w.consumers(), 1);
+}
+
+/// A block-policy consumer read frames in place with no ownership re-check: once the daemon
+/// released its slot (a dead or evicted consumer), the writer lapped it, and on resuming it
+/// read a later lap's bytes as its frames ("corrupt bus frame: inconsistent frame: control
+/// frame without flag", or a wrong frame). Its next read must say it was evicted, always.
+#[test]
+fn regression_released_block_reader_never_reads_a_later_lap() {
+    let (region, mut w) = new_bus(256, Policy::Block);
+    let mut c = attach(&region);
+    for seq in 0..3 {
+        wr(&mut w, seq, 16).unwrap();
+    }
+    w.publish();
+    let (h, _) = must_read(&mut c);
+    assert_eq!(h.bus_seq, 0);
+    BusMonitor::open(region.clone(), Some(EPOCH))
+        .unwrap()
+        .release_slot(c.slot());
+    // The writer laps the released consumer, with frames of other lengths (their headers lie
+    // where the consumer expects frame 1's).
+    for seq in 3..40 {
+        assert_eq!(wr(&mut w, seq, 24 + (seq as usize % 3) * 16), Ok(seq));
+    }
+    w.publish();
+    for _ in 0..3 {
+        match c.try_next() {
+            Err(ReadError::Detached(s)) => assert_eq!(s, c.slot()),
+            other => panic!(
+                "a released consumer read {:?}",
+                other.map(|f| f.map(|f| f.header))
+            ),
+        }
+    }
+    assert!(ReadError::Detached(0).to_string().contains("evicted"));
+}
+
+/// With no consumer attached, the block writer gated on its own unpublished tail: it wrote a
+/// whole ring past the published tail, and a consumer attaching at the published tail then read
+/// a later lap's frames (frames 4..8 twice here, never 0..4).
+#[test]
+fn bus_block_without_consumers_gates_on_the_published_tail() {
+    let (region, mut w) = new_bus(256, Policy::Block);
+    // 64-byte frames, never published explicitly.
+    for seq in 0..8 {
+        assert_eq!(wr(&mut w, seq, 16), Ok(seq));
+    }
+    let mut c = attach(&region);
+    let mut got = Vec::new();
+    let mut seq = 8;
+    while seq < 24 {
+        match wr(&mut w, seq, 16) {
+            Ok(_) => seq += 1,
+            Err(WriteError::Full) => got.extend(drain(&mut c)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    w.publish();
+    got.extend(drain(&mut c));
+    let first = got[0];
+    assert_eq!(
+        got,
+        (first..24).collect::<Vec<_>>(),
+        "frames lost or repeated"
+    );
+}
+
+/// The overwrite writer published only when asked: a batch longer than the bus (the
+/// sequencer writes up to 256 frames per pass) lapped its own unpublished frames, and a
+/// consumer found the published tail overwritten, again and again. It now publishes by itself
+/// once half a ring is unpublished.
+#[test]
+fn bus_overwrite_long_batch_publishes_at_half_a_ring() {
+    let (region, mut w) = new_bus(256, Policy::Overwrite);
+    let mon = BusMonitor::open(region.clone(), Some(EPOCH)).unwrap();
+    let mut c = attach(&region);
+    for seq in 0..20 {
+        assert_eq!(wr(&mut w, seq, 16), Ok(seq));
+        // Written: 64 * (seq + 1) bytes; never more than half a ring (plus a frame) unpublished.
+        assert!(
+            64 * (seq + 1) - mon.tail() <= 128 + 64,
+            "frame {seq}: published {}",
+            mon.tail()
+        );
+    }
+    w.publish();
+    // The consumer was lapped: it resumes at the head and learns exactly how much it missed
+    // with the next frame.
+    assert!(c.try_next().unwrap().is_none());
+    wr(&mut w, 20, 16).unwrap();
+    w.publish();
+    assert_eq!(c.try_next().err(), Some(ReadError::Overrun { missed: 20 }));
+    let (h, p) = must_read(&mut c);
+    check_frame(&h, &p, 20, 16);
+}
+
+/// A consumer lapped before its first read, over the end of the stream: it jumps to the
+/// END-OF-STREAM frame and reports every frame before it as missed.
+#[test]
+fn bus_overwrite_lapped_before_the_first_read_over_the_end_sees_eof() {
+    let (region, mut w) = new_bus(256, Policy::Overwrite);
+    // Frames before the consumer attaches are not its business.
+    for seq in 0..5 {
+        wr(&mut w, seq, 16).unwrap();
+    }
+    w.publish();
+    let mut c = attach(&region);
+    for seq in 5..30 {
+        wr(&mut w, seq, 16).unwrap();
+    }
+    w.write_eof(u64::MAX, &mut BusySpin, Deadline::never())
+        .unwrap();
+    assert_eq!(c.try_next().err(), Some(ReadError::Overrun { missed: 25 }));
+    let (h, _) = must_read(&mut c);
+    assert!(h.has(flags::EOF) && h.bus_seq == 30, "{h:?}");
+}
+
+/// A writer that reopens a bus goes on with its bus sequences, and ends an interrupted
+/// publish (odd seqlock version) so that attaching consumers do not wait for it.
+#[test]
+fn bus_writer_reopen_keeps_the_bus_sequence() {
+    let (region, mut w) = new_bus(256, Policy::Overwrite);
+    for seq in 0..3 {
+        wr(&mut w, seq, 16).unwrap();
+    }
+    w.publish();
+    drop(w);
+    let mut w = BusWriter::open(region.clone(), Some(EPOCH)).unwrap();
+    assert_eq!(w.next_seq(), 3);
+    let mut c = attach(&region);
+    wr(&mut w, 3, 16).unwrap();
+    w.publish();
+    assert_eq!(must_read(&mut c).0.bus_seq, 3);
 }
