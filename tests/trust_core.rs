@@ -487,7 +487,6 @@ fn evicted_consumer_exits_saying_so() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "issue 9: in progress"]
 fn live_consumer_lapped_over_the_end_sees_eos_with_exact_missed_count() {
     let _g = serial();
     let b = bins();
