@@ -181,9 +181,12 @@ impl BusReader {
         s.read.store(0, Ordering::Relaxed);
         s.overruns.store(0, Ordering::Relaxed);
         s.missed.store(0, Ordering::Relaxed);
-        // Release: pairs with the Acquire load in `BusWriter::min_cursor`. A plain store: a
-        // stale consumer's CAS expects its own generation's tag and fails from here on.
-        s.cursor.store(cursor_word(tail, owner), Ordering::Release);
+        // Release: pairs with the Acquire load in `BusWriter::min_cursor`. A swap, not a plain
+        // store: read-modify-writes of one word are totally ordered, so a stale consumer's CAS
+        // (expecting its own generation's tag) either comes before this one and is overwritten,
+        // or after and fails. (With a plain store, loom finds an execution where a CAS ordered
+        // after it in execution wins in the modification order.)
+        s.cursor.swap(cursor_word(tail, owner), Ordering::Release);
         let scratch_words = (m.ring.cap() as usize).div_ceil(16);
         Ok(BusReader {
             slot: slot_i,
@@ -501,16 +504,22 @@ impl BusReader {
     /// there is read: its bus sequence minus the one we expected.
     fn lap(&mut self) {
         self.lapped = true;
-        // Acquire: pairs with the Release store of `eof` in `BusWriter::publish`; the EOF
-        // frame and a tail past it are visible.
-        let eof_end = self.m.ctrl().fixed.eof_end.load(Ordering::Acquire);
-        let eof = eof_end.wrapping_sub(frame::stride(0) as u64);
+        // The tail first (Acquire: pairs with the Release store in `BusWriter::publish`, which
+        // comes after the store of `eof_end`): a tail past the EOF frame comes with its
+        // position.
         self.cached_tail = self.m.ctrl().tail();
+        let eof_end = self.m.ctrl().fixed.eof_end.load(Ordering::Relaxed);
+        let eof = eof_end.wrapping_sub(frame::stride(0) as u64);
         self.pos = if eof_end != NO_EOF && eof >= self.pos && eof_end <= self.cached_tail {
             eof
         } else {
             self.cached_tail
         };
+    }
+
+    /// The bus position (bytes) of the next frame this consumer reads.
+    pub fn position(&self) -> u64 {
+        self.pos
     }
 
     /// Frames delivered so far.

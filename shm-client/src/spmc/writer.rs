@@ -262,6 +262,16 @@ impl BusWriter {
         if self.published == self.tail {
             return;
         }
+        if let (Some(eof), false) = (self.eof_at, self.eof_published) {
+            // Before the tail: a consumer that lapped reads the tail (Acquire) and then this
+            // word, so if its tail is past the EOF frame it sees where that frame is (the
+            // Release store of the tail below orders this store before it). Stored after the
+            // tail, a consumer could read the new tail, then no EOF, and jump past the frame:
+            // loom found it (`bus_overwrite_lap_over_the_eof_sees_it`).
+            let end = eof + frame::stride(0) as u64;
+            self.m.ctrl().fixed.eof_end.store(end, Ordering::Relaxed);
+            self.eof_published = true;
+        }
         let p = &self.m.ctrl().published;
         p.version.store(self.version + 1, Ordering::Relaxed);
         // Release fence: orders the odd version before the new seq and tail; pairs with the
@@ -269,20 +279,13 @@ impl BusWriter {
         // read either new value.
         fence(Ordering::Release);
         p.seq.store(self.next_seq, Ordering::Relaxed);
-        // Release: pairs with the Acquire load of `tail` in `BusReader`; the frames are
-        // written before they are visible.
+        // Release: pairs with the Acquire load of `tail` in `BusReader`; the frames (and the
+        // EOF position) are written before they are visible.
         p.tail.store(self.tail, Ordering::Release);
         // Release: pairs with the Acquire load of the version in `BusControl::tail_and_seq`.
         p.version.store(self.version + 2, Ordering::Release);
         self.version += 2;
         self.published = self.tail;
-        if let (Some(eof), false) = (self.eof_at, self.eof_published) {
-            // Release: pairs with the Acquire load in `BusReader::lap`; the EOF frame and
-            // the tail past it are visible to a consumer that jumps there.
-            let end = eof + frame::stride(0) as u64;
-            self.m.ctrl().fixed.eof_end.store(end, Ordering::Release);
-            self.eof_published = true;
-        }
     }
 
     /// Writes the END-OF-STREAM frame and publishes.
