@@ -337,8 +337,17 @@ impl Geometry {
     }
 
     /// Total bytes of the segment.
+    ///
+    /// # Panics
+    /// If it overflows a `usize` (a capacity read from shared memory goes through
+    /// [`Geometry::checked_total_len`] instead).
     pub const fn total_len(&self) -> usize {
         self.data_offset + self.capacity
+    }
+
+    /// Total bytes of the segment, `None` if that overflows a `usize`.
+    pub const fn checked_total_len(&self) -> Option<usize> {
+        self.data_offset.checked_add(self.capacity)
     }
 }
 
@@ -430,20 +439,23 @@ pub(crate) fn validate_header(
         }
     }
     let geo = Geometry::new(ctrl_len, hdr.capacity as usize);
+    let Some(total_len) = geo.checked_total_len() else {
+        return Err(OpenError::Corrupt("capacity overflows the address space"));
+    };
     if hdr.data_offset as usize != geo.data_offset {
         return Err(OpenError::Corrupt(
             "data offset does not match the control block",
         ));
     }
-    if hdr.total_len as usize != geo.total_len() {
+    if hdr.total_len as usize != total_len {
         return Err(OpenError::Corrupt(
             "total length does not match the capacity",
         ));
     }
-    if region.len() < geo.total_len() {
+    if region.len() < total_len {
         return Err(OpenError::TooSmall {
             len: region.len(),
-            need: geo.total_len(),
+            need: total_len,
         });
     }
     Ok(geo)

@@ -2838,3 +2838,120 @@ fn bus_writer_reopen_keeps_the_bus_sequence() {
     w.publish();
     assert_eq!(must_read(&mut c).0.bus_seq, 3);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 9, item 7: values from shared memory are validated before any arithmetic
+// ---------------------------------------------------------------------------------------------
+
+/// `Producer::open` trusted `head` and `tail`: a head past the tail underflowed `has_room`.
+#[test]
+fn producer_open_refuses_bad_cursors() {
+    let cases: [(u64, u64, &str); 4] = [
+        (64, 0, "ring head is past its tail"),
+        (0, 512, "ring tail is more than a ring past its head"),
+        (8, 24, "ring cursors are not 16-byte aligned"),
+        (u64::MAX, 16, "ring head is past its tail"),
+    ];
+    for (head, tail, msg) in cases {
+        let ring = Ring::new(256);
+        ring.set_head(head);
+        ring.set_tail(tail);
+        match producer_open_err(ring.dyn_region(), Some(EPOCH)) {
+            OpenError::Corrupt(m) => assert_eq!(m, msg, "head {head}, tail {tail}"),
+            e => panic!("head {head}, tail {tail}: {e}"),
+        }
+    }
+}
+
+/// A head that jumps past the producer's tail (or back) while it runs is no room, never an
+/// underflow (a debug build panicked, a release build saw a huge free space or none).
+#[test]
+fn producer_never_underflows_on_a_bad_head() {
+    let ring = Ring::new(256);
+    let mut tx = ring.producer();
+    while tx.try_push_frame(&event_header(1, 2), &[7; 16]).is_ok() {}
+    for head in [ring.tail() + 4096, u64::MAX, 0] {
+        ring.set_head(head);
+        assert!(
+            tx.try_push_frame(&event_header(1, 2), &[7; 16]).is_err(),
+            "head {head}"
+        );
+    }
+}
+
+/// A capacity in a segment header that overflows the segment length is refused, not added
+/// up unchecked.
+#[test]
+fn open_refuses_a_capacity_that_overflows() {
+    let region: Arc<dyn Region> = fresh_bus(Policy::Block);
+    let capacity = std::mem::offset_of!(SegmentHeader, capacity);
+    atomic_u64(&*region, capacity).store(u64::MAX - 64, Ordering::SeqCst);
+    match bus_open_err(region, Some(EPOCH)) {
+        OpenError::Corrupt(m) => assert_eq!(m, "capacity overflows the address space"),
+        e => panic!("{e}"),
+    }
+}
+
+/// The bus reader trusted the tail: it must move forward, stay a frame boundary and (block
+/// policy) stay within a ring of the consumer.
+#[test]
+fn bus_reader_refuses_bad_tails() {
+    let tail_word = HEADER_LEN; // the first word of the bus control block
+    type Move = fn(u64) -> u64;
+    let cases: [(Move, &str); 4] = [
+        (|t| t - 64, "bus tail moved backwards"),
+        (|t| t + 8, "bus tail is not 16-byte aligned"),
+        (
+            |t| t + 256 + 64,
+            "bus tail is more than a ring ahead of this consumer",
+        ),
+        (
+            |_| u64::MAX & !15,
+            "bus tail is more than a ring ahead of this consumer",
+        ),
+    ];
+    for (moved, msg) in cases {
+        let (region, mut w) = new_bus(256, Policy::Block);
+        let mut c = attach(&region);
+        for seq in 0..2 {
+            wr(&mut w, seq, 16).unwrap();
+        }
+        w.publish();
+        assert_eq!(drain(&mut c), vec![0, 1]);
+        let tail = atomic_u64(&*region, tail_word);
+        tail.store(moved(tail.load(Ordering::SeqCst)), Ordering::SeqCst);
+        assert_eq!(
+            c.try_next().err(),
+            Some(ReadError::Corrupt(FrameError::BadCursor(msg)))
+        );
+    }
+}
+
+/// A consumer cursor above the tail underflowed the block writer's gate (it then waited
+/// forever): it counts as the tail.
+#[test]
+fn bus_writer_clamps_a_cursor_above_the_tail() {
+    let (region, mut w) = new_bus(256, Policy::Block);
+    let c = attach(&region);
+    let slot = c.slot();
+    std::mem::forget(c);
+    // Find the slot's cursor word rather than hard-code the layout.
+    assert_eq!(w.slot_stats()[0].cursor, 0);
+    let slots = (HEADER_LEN..spmc::geometry(256).data_offset)
+        .step_by(8)
+        .filter(|&off| atomic_u64(&*region, off).load(Ordering::SeqCst) == 1)
+        .collect::<Vec<_>>();
+    // The only word equal to 1: the cursor word at position 0 tagged with generation 1 (the
+    // owner word of generation 1 is 3, every other word of a fresh bus is 0 or the policy 0).
+    assert_eq!(slots.len(), 1, "{slots:?}");
+    atomic_u64(&*region, slots[0]).store((1 << 40) | 1, Ordering::SeqCst);
+    assert_eq!(w.slot_stats()[0].slot, slot);
+    for seq in 0..40 {
+        // `Full` once a ring is unpublished (it publishes then); never for good.
+        let r = match wr(&mut w, seq, 16) {
+            Err(WriteError::Full) => wr(&mut w, seq, 16),
+            r => r,
+        };
+        assert_eq!(r, Ok(seq), "the writer trusted a cursor past its tail");
+    }
+}

@@ -353,17 +353,35 @@ impl BusReader {
     /// Whether the reader has read everything published: then it publishes its cursor (so a
     /// writer blocked on it can go on) and reloads the tail; true if there still is nothing.
     #[inline]
-    fn caught_up(&mut self) -> bool {
+    fn caught_up(&mut self) -> Result<bool, ReadError> {
         if self.pos != self.cached_tail {
-            return false;
+            return Ok(false);
         }
         // Everything before `pos` is done with: release it before looking for more, so a
         // writer blocked on us can go on.
         self.publish_cursor();
         // Acquire (in `tail()`): pairs with the Release store in `BusWriter::publish`; the
         // frames below the tail are written before we read them.
-        self.cached_tail = self.m.ctrl().tail();
-        self.pos == self.cached_tail
+        let tail = self.m.ctrl().tail();
+        // Not trusted (issue 9, item 7): monotonic, a frame boundary, and (block policy, where
+        // the writer waits for us) within a ring of our position. Under the overwrite policy
+        // a tail more than a ring ahead is a lap.
+        let bad = if tail < self.pos {
+            Some("bus tail moved backwards")
+        } else if tail % crate::frame::FRAME_ALIGN as u64 != 0 {
+            Some("bus tail is not 16-byte aligned")
+        } else if self.policy == Policy::Block && tail - self.pos > self.m.ring.cap() {
+            Some("bus tail is more than a ring ahead of this consumer")
+        } else {
+            None
+        };
+        if let Some(what) = bad {
+            // A released consumer may see any tail: say it was evicted, not corrupt.
+            self.check_attached()?;
+            return Err(ReadError::Corrupt(FrameError::BadCursor(what)));
+        }
+        self.cached_tail = tail;
+        Ok(self.pos == self.cached_tail)
     }
 
     /// Moves past a frame of `stride` bytes; whether the consumer wants it (counted if so).
@@ -383,7 +401,7 @@ impl BusReader {
             self.publish_cursor();
         }
         loop {
-            if self.caught_up() {
+            if self.caught_up()? {
                 return Ok(None);
             }
             // SAFETY: the bytes from `pos` to the tail are published, and the writer does not
@@ -424,7 +442,7 @@ impl BusReader {
             self.publish_cursor();
         }
         loop {
-            if self.caught_up() {
+            if self.caught_up()? {
                 return Ok(None);
             }
             if self.cached_tail - self.pos > self.m.ring.cap() {

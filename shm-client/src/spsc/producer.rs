@@ -116,6 +116,19 @@ impl Producer {
         // Acquire: pairs with the Release stores of a previous producer (none in practice).
         let tail = m.ctrl().tail.load(Ordering::Acquire);
         let head = m.ctrl().head.load(Ordering::Acquire);
+        // Not trusted (issue 9, item 7): `head <= tail <= head + cap`, both frame boundaries.
+        // A head above the tail used to underflow `has_room`.
+        if head > tail {
+            return Err(OpenError::Corrupt("ring head is past its tail"));
+        }
+        if tail - head > m.ring.cap() {
+            return Err(OpenError::Corrupt(
+                "ring tail is more than a ring past its head",
+            ));
+        }
+        if (head | tail) % crate::frame::FRAME_ALIGN as u64 != 0 {
+            return Err(OpenError::Corrupt("ring cursors are not 16-byte aligned"));
+        }
         Ok(Producer {
             m,
             tail,
@@ -207,7 +220,14 @@ impl Producer {
         if self.tail + n - self.cached_head > self.m.ring.cap() {
             // Acquire: pairs with the Release store of `head` in `RingReader::release`; the
             // reader is done with the bytes below `head` before we overwrite them.
-            self.cached_head = self.m.ctrl().head.load(Ordering::Acquire);
+            let head = self.m.ctrl().head.load(Ordering::Acquire);
+            // Not trusted: a head that went back or past our tail counts as no room (the push
+            // times out with an error), never as an underflow. Invariant kept:
+            // `cached_head <= tail`.
+            if head < self.cached_head || head > self.tail {
+                return false;
+            }
+            self.cached_head = head;
             if self.tail + n - self.cached_head > self.m.ring.cap() {
                 return false;
             }
