@@ -2906,7 +2906,7 @@ fn bus_reader_refuses_bad_tails() {
             "bus tail is more than a ring ahead of this consumer",
         ),
         (
-            |_| u64::MAX & !15,
+            |_| !15,
             "bus tail is more than a ring ahead of this consumer",
         ),
     ];
@@ -2954,4 +2954,38 @@ fn bus_writer_clamps_a_cursor_above_the_tail() {
         };
         assert_eq!(r, Ok(seq), "the writer trusted a cursor past its tail");
     }
+}
+
+/// `Claim::commit` checked `len <= max_len` with a `debug_assert` only: a release build wrote
+/// the frame past its claim (over bytes the reader may be reading) and moved the tail past it.
+#[test]
+fn commit_longer_than_the_claim_panics() {
+    let ring = Ring::new(256);
+    let mut tx = ring.producer();
+    let c = tx.try_claim(16).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        c.commit(FrameHeader::event(Kind::Trade, 2, 0, 100));
+    }));
+    assert!(r.is_err(), "a commit past the claim went through");
+    assert_eq!(ring.tail(), 0);
+}
+
+/// The bus writer did not check `MAX_PAYLOAD_LEN` (only half the bus): on a bus larger than
+/// 2 MiB it wrote frames no reader accepts.
+#[test]
+fn bus_writer_refuses_payloads_above_the_maximum() {
+    let cap = 4 * MAX_PAYLOAD_LEN;
+    let (_region, mut w) = new_bus(cap, Policy::Block);
+    let payload = vec![0u8; MAX_PAYLOAD_LEN + 1];
+    assert!(matches!(
+        w.try_write(&FrameHeader::event(Kind::Trade, 1, 0, 0), &payload),
+        Err(WriteError::TooLarge { .. })
+    ));
+    assert_eq!(
+        w.try_write(
+            &FrameHeader::event(Kind::Trade, 1, 0, 0),
+            &payload[..MAX_PAYLOAD_LEN]
+        ),
+        Ok(0)
+    );
 }

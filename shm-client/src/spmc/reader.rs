@@ -368,7 +368,7 @@ impl BusReader {
         // a tail more than a ring ahead is a lap.
         let bad = if tail < self.pos {
             Some("bus tail moved backwards")
-        } else if tail % crate::frame::FRAME_ALIGN as u64 != 0 {
+        } else if !tail.is_multiple_of(crate::frame::FRAME_ALIGN as u64) {
             Some("bus tail is not 16-byte aligned")
         } else if self.policy == Policy::Block && tail - self.pos > self.m.ring.cap() {
             Some("bus tail is more than a ring ahead of this consumer")

@@ -79,22 +79,27 @@ impl Claim<'_> {
 
     /// Writes the frame header (its `len` must be `<= max_len`; `source_id`, `source_seq` and
     /// `publish_ns` are filled in) and makes the frame part of the current batch.
+    ///
+    /// # Panics
+    /// If `header.len > max_len`: the frame would run past the claim, over bytes the reader may
+    /// still be reading (this was a `debug_assert` only, and a release build overran the claim;
+    /// `commit_longer_than_the_claim_panics`).
     pub fn commit(self, mut header: FrameHeader) -> Seq {
-        debug_assert!(header.len as usize <= self.max_len);
+        assert!(
+            header.len as usize <= self.max_len,
+            "Claim::commit: a frame of {} bytes in a claim of {}",
+            header.len,
+            self.max_len
+        );
         let p = self.producer;
         header.source_id = p.source_id;
         header.source_seq = p.next_seq;
         if p.stamp {
             header.publish_ns = frame::monotonic_ns();
         }
-        if header.len as usize <= self.max_len {
-            // SAFETY: `ptr` is 16-aligned and `ptr .. ptr + stride(len)` lies inside the claim
-            // (`len <= max_len`), which is unpublished and only this producer's.
-            unsafe { claim::seal(self.ptr, &header) };
-        } else {
-            // SAFETY: `ptr` is 16-aligned, inside the claimed region, and unpublished.
-            unsafe { frame::write_header(self.ptr, &header) };
-        }
+        // SAFETY: `ptr` is 16-aligned and `ptr .. ptr + stride(len)` lies inside the claim
+        // (`len <= max_len`, asserted), which is unpublished and only this producer's.
+        unsafe { claim::seal(self.ptr, &header) };
         p.tail += frame::stride(header.len as usize) as u64;
         p.next_seq += 1;
         p.pending += 1;
