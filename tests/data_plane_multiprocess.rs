@@ -70,6 +70,7 @@ const ENV_EPOCH: &str = "AEGIS_MP_EPOCH";
 const ENV_SLOT: &str = "AEGIS_MP_SLOT";
 const ENV_EVENTS: &str = "AEGIS_MP_EVENTS";
 const ENV_PAUSE_AT: &str = "AEGIS_MP_PAUSE_AT";
+const ENV_STOP_AT: &str = "AEGIS_MP_STOP_AT";
 
 /// Marker of every line a child reports on stdout.
 const MARK: &str = "AEGIS-MP ";
@@ -288,6 +289,7 @@ fn child_consumer() {
     let epoch: u64 = env(ENV_EPOCH);
     let slot: usize = env(ENV_SLOT);
     let pause_at: Option<u64> = std::env::var(ENV_PAUSE_AT).ok().map(|_| env(ENV_PAUSE_AT));
+    let stop_at: Option<u64> = std::env::var(ENV_STOP_AT).ok().map(|_| env(ENV_STOP_AT));
     let mut rx = BusReader::attach(open_shm(BUS_SUFFIX), Some(epoch), Some(slot))
         .unwrap_or_else(|e| panic!("consumer {slot}: attach: {e}"));
     assert_eq!(rx.slot(), slot);
@@ -305,10 +307,16 @@ fn child_consumer() {
             }
             panic!("consumer {slot}: paused at {} and never killed", sum.count);
         }
+        if stop_at == Some(sum.count) {
+            println!("{MARK}stopping count={}", sum.count);
+            // SAFETY: raise has no memory-safety preconditions; the parent sends SIGCONT.
+            unsafe { libc::raise(libc::SIGSTOP) };
+        }
         let n = sum.count;
-        let f = rx
-            .next(&mut wait, deadline)
-            .unwrap_or_else(|e| panic!("consumer {slot}: next after {n} events: {e}"));
+        let f = rx.next(&mut wait, deadline).unwrap_or_else(|e| {
+            println!("{MARK}error after={n} {e}");
+            panic!("consumer {slot}: next after {n} events: {e}")
+        });
         if f.is_eof() {
             assert_eq!(
                 f.header.bus_seq, n,
@@ -976,5 +984,103 @@ fn killed_consumer_blocks_the_bus_until_its_slot_is_released() {
         "data_plane_multiprocess: kill test ({KILL_EVENTS} events, victim killed after \
          {KILL_PAUSE_AT}, writer blocked at frame {stuck_at}) done after {:.2?}",
         t0.elapsed()
+    );
+}
+
+/// The state letter of process `pid` in `/proc/PID/stat` (`T` when stopped).
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// A consumer stopped with SIGSTOP has its slot released (what the daemon does for a dead or
+/// evicted consumer); the writer then laps it. On SIGCONT its next read must say it was
+/// evicted, never hand out a frame of a later lap nor call the bus corrupt (issue 9, item 2:
+/// it used to read on in place and fail with "corrupt bus frame: inconsistent frame").
+#[test]
+fn released_consumer_learns_it_was_evicted_never_reads_a_later_lap() {
+    if role().is_some() {
+        return;
+    }
+    let mut s = Session::new("e");
+    let (ring, bus) = create_segments(&s);
+    let (survivor_slot, victim_slot) = (0usize, 1usize);
+    let survivor = s.spawn(
+        "consumer",
+        "surviving consumer slot 0",
+        &[(ENV_SLOT, survivor_slot.to_string())],
+    );
+    let victim = s.spawn(
+        "consumer",
+        "stopped consumer slot 1",
+        &[
+            (ENV_SLOT, victim_slot.to_string()),
+            (ENV_STOP_AT, KILL_PAUSE_AT.to_string()),
+        ],
+    );
+    s.expect_line(survivor, "attached", ATTACH_TIMEOUT);
+    s.expect_line(victim, "attached", ATTACH_TIMEOUT);
+    let monitor = BusMonitor::open(bus.clone(), Some(s.epoch)).expect("monitor");
+    let p = s.spawn(
+        "producer",
+        "producer",
+        &[(ENV_EVENTS, KILL_EVENTS.to_string())],
+    );
+    s.start_relay(&ring, &bus);
+
+    s.expect_line(victim, "stopping", EXIT_TIMEOUT);
+    let pid = s.procs[victim].child.id();
+    let until = Instant::now() + EXIT_TIMEOUT;
+    while proc_state(pid) != Some('T') {
+        s.poll_relay(false);
+        assert!(Instant::now() < until, "the consumer never stopped");
+        thread::sleep(Duration::from_millis(2));
+    }
+    let stats = monitor.slot_stats();
+    let held = stats
+        .iter()
+        .find(|st| st.slot == victim_slot)
+        .expect("the stopped consumer's slot is attached");
+    assert!(monitor.release_slot_owned(victim_slot, held.owner));
+    // The writer, no longer held back, laps the stopped consumer (or ends the stream).
+    let until = Instant::now() + EXIT_TIMEOUT;
+    while monitor.tail() < held.cursor + 2 * BUS_CAP as u64
+        && s.relay.written.load(Ordering::Relaxed) < KILL_EVENTS
+    {
+        s.poll_relay(false);
+        assert!(
+            Instant::now() < until,
+            "the writer never lapped the released consumer"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        monitor.tail() > held.cursor + BUS_CAP as u64,
+        "not lapped: tail {}, cursor {}",
+        monitor.tail(),
+        held.cursor
+    );
+    // SAFETY: kill has no memory-safety preconditions; `pid` is our child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGCONT) }, 0);
+    let line = s.expect_line(victim, "error", EXIT_TIMEOUT);
+    assert!(line.contains("evicted"), "{line}");
+    assert!(!line.contains("corrupt"), "{line}");
+    let status = s.kill(victim).expect("reap the released consumer");
+    assert!(!status.success(), "the released consumer exited 0");
+
+    let (p_sum, p_count) = parse_report(&s.expect_line(p, "checksum=", EXIT_TIMEOUT));
+    let (c_sum, c_count) = parse_report(&s.expect_line(survivor, "checksum=", EXIT_TIMEOUT));
+    for i in [p, survivor] {
+        s.expect_success(i, EXIT_TIMEOUT);
+    }
+    assert_eq!(p_count, KILL_EVENTS);
+    assert_eq!(c_count, KILL_EVENTS);
+    assert_eq!(c_sum, p_sum, "survivor checksum vs producer");
+    let _ = s.relay_report();
+    drop((monitor, ring, bus));
+    assert_eq!(
+        s.segments(),
+        Vec::<PathBuf>::new(),
+        "segments left in {SHM_DIR}"
     );
 }
