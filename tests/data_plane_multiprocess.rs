@@ -703,6 +703,16 @@ impl Session {
         }
     }
 
+    /// Polls the relay until `done` holds; fails with `what` after `EXIT_TIMEOUT`.
+    fn poll_until(&mut self, what: &str, mut done: impl FnMut(&Session) -> bool) {
+        let until = Instant::now() + EXIT_TIMEOUT;
+        while !done(self) {
+            self.poll_relay(false);
+            assert!(Instant::now() < until, "{what} within {EXIT_TIMEOUT:?}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits for child `i` to exit with status 0; kills it and fails on timeout.
     fn expect_success(&mut self, i: usize, timeout: Duration) {
         let until = Instant::now() + timeout;
@@ -846,31 +856,15 @@ fn killed_consumer_blocks_the_bus_until_its_slot_is_released() {
     }
     let t0 = Instant::now();
     let mut s = Session::new("k");
-    let (ring, bus) = create_segments(&s);
-    let (survivor_slot, victim_slot) = (0usize, 1usize);
-    let survivor = s.spawn(
-        "consumer",
-        "surviving consumer slot 0",
-        &[(ENV_SLOT, survivor_slot.to_string())],
-    );
-    let victim = s.spawn(
-        "consumer",
-        "victim consumer slot 1",
-        &[
-            (ENV_SLOT, victim_slot.to_string()),
-            (ENV_PAUSE_AT, KILL_PAUSE_AT.to_string()),
-        ],
-    );
-    s.expect_line(survivor, "attached", ATTACH_TIMEOUT);
-    s.expect_line(victim, "attached", ATTACH_TIMEOUT);
-    let monitor = BusMonitor::open(bus.clone(), Some(s.epoch)).expect("monitor");
-
-    let p = s.spawn(
-        "producer",
-        "producer",
-        &[(ENV_EVENTS, KILL_EVENTS.to_string())],
-    );
-    s.start_relay(&ring, &bus);
+    let (survivor_slot, victim_slot) = (SURVIVOR_SLOT, VICTIM_SLOT);
+    let VictimSetup {
+        ring,
+        bus,
+        monitor,
+        producer: p,
+        survivor,
+        victim,
+    } = survivor_and_victim(&mut s, (ENV_PAUSE_AT, KILL_PAUSE_AT.to_string()));
     let ctl = s.relay.clone();
 
     // The victim stops reading midway; kill it with SIGKILL while it holds its slot.
@@ -948,15 +942,9 @@ fn killed_consumer_blocks_the_bus_until_its_slot_is_released() {
 
     // Release the slot as the daemon will: the writer goes on at once.
     ctl.release.store(victim_slot + 1, Ordering::Release);
-    let until = Instant::now() + EXIT_TIMEOUT;
-    while ctl.written.load(Ordering::Relaxed) <= stuck_at {
-        s.poll_relay(false);
-        assert!(
-            Instant::now() < until,
-            "relay still blocked after release_slot"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
+    s.poll_until("the relay goes on after release_slot", |s| {
+        s.relay.written.load(Ordering::Relaxed) > stuck_at
+    });
     assert!(
         !monitor.slot_stats().iter().any(|st| st.slot == victim_slot),
         "released slot still attached"
@@ -987,6 +975,54 @@ fn killed_consumer_blocks_the_bus_until_its_slot_is_released() {
     );
 }
 
+/// The slots of the two consumers of the victim tests.
+const SURVIVOR_SLOT: usize = 0;
+const VICTIM_SLOT: usize = 1;
+
+/// What [`survivor_and_victim`] set up.
+struct VictimSetup {
+    ring: Arc<ShmRegion>,
+    bus: Arc<ShmRegion>,
+    monitor: BusMonitor,
+    producer: usize,
+    survivor: usize,
+    victim: usize,
+}
+
+/// The start of the victim tests: the segments, a surviving consumer in slot 0 and a victim
+/// consumer in slot 1 (with `victim_var`, which says when it stops reading), both attached; a
+/// monitor; a producer of `KILL_EVENTS` events, and the relay running.
+fn survivor_and_victim(s: &mut Session, victim_var: (&str, String)) -> VictimSetup {
+    let (ring, bus) = create_segments(s);
+    let survivor = s.spawn(
+        "consumer",
+        "surviving consumer slot 0",
+        &[(ENV_SLOT, SURVIVOR_SLOT.to_string())],
+    );
+    let victim = s.spawn(
+        "consumer",
+        "victim consumer slot 1",
+        &[(ENV_SLOT, VICTIM_SLOT.to_string()), victim_var],
+    );
+    s.expect_line(survivor, "attached", ATTACH_TIMEOUT);
+    s.expect_line(victim, "attached", ATTACH_TIMEOUT);
+    let monitor = BusMonitor::open(bus.clone(), Some(s.epoch)).expect("monitor");
+    let producer = s.spawn(
+        "producer",
+        "producer",
+        &[(ENV_EVENTS, KILL_EVENTS.to_string())],
+    );
+    s.start_relay(&ring, &bus);
+    VictimSetup {
+        ring,
+        bus,
+        monitor,
+        producer,
+        survivor,
+        victim,
+    }
+}
+
 /// The state letter of process `pid` in `/proc/PID/stat` (`T` when stopped).
 fn proc_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -1003,39 +1039,19 @@ fn released_consumer_learns_it_was_evicted_never_reads_a_later_lap() {
         return;
     }
     let mut s = Session::new("e");
-    let (ring, bus) = create_segments(&s);
-    let (survivor_slot, victim_slot) = (0usize, 1usize);
-    let survivor = s.spawn(
-        "consumer",
-        "surviving consumer slot 0",
-        &[(ENV_SLOT, survivor_slot.to_string())],
-    );
-    let victim = s.spawn(
-        "consumer",
-        "stopped consumer slot 1",
-        &[
-            (ENV_SLOT, victim_slot.to_string()),
-            (ENV_STOP_AT, KILL_PAUSE_AT.to_string()),
-        ],
-    );
-    s.expect_line(survivor, "attached", ATTACH_TIMEOUT);
-    s.expect_line(victim, "attached", ATTACH_TIMEOUT);
-    let monitor = BusMonitor::open(bus.clone(), Some(s.epoch)).expect("monitor");
-    let p = s.spawn(
-        "producer",
-        "producer",
-        &[(ENV_EVENTS, KILL_EVENTS.to_string())],
-    );
-    s.start_relay(&ring, &bus);
+    let victim_slot = VICTIM_SLOT;
+    let VictimSetup {
+        ring,
+        bus,
+        monitor,
+        producer: p,
+        survivor,
+        victim,
+    } = survivor_and_victim(&mut s, (ENV_STOP_AT, KILL_PAUSE_AT.to_string()));
 
     s.expect_line(victim, "stopping", EXIT_TIMEOUT);
     let pid = s.procs[victim].child.id();
-    let until = Instant::now() + EXIT_TIMEOUT;
-    while proc_state(pid) != Some('T') {
-        s.poll_relay(false);
-        assert!(Instant::now() < until, "the consumer never stopped");
-        thread::sleep(Duration::from_millis(2));
-    }
+    s.poll_until("the consumer stops", |_| proc_state(pid) == Some('T'));
     let stats = monitor.slot_stats();
     let held = stats
         .iter()
@@ -1043,17 +1059,10 @@ fn released_consumer_learns_it_was_evicted_never_reads_a_later_lap() {
         .expect("the stopped consumer's slot is attached");
     assert!(monitor.release_slot_owned(victim_slot, held.owner));
     // The writer, no longer held back, laps the stopped consumer (or ends the stream).
-    let until = Instant::now() + EXIT_TIMEOUT;
-    while monitor.tail() < held.cursor + 2 * BUS_CAP as u64
-        && s.relay.written.load(Ordering::Relaxed) < KILL_EVENTS
-    {
-        s.poll_relay(false);
-        assert!(
-            Instant::now() < until,
-            "the writer never lapped the released consumer"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
+    s.poll_until("the writer laps the released consumer", |s| {
+        monitor.tail() >= held.cursor + 2 * BUS_CAP as u64
+            || s.relay.written.load(Ordering::Relaxed) >= KILL_EVENTS
+    });
     assert!(
         monitor.tail() > held.cursor + BUS_CAP as u64,
         "not lapped: tail {}, cursor {}",
