@@ -70,6 +70,7 @@ const ENV_EPOCH: &str = "AEGIS_MP_EPOCH";
 const ENV_SLOT: &str = "AEGIS_MP_SLOT";
 const ENV_EVENTS: &str = "AEGIS_MP_EVENTS";
 const ENV_PAUSE_AT: &str = "AEGIS_MP_PAUSE_AT";
+const ENV_STOP_AT: &str = "AEGIS_MP_STOP_AT";
 
 /// Marker of every line a child reports on stdout.
 const MARK: &str = "AEGIS-MP ";
@@ -288,6 +289,7 @@ fn child_consumer() {
     let epoch: u64 = env(ENV_EPOCH);
     let slot: usize = env(ENV_SLOT);
     let pause_at: Option<u64> = std::env::var(ENV_PAUSE_AT).ok().map(|_| env(ENV_PAUSE_AT));
+    let stop_at: Option<u64> = std::env::var(ENV_STOP_AT).ok().map(|_| env(ENV_STOP_AT));
     let mut rx = BusReader::attach(open_shm(BUS_SUFFIX), Some(epoch), Some(slot))
         .unwrap_or_else(|e| panic!("consumer {slot}: attach: {e}"));
     assert_eq!(rx.slot(), slot);
@@ -305,10 +307,16 @@ fn child_consumer() {
             }
             panic!("consumer {slot}: paused at {} and never killed", sum.count);
         }
+        if stop_at == Some(sum.count) {
+            println!("{MARK}stopping count={}", sum.count);
+            // SAFETY: raise has no memory-safety preconditions; the parent sends SIGCONT.
+            unsafe { libc::raise(libc::SIGSTOP) };
+        }
         let n = sum.count;
-        let f = rx
-            .next(&mut wait, deadline)
-            .unwrap_or_else(|e| panic!("consumer {slot}: next after {n} events: {e}"));
+        let f = rx.next(&mut wait, deadline).unwrap_or_else(|e| {
+            println!("{MARK}error after={n} {e}");
+            panic!("consumer {slot}: next after {n} events: {e}")
+        });
         if f.is_eof() {
             assert_eq!(
                 f.header.bus_seq, n,
@@ -695,6 +703,16 @@ impl Session {
         }
     }
 
+    /// Polls the relay until `done` holds; fails with `what` after `EXIT_TIMEOUT`.
+    fn poll_until(&mut self, what: &str, mut done: impl FnMut(&Session) -> bool) {
+        let until = Instant::now() + EXIT_TIMEOUT;
+        while !done(self) {
+            self.poll_relay(false);
+            assert!(Instant::now() < until, "{what} within {EXIT_TIMEOUT:?}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits for child `i` to exit with status 0; kills it and fails on timeout.
     fn expect_success(&mut self, i: usize, timeout: Duration) {
         let until = Instant::now() + timeout;
@@ -838,31 +856,15 @@ fn killed_consumer_blocks_the_bus_until_its_slot_is_released() {
     }
     let t0 = Instant::now();
     let mut s = Session::new("k");
-    let (ring, bus) = create_segments(&s);
-    let (survivor_slot, victim_slot) = (0usize, 1usize);
-    let survivor = s.spawn(
-        "consumer",
-        "surviving consumer slot 0",
-        &[(ENV_SLOT, survivor_slot.to_string())],
-    );
-    let victim = s.spawn(
-        "consumer",
-        "victim consumer slot 1",
-        &[
-            (ENV_SLOT, victim_slot.to_string()),
-            (ENV_PAUSE_AT, KILL_PAUSE_AT.to_string()),
-        ],
-    );
-    s.expect_line(survivor, "attached", ATTACH_TIMEOUT);
-    s.expect_line(victim, "attached", ATTACH_TIMEOUT);
-    let monitor = BusMonitor::open(bus.clone(), Some(s.epoch)).expect("monitor");
-
-    let p = s.spawn(
-        "producer",
-        "producer",
-        &[(ENV_EVENTS, KILL_EVENTS.to_string())],
-    );
-    s.start_relay(&ring, &bus);
+    let (survivor_slot, victim_slot) = (SURVIVOR_SLOT, VICTIM_SLOT);
+    let VictimSetup {
+        ring,
+        bus,
+        monitor,
+        producer: p,
+        survivor,
+        victim,
+    } = survivor_and_victim(&mut s, (ENV_PAUSE_AT, KILL_PAUSE_AT.to_string()));
     let ctl = s.relay.clone();
 
     // The victim stops reading midway; kill it with SIGKILL while it holds its slot.
@@ -940,15 +942,9 @@ fn killed_consumer_blocks_the_bus_until_its_slot_is_released() {
 
     // Release the slot as the daemon will: the writer goes on at once.
     ctl.release.store(victim_slot + 1, Ordering::Release);
-    let until = Instant::now() + EXIT_TIMEOUT;
-    while ctl.written.load(Ordering::Relaxed) <= stuck_at {
-        s.poll_relay(false);
-        assert!(
-            Instant::now() < until,
-            "relay still blocked after release_slot"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
+    s.poll_until("the relay goes on after release_slot", |s| {
+        s.relay.written.load(Ordering::Relaxed) > stuck_at
+    });
     assert!(
         !monitor.slot_stats().iter().any(|st| st.slot == victim_slot),
         "released slot still attached"
@@ -976,5 +972,124 @@ fn killed_consumer_blocks_the_bus_until_its_slot_is_released() {
         "data_plane_multiprocess: kill test ({KILL_EVENTS} events, victim killed after \
          {KILL_PAUSE_AT}, writer blocked at frame {stuck_at}) done after {:.2?}",
         t0.elapsed()
+    );
+}
+
+/// The slots of the two consumers of the victim tests.
+const SURVIVOR_SLOT: usize = 0;
+const VICTIM_SLOT: usize = 1;
+
+/// What [`survivor_and_victim`] set up.
+struct VictimSetup {
+    ring: Arc<ShmRegion>,
+    bus: Arc<ShmRegion>,
+    monitor: BusMonitor,
+    producer: usize,
+    survivor: usize,
+    victim: usize,
+}
+
+/// The start of the victim tests: the segments, a surviving consumer in slot 0 and a victim
+/// consumer in slot 1 (with `victim_var`, which says when it stops reading), both attached; a
+/// monitor; a producer of `KILL_EVENTS` events, and the relay running.
+fn survivor_and_victim(s: &mut Session, victim_var: (&str, String)) -> VictimSetup {
+    let (ring, bus) = create_segments(s);
+    let survivor = s.spawn(
+        "consumer",
+        "surviving consumer slot 0",
+        &[(ENV_SLOT, SURVIVOR_SLOT.to_string())],
+    );
+    let victim = s.spawn(
+        "consumer",
+        "victim consumer slot 1",
+        &[(ENV_SLOT, VICTIM_SLOT.to_string()), victim_var],
+    );
+    s.expect_line(survivor, "attached", ATTACH_TIMEOUT);
+    s.expect_line(victim, "attached", ATTACH_TIMEOUT);
+    let monitor = BusMonitor::open(bus.clone(), Some(s.epoch)).expect("monitor");
+    let producer = s.spawn(
+        "producer",
+        "producer",
+        &[(ENV_EVENTS, KILL_EVENTS.to_string())],
+    );
+    s.start_relay(&ring, &bus);
+    VictimSetup {
+        ring,
+        bus,
+        monitor,
+        producer,
+        survivor,
+        victim,
+    }
+}
+
+/// The state letter of process `pid` in `/proc/PID/stat` (`T` when stopped).
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// A consumer stopped with SIGSTOP has its slot released (what the daemon does for a dead or
+/// evicted consumer); the writer then laps it. On SIGCONT its next read must say it was
+/// evicted, never hand out a frame of a later lap nor call the bus corrupt (issue 9, item 2:
+/// it used to read on in place and fail with "corrupt bus frame: inconsistent frame").
+#[test]
+fn released_consumer_learns_it_was_evicted_never_reads_a_later_lap() {
+    if role().is_some() {
+        return;
+    }
+    let mut s = Session::new("e");
+    let victim_slot = VICTIM_SLOT;
+    let VictimSetup {
+        ring,
+        bus,
+        monitor,
+        producer: p,
+        survivor,
+        victim,
+    } = survivor_and_victim(&mut s, (ENV_STOP_AT, KILL_PAUSE_AT.to_string()));
+
+    s.expect_line(victim, "stopping", EXIT_TIMEOUT);
+    let pid = s.procs[victim].child.id();
+    s.poll_until("the consumer stops", |_| proc_state(pid) == Some('T'));
+    let stats = monitor.slot_stats();
+    let held = stats
+        .iter()
+        .find(|st| st.slot == victim_slot)
+        .expect("the stopped consumer's slot is attached");
+    assert!(monitor.release_slot_owned(victim_slot, held.owner));
+    // The writer, no longer held back, laps the stopped consumer (or ends the stream).
+    s.poll_until("the writer laps the released consumer", |s| {
+        monitor.tail() >= held.cursor + 2 * BUS_CAP as u64
+            || s.relay.written.load(Ordering::Relaxed) >= KILL_EVENTS
+    });
+    assert!(
+        monitor.tail() > held.cursor + BUS_CAP as u64,
+        "not lapped: tail {}, cursor {}",
+        monitor.tail(),
+        held.cursor
+    );
+    // SAFETY: kill has no memory-safety preconditions; `pid` is our child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGCONT) }, 0);
+    let line = s.expect_line(victim, "error", EXIT_TIMEOUT);
+    assert!(line.contains("evicted"), "{line}");
+    assert!(!line.contains("corrupt"), "{line}");
+    let status = s.kill(victim).expect("reap the released consumer");
+    assert!(!status.success(), "the released consumer exited 0");
+
+    let (p_sum, p_count) = parse_report(&s.expect_line(p, "checksum=", EXIT_TIMEOUT));
+    let (c_sum, c_count) = parse_report(&s.expect_line(survivor, "checksum=", EXIT_TIMEOUT));
+    for i in [p, survivor] {
+        s.expect_success(i, EXIT_TIMEOUT);
+    }
+    assert_eq!(p_count, KILL_EVENTS);
+    assert_eq!(c_count, KILL_EVENTS);
+    assert_eq!(c_sum, p_sum, "survivor checksum vs producer");
+    let _ = s.relay_report();
+    drop((monitor, ring, bus));
+    assert_eq!(
+        s.segments(),
+        Vec::<PathBuf>::new(),
+        "segments left in {SHM_DIR}"
     );
 }

@@ -240,7 +240,6 @@ fn digest_run(
 }
 
 #[test]
-#[ignore = "issue 9: in progress"]
 fn unsorted_input_stops_replay_at_file_and_line() {
     let _g = serial();
     let b = bins();
@@ -293,7 +292,6 @@ fn unsorted_input_stops_replay_at_file_and_line() {
 }
 
 #[test]
-#[ignore = "issue 9: in progress"]
 fn sort_replays_unsorted_input_in_time_order() {
     let _g = serial();
     let b = bins();
@@ -486,7 +484,6 @@ fn evicted_consumer_exits_saying_so() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "issue 9: in progress"]
 fn live_consumer_lapped_over_the_end_sees_eos_with_exact_missed_count() {
     let _g = serial();
     let b = bins();

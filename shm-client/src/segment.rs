@@ -22,7 +22,7 @@ use crate::sync::{AtomicU32, Ordering};
 /// `b"AEGISSEG"` read as a little-endian u64.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"AEGISSEG");
 /// Bumped on every incompatible change of a header, a control block or the frame format.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Size reserved for [`SegmentHeader`] at the start of every segment.
 pub const HEADER_LEN: usize = 128;
 /// Value of [`SegmentHeader::init`] once the creator has finished.
@@ -337,8 +337,17 @@ impl Geometry {
     }
 
     /// Total bytes of the segment.
+    ///
+    /// # Panics
+    /// If it overflows a `usize` (a capacity read from shared memory goes through
+    /// [`Geometry::checked_total_len`] instead).
     pub const fn total_len(&self) -> usize {
         self.data_offset + self.capacity
+    }
+
+    /// Total bytes of the segment, `None` if that overflows a `usize`.
+    pub const fn checked_total_len(&self) -> Option<usize> {
+        self.data_offset.checked_add(self.capacity)
     }
 }
 
@@ -430,20 +439,23 @@ pub(crate) fn validate_header(
         }
     }
     let geo = Geometry::new(ctrl_len, hdr.capacity as usize);
+    let Some(total_len) = geo.checked_total_len() else {
+        return Err(OpenError::Corrupt("capacity overflows the address space"));
+    };
     if hdr.data_offset as usize != geo.data_offset {
         return Err(OpenError::Corrupt(
             "data offset does not match the control block",
         ));
     }
-    if hdr.total_len as usize != geo.total_len() {
+    if hdr.total_len as usize != total_len {
         return Err(OpenError::Corrupt(
             "total length does not match the capacity",
         ));
     }
-    if region.len() < geo.total_len() {
+    if region.len() < total_len {
         return Err(OpenError::TooSmall {
             len: region.len(),
-            need: geo.total_len(),
+            need: total_len,
         });
     }
     Ok(geo)

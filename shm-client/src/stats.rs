@@ -42,14 +42,16 @@ pub enum SourceState {
 }
 
 impl SourceState {
-    fn from_u32(v: u32) -> SourceState {
-        match v {
+    /// The state stored as `v`; `None` for a value no writer stores (corrupt memory).
+    fn from_u32(v: u32) -> Option<SourceState> {
+        Some(match v {
+            0 => SourceState::Unused,
             1 => SourceState::Active,
             2 => SourceState::Ended,
             3 => SourceState::Failed,
             4 => SourceState::Removed,
-            _ => SourceState::Unused,
-        }
+            _ => return None,
+        })
     }
 
     /// Lower-case name for output.
@@ -98,6 +100,29 @@ pub struct SequencerCounters {
     pub bus_fill: AtomicU64,
     /// Bytes written to the bus.
     pub bus_bytes: AtomicU64,
+}
+
+/// The values of [`SequencerCounters`] at one moment (each loaded on its own).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    /// Events written to the bus.
+    pub merged: u64,
+    /// Events emitted flagged LATE (live).
+    pub late: u64,
+    /// Events refused (ts going backwards within a source).
+    pub rejected: u64,
+    /// Passes that stalled waiting on a source.
+    pub source_stalls: u64,
+    /// Nanoseconds spent waiting on sources.
+    pub source_stall_ns: u64,
+    /// Passes that stalled waiting on a consumer (bus full).
+    pub consumer_stalls: u64,
+    /// Nanoseconds spent waiting on consumers.
+    pub consumer_stall_ns: u64,
+    /// Bytes of the bus not yet released by the slowest consumer.
+    pub bus_fill: u64,
+    /// Bytes written to the bus.
+    pub bus_bytes: u64,
 }
 
 /// The statistics block of the session ctl segment, after the segment header.
@@ -175,9 +200,21 @@ impl StatsView {
         unsafe { &*self.block }
     }
 
-    /// The sequencer counters.
-    pub fn counters(&self) -> &SequencerCounters {
-        &self.block().counters
+    /// A snapshot of the sequencer counters (values, not the atomics: a view only reads).
+    pub fn counters(&self) -> CountersSnapshot {
+        let k = &self.block().counters;
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CountersSnapshot {
+            merged: ld(&k.merged),
+            late: ld(&k.late),
+            rejected: ld(&k.rejected),
+            source_stalls: ld(&k.source_stalls),
+            source_stall_ns: ld(&k.source_stall_ns),
+            consumer_stalls: ld(&k.consumer_stalls),
+            consumer_stall_ns: ld(&k.consumer_stall_ns),
+            bus_fill: ld(&k.bus_fill),
+            bus_bytes: ld(&k.bus_bytes),
+        }
     }
 
     /// Snapshots of every registered source.
@@ -185,17 +222,24 @@ impl StatsView {
         let mut out = Vec::new();
         for (id, s) in self.block().sources.iter().enumerate() {
             // Acquire: pairs with the Release stores in `set_source` / `set_state`.
-            let state = SourceState::from_u32(s.state.load(Ordering::Acquire));
-            if state == SourceState::Unused {
-                continue;
-            }
+            let raw = s.state.load(Ordering::Acquire);
+            // An unknown value is shown as a failure that says so, not as an unused slot.
+            let (state, unknown) = match SourceState::from_u32(raw) {
+                Some(SourceState::Unused) => continue,
+                Some(state) => (state, None),
+                None => (
+                    SourceState::Failed,
+                    Some(format!("corrupt statistics: unknown source state {raw}")),
+                ),
+            };
             let n = (s.name_len.load(Ordering::Relaxed) as usize).min(NAME_LEN);
-            let reason =
+            let reason = unknown.or_else(|| {
                 (state == SourceState::Failed || state == SourceState::Removed).then(|| {
                     let text = load_bytes(&s.reason);
                     let end = text.iter().position(|&b| b == 0).unwrap_or(REASON_LEN);
                     String::from_utf8_lossy(&text[..end]).into_owned()
-                });
+                })
+            });
             out.push(SourceSnapshot {
                 id,
                 name: String::from_utf8_lossy(&load_bytes(&s.name[..n])).into_owned(),
@@ -247,7 +291,7 @@ impl StatsWriter {
 
     /// The sequencer counters (the writer stores into them).
     pub fn counters(&self) -> &SequencerCounters {
-        self.view.counters()
+        &self.view.block().counters
     }
 
     /// Snapshots of every registered source (see [`StatsView::sources`]).
@@ -255,9 +299,16 @@ impl StatsWriter {
         self.view.sources()
     }
 
-    /// Registers source `id` under `name` (the sequencer, at start).
+    /// The counters of source `id`; `None` beyond [`MAX_SOURCES`] (such a source is merged
+    /// but has no statistics).
+    fn source(&self, id: usize) -> Option<&SourceCounters> {
+        self.view.block().sources.get(id)
+    }
+
+    /// Registers source `id` under `name` (the sequencer, at start). Ids from [`MAX_SOURCES`]
+    /// on are not recorded (they used to panic).
     pub fn set_source(&self, id: usize, name: &str) {
-        let s = &self.view.block().sources[id];
+        let Some(s) = self.source(id) else { return };
         let n = name.len().min(NAME_LEN);
         store_text(&s.name, &name.as_bytes()[..n]);
         s.name_len.store(n as u32, Ordering::Relaxed);
@@ -268,7 +319,7 @@ impl StatsWriter {
 
     /// Updates a source's counters (the sequencer, once per batch).
     pub fn update_source(&self, id: usize, events: u64, rejected: u64, watermark: u64) {
-        let s = &self.view.block().sources[id];
+        let Some(s) = self.source(id) else { return };
         s.events.store(events, Ordering::Relaxed);
         s.rejected.store(rejected, Ordering::Relaxed);
         s.watermark.store(watermark, Ordering::Relaxed);
@@ -276,7 +327,7 @@ impl StatsWriter {
 
     /// Sets a source's state, with a reason for failures (truncated, NUL-terminated).
     pub fn set_state(&self, id: usize, state: SourceState, reason: Option<&str>) {
-        let s = &self.view.block().sources[id];
+        let Some(s) = self.source(id) else { return };
         if let Some(r) = reason {
             let n = r.len().min(REASON_LEN - 1);
             store_text(&s.reason, &r.as_bytes()[..n]);
@@ -299,4 +350,48 @@ fn store_text(dst: &[AtomicU8], text: &[u8]) {
 /// Loads the bytes of `src` (Relaxed: after an Acquire load of the source's state).
 fn load_bytes(src: &[AtomicU8]) -> Vec<u8> {
     src.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::segment::HeapRegion;
+
+    fn writer() -> StatsWriter {
+        StatsWriter::create(Arc::new(HeapRegion::new(geometry().total_len())), 7)
+    }
+
+    /// Ids beyond the table used to panic (`sources[id]`).
+    #[test]
+    fn source_ids_beyond_the_table_are_ignored() {
+        let w = writer();
+        w.set_source(MAX_SOURCES, "x");
+        w.update_source(MAX_SOURCES + 5, 1, 2, 3);
+        w.set_state(usize::MAX, SourceState::Failed, Some("r"));
+        assert!(w.sources().is_empty());
+    }
+
+    /// An unknown state in shared memory was silently shown as `Unused` (hidden).
+    #[test]
+    fn an_unknown_state_is_reported_not_hidden() {
+        let w = writer();
+        w.set_source(3, "btc");
+        w.view.block().sources[3].state.store(99, Ordering::Release);
+        let s = w.sources();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].state, SourceState::Failed);
+        assert!(s[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("unknown source state 99"));
+    }
+
+    /// A view hands out values, not atomics it could store into.
+    #[test]
+    fn a_view_reads_counter_values() {
+        let w = writer();
+        w.counters().merged.store(42, Ordering::Relaxed);
+        assert_eq!(w.view().counters().merged, 42);
+    }
 }

@@ -2651,14 +2651,14 @@ fn bus_overwrite_threads_account_for_every_frame() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Known issues (need a layout change to fix; see the report)
+// Issue 9: lapped, released and stale consumers
 // ---------------------------------------------------------------------------------------------
 
-/// A consumer lapped before it has read its first frame does not know which bus sequence to
-/// expect, so it reports nothing: the frames it skipped vanish from the accounting.
+/// A consumer lapped before it had read its first frame did not know which bus sequence to
+/// expect, so it reported nothing: the frames it skipped vanished from the accounting. It now
+/// takes the bus sequence that goes with the tail it starts at (published with the tail).
 #[test]
-#[ignore = "known issue: overwrite consumer lapped before its first frame reports no Overrun"]
-fn known_issue_overwrite_lap_before_the_first_frame_is_reported() {
+fn regression_overwrite_lap_before_the_first_frame_is_reported() {
     let (region, mut w) = new_bus(256, Policy::Overwrite);
     let mut c = attach(&region);
     for seq in 0..10 {
@@ -2671,11 +2671,11 @@ fn known_issue_overwrite_lap_before_the_first_frame_is_reported() {
     assert_eq!(c.try_next().err(), Some(ReadError::Overrun { missed: 10 }));
 }
 
-/// A consumer lapped over the last frames of the stream resumes after the END-OF-STREAM
-/// frame: it never sees EOF, nor an Overrun (that needs a frame after the lap).
+/// A consumer lapped over the last frames of the stream resumed after the END-OF-STREAM
+/// frame: it never saw EOF, nor an Overrun (that needs a frame after the lap). It now jumps to
+/// the EOF frame (published in the control block, never overwritten), with the exact count.
 #[test]
-#[ignore = "known issue: overwrite consumer lapped over the EOF frame never learns of it"]
-fn known_issue_overwrite_lap_over_the_eof_is_reported() {
+fn regression_overwrite_lap_over_the_eof_is_reported() {
     let (region, mut w) = new_bus(256, Policy::Overwrite);
     let mut c = attach(&region);
     wr(&mut w, 0, 16).unwrap();
@@ -2686,8 +2686,10 @@ fn known_issue_overwrite_lap_over_the_eof_is_reported() {
     }
     w.try_write(&eof_header(), &[]).unwrap();
     w.publish();
-    let r = c.try_next().map(|f| f.map(|f| f.header));
-    assert_ne!(r, Ok(None), "neither EOF nor an Overrun");
+    assert_eq!(c.try_next().err(), Some(ReadError::Overrun { missed: 10 }));
+    let (h, _) = must_read(&mut c);
+    assert!(h.has(flags::EOF) && h.bus_seq == 11, "{h:?}");
+    assert!(c.try_next().unwrap().is_none());
 }
 
 /// The daemon releases a consumer's slot, a new consumer takes it, then the first consumer
@@ -2702,4 +2704,288 @@ fn regression_dropping_a_released_reader_keeps_the_new_occupant() {
     assert_eq!(new.slot(), old.slot());
     drop(old);
     assert_eq!(w.consumers(), 1);
+}
+
+/// A block-policy consumer read frames in place with no ownership re-check: once the daemon
+/// released its slot (a dead or evicted consumer), the writer lapped it, and on resuming it
+/// read a later lap's bytes as its frames ("corrupt bus frame: inconsistent frame: control
+/// frame without flag", or a wrong frame). Its next read must say it was evicted, always.
+#[test]
+fn regression_released_block_reader_never_reads_a_later_lap() {
+    let (region, mut w) = new_bus(256, Policy::Block);
+    let mut c = attach(&region);
+    for seq in 0..3 {
+        wr(&mut w, seq, 16).unwrap();
+    }
+    w.publish();
+    let (h, _) = must_read(&mut c);
+    assert_eq!(h.bus_seq, 0);
+    BusMonitor::open(region.clone(), Some(EPOCH))
+        .unwrap()
+        .release_slot(c.slot());
+    // The writer laps the released consumer, with frames of other lengths (their headers lie
+    // where the consumer expects frame 1's).
+    for seq in 3..40 {
+        assert_eq!(wr(&mut w, seq, 24 + (seq as usize % 3) * 16), Ok(seq));
+    }
+    w.publish();
+    for _ in 0..3 {
+        match c.try_next() {
+            Err(ReadError::Detached(s)) => assert_eq!(s, c.slot()),
+            other => panic!(
+                "a released consumer read {:?}",
+                other.map(|f| f.map(|f| f.header))
+            ),
+        }
+    }
+    assert!(ReadError::Detached(0).to_string().contains("evicted"));
+}
+
+/// With no consumer attached, the block writer gated on its own unpublished tail: it wrote a
+/// whole ring past the published tail, and a consumer attaching at the published tail then read
+/// a later lap's frames (frames 4..8 twice here, never 0..4).
+#[test]
+fn bus_block_without_consumers_gates_on_the_published_tail() {
+    let (region, mut w) = new_bus(256, Policy::Block);
+    // 64-byte frames, never published explicitly.
+    for seq in 0..8 {
+        assert_eq!(wr(&mut w, seq, 16), Ok(seq));
+    }
+    let mut c = attach(&region);
+    let mut got = Vec::new();
+    let mut seq = 8;
+    while seq < 24 {
+        match wr(&mut w, seq, 16) {
+            Ok(_) => seq += 1,
+            Err(WriteError::Full) => got.extend(drain(&mut c)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    w.publish();
+    got.extend(drain(&mut c));
+    let first = got[0];
+    assert_eq!(
+        got,
+        (first..24).collect::<Vec<_>>(),
+        "frames lost or repeated"
+    );
+}
+
+/// The overwrite writer published only when asked: a batch longer than the bus (the
+/// sequencer writes up to 256 frames per pass) lapped its own unpublished frames, and a
+/// consumer found the published tail overwritten, again and again. It now publishes by itself
+/// once half a ring is unpublished.
+#[test]
+fn bus_overwrite_long_batch_publishes_at_half_a_ring() {
+    let (region, mut w) = new_bus(256, Policy::Overwrite);
+    let mon = BusMonitor::open(region.clone(), Some(EPOCH)).unwrap();
+    let mut c = attach(&region);
+    for seq in 0..20 {
+        assert_eq!(wr(&mut w, seq, 16), Ok(seq));
+        // Written: 64 * (seq + 1) bytes; never more than half a ring (plus a frame) unpublished.
+        assert!(
+            64 * (seq + 1) - mon.tail() <= 128 + 64,
+            "frame {seq}: published {}",
+            mon.tail()
+        );
+    }
+    w.publish();
+    // The consumer was lapped: it resumes at the head and learns exactly how much it missed
+    // with the next frame.
+    assert!(c.try_next().unwrap().is_none());
+    wr(&mut w, 20, 16).unwrap();
+    w.publish();
+    assert_eq!(c.try_next().err(), Some(ReadError::Overrun { missed: 20 }));
+    let (h, p) = must_read(&mut c);
+    check_frame(&h, &p, 20, 16);
+}
+
+/// A consumer lapped before its first read, over the end of the stream: it jumps to the
+/// END-OF-STREAM frame and reports every frame before it as missed.
+#[test]
+fn bus_overwrite_lapped_before_the_first_read_over_the_end_sees_eof() {
+    let (region, mut w) = new_bus(256, Policy::Overwrite);
+    // Frames before the consumer attaches are not its business.
+    for seq in 0..5 {
+        wr(&mut w, seq, 16).unwrap();
+    }
+    w.publish();
+    let mut c = attach(&region);
+    for seq in 5..30 {
+        wr(&mut w, seq, 16).unwrap();
+    }
+    w.write_eof(u64::MAX, &mut BusySpin, Deadline::never())
+        .unwrap();
+    assert_eq!(c.try_next().err(), Some(ReadError::Overrun { missed: 25 }));
+    let (h, _) = must_read(&mut c);
+    assert!(h.has(flags::EOF) && h.bus_seq == 30, "{h:?}");
+}
+
+/// A writer that reopens a bus goes on with its bus sequences, and ends an interrupted
+/// publish (odd seqlock version) so that attaching consumers do not wait for it.
+#[test]
+fn bus_writer_reopen_keeps_the_bus_sequence() {
+    let (region, mut w) = new_bus(256, Policy::Overwrite);
+    for seq in 0..3 {
+        wr(&mut w, seq, 16).unwrap();
+    }
+    w.publish();
+    drop(w);
+    let mut w = BusWriter::open(region.clone(), Some(EPOCH)).unwrap();
+    assert_eq!(w.next_seq(), 3);
+    let mut c = attach(&region);
+    wr(&mut w, 3, 16).unwrap();
+    w.publish();
+    assert_eq!(must_read(&mut c).0.bus_seq, 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 9, item 7: values from shared memory are validated before any arithmetic
+// ---------------------------------------------------------------------------------------------
+
+/// `Producer::open` trusted `head` and `tail`: a head past the tail underflowed `has_room`.
+#[test]
+fn producer_open_refuses_bad_cursors() {
+    let cases: [(u64, u64, &str); 4] = [
+        (64, 0, "ring head is past its tail"),
+        (0, 512, "ring tail is more than a ring past its head"),
+        (8, 24, "ring cursors are not 16-byte aligned"),
+        (u64::MAX, 16, "ring head is past its tail"),
+    ];
+    for (head, tail, msg) in cases {
+        let ring = Ring::new(256);
+        ring.set_head(head);
+        ring.set_tail(tail);
+        match producer_open_err(ring.dyn_region(), Some(EPOCH)) {
+            OpenError::Corrupt(m) => assert_eq!(m, msg, "head {head}, tail {tail}"),
+            e => panic!("head {head}, tail {tail}: {e}"),
+        }
+    }
+}
+
+/// A head that jumps past the producer's tail (or back) while it runs is no room, never an
+/// underflow (a debug build panicked, a release build saw a huge free space or none).
+#[test]
+fn producer_never_underflows_on_a_bad_head() {
+    let ring = Ring::new(256);
+    let mut tx = ring.producer();
+    while tx.try_push_frame(&event_header(1, 2), &[7; 16]).is_ok() {}
+    for head in [ring.tail() + 4096, u64::MAX, 0] {
+        ring.set_head(head);
+        assert!(
+            tx.try_push_frame(&event_header(1, 2), &[7; 16]).is_err(),
+            "head {head}"
+        );
+    }
+}
+
+/// A capacity in a segment header that overflows the segment length is refused, not added
+/// up unchecked.
+#[test]
+fn open_refuses_a_capacity_that_overflows() {
+    let region: Arc<dyn Region> = fresh_bus(Policy::Block);
+    let capacity = std::mem::offset_of!(SegmentHeader, capacity);
+    atomic_u64(&*region, capacity).store(u64::MAX - 64, Ordering::SeqCst);
+    match bus_open_err(region, Some(EPOCH)) {
+        OpenError::Corrupt(m) => assert_eq!(m, "capacity overflows the address space"),
+        e => panic!("{e}"),
+    }
+}
+
+/// The bus reader trusted the tail: it must move forward, stay a frame boundary and (block
+/// policy) stay within a ring of the consumer.
+#[test]
+fn bus_reader_refuses_bad_tails() {
+    let tail_word = HEADER_LEN; // the first word of the bus control block
+    type Move = fn(u64) -> u64;
+    let cases: [(Move, &str); 4] = [
+        (|t| t - 64, "bus tail moved backwards"),
+        (|t| t + 8, "bus tail is not 16-byte aligned"),
+        (
+            |t| t + 256 + 64,
+            "bus tail is more than a ring ahead of this consumer",
+        ),
+        (
+            |_| !15,
+            "bus tail is more than a ring ahead of this consumer",
+        ),
+    ];
+    for (moved, msg) in cases {
+        let (region, mut w) = new_bus(256, Policy::Block);
+        let mut c = attach(&region);
+        for seq in 0..2 {
+            wr(&mut w, seq, 16).unwrap();
+        }
+        w.publish();
+        assert_eq!(drain(&mut c), vec![0, 1]);
+        let tail = atomic_u64(&*region, tail_word);
+        tail.store(moved(tail.load(Ordering::SeqCst)), Ordering::SeqCst);
+        assert_eq!(
+            c.try_next().err(),
+            Some(ReadError::Corrupt(FrameError::BadCursor(msg)))
+        );
+    }
+}
+
+/// A consumer cursor above the tail underflowed the block writer's gate (it then waited
+/// forever): it counts as the tail.
+#[test]
+fn bus_writer_clamps_a_cursor_above_the_tail() {
+    let (region, mut w) = new_bus(256, Policy::Block);
+    let c = attach(&region);
+    let slot = c.slot();
+    std::mem::forget(c);
+    // Find the slot's cursor word rather than hard-code the layout.
+    assert_eq!(w.slot_stats()[0].cursor, 0);
+    let slots = (HEADER_LEN..spmc::geometry(256).data_offset)
+        .step_by(8)
+        .filter(|&off| atomic_u64(&*region, off).load(Ordering::SeqCst) == 1)
+        .collect::<Vec<_>>();
+    // The only word equal to 1: the cursor word at position 0 tagged with generation 1 (the
+    // owner word of generation 1 is 3, every other word of a fresh bus is 0 or the policy 0).
+    assert_eq!(slots.len(), 1, "{slots:?}");
+    atomic_u64(&*region, slots[0]).store((1 << 40) | 1, Ordering::SeqCst);
+    assert_eq!(w.slot_stats()[0].slot, slot);
+    for seq in 0..40 {
+        // `Full` once a ring is unpublished (it publishes then); never for good.
+        let r = match wr(&mut w, seq, 16) {
+            Err(WriteError::Full) => wr(&mut w, seq, 16),
+            r => r,
+        };
+        assert_eq!(r, Ok(seq), "the writer trusted a cursor past its tail");
+    }
+}
+
+/// `Claim::commit` checked `len <= max_len` with a `debug_assert` only: a release build wrote
+/// the frame past its claim (over bytes the reader may be reading) and moved the tail past it.
+#[test]
+fn commit_longer_than_the_claim_panics() {
+    let ring = Ring::new(256);
+    let mut tx = ring.producer();
+    let c = tx.try_claim(16).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        c.commit(FrameHeader::event(Kind::Trade, 2, 0, 100));
+    }));
+    assert!(r.is_err(), "a commit past the claim went through");
+    assert_eq!(ring.tail(), 0);
+}
+
+/// The bus writer did not check `MAX_PAYLOAD_LEN` (only half the bus): on a bus larger than
+/// 2 MiB it wrote frames no reader accepts.
+#[test]
+fn bus_writer_refuses_payloads_above_the_maximum() {
+    let cap = 4 * MAX_PAYLOAD_LEN;
+    let (_region, mut w) = new_bus(cap, Policy::Block);
+    let payload = vec![0u8; MAX_PAYLOAD_LEN + 1];
+    assert!(matches!(
+        w.try_write(&FrameHeader::event(Kind::Trade, 1, 0, 0), &payload),
+        Err(WriteError::TooLarge { .. })
+    ));
+    assert_eq!(
+        w.try_write(
+            &FrameHeader::event(Kind::Trade, 1, 0, 0),
+            &payload[..MAX_PAYLOAD_LEN]
+        ),
+        Ok(0)
+    );
 }

@@ -155,6 +155,12 @@ pub enum ParseError {
     },
     /// The reader was set up wrongly (bad symbol, a kline file without an interval, ...).
     Config(String),
+    /// `--sort`: the line indexed at this byte offset was no longer there (or no longer
+    /// valid) when it was read again: the file changed between the two passes.
+    Changed {
+        /// The line's byte offset.
+        offset: u64,
+    },
 }
 
 impl ParseError {
@@ -165,7 +171,7 @@ impl ParseError {
             | ParseError::NotUtf8 { line }
             | ParseError::Columns { line, .. }
             | ParseError::Field { line, .. } => Some(*line),
-            ParseError::Open { .. } | ParseError::Config(_) => None,
+            ParseError::Open { .. } | ParseError::Config(_) | ParseError::Changed { .. } => None,
         }
     }
 }
@@ -203,6 +209,10 @@ impl fmt::Display for ParseError {
                 "line {line}, column {column} ({name}): {value:?}: {reason}"
             ),
             ParseError::Config(msg) => f.write_str(msg),
+            ParseError::Changed { offset } => write!(
+                f,
+                "the line at byte {offset} changed while the file was being sorted"
+            ),
         }
     }
 }
@@ -303,6 +313,8 @@ pub struct CsvReader<R> {
     buf: Vec<u8>,
     line: u64,
     bytes: u64,
+    /// Byte offset of the last line read.
+    line_start: u64,
     seen_first: bool,
     done: bool,
 }
@@ -341,6 +353,7 @@ impl<R: BufRead> CsvReader<R> {
             buf: Vec::with_capacity(256),
             line: 0,
             bytes: 0,
+            line_start: 0,
             seen_first: false,
             done: false,
         })
@@ -354,6 +367,19 @@ impl<R: BufRead> CsvReader<R> {
     /// Bytes read so far (for progress reports).
     pub fn bytes_read(&self) -> u64 {
         self.bytes
+    }
+
+    /// The byte offset in the input of the last line read (where the last event's line
+    /// starts).
+    pub fn line_start(&self) -> u64 {
+        self.line_start
+    }
+
+    /// Parses `text`, the text of line `line` of this reader's input (without its line end),
+    /// as this reader would: used to re-read lines by offset ([`crate::sort`]).
+    pub fn parse_line(&mut self, line: u64, text: &str) -> Result<(u64, AnyEvent), ParseError> {
+        self.line = line;
+        self.parse(text)
     }
 
     /// The file kind being parsed.
@@ -375,6 +401,7 @@ impl<R: BufRead> CsvReader<R> {
             return Ok(false);
         }
         self.line += 1;
+        self.line_start = self.bytes;
         self.bytes += n as u64;
         Ok(true)
     }

@@ -41,8 +41,9 @@ use aegis_shm_client::event::{self, AnyEvent, Book, DecodeError, Event, EventRef
 use aegis_shm_client::frame::{stride, FrameHeader, Kind, FRAME_ALIGN, FRAME_HEADER_LEN};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 
-use crate::csv::{CsvReader, ParseError};
+use crate::csv::ParseError;
 use crate::names::{FileInfo, FileKind};
+use crate::sort::{CsvEvents, OrderCheck};
 
 /// The first 8 bytes of every journal.
 pub const MAGIC: [u8; 8] = *b"AEGISJNL";
@@ -140,6 +141,17 @@ pub enum JournalError {
         /// The previous event time (ns).
         prev: u64,
     },
+    /// A journal's frames are not sorted by event time.
+    FrameOrder {
+        /// The journal.
+        path: PathBuf,
+        /// The frame's index (0-based).
+        frame: u64,
+        /// The frame's event time (ns).
+        ts: u64,
+        /// The previous frame's event time (ns).
+        prev: u64,
+    },
     /// An event or frame does not fit this journal (wrong kind, encoding failure, bad setup).
     Event {
         /// The file.
@@ -214,8 +226,19 @@ impl fmt::Display for JournalError {
                 prev,
             } => write!(
                 f,
-                "{}: line {line}: event time {ts} ns is before the previous event's {prev} ns \
-                 (a source must be sorted by event time)",
+                "{}:{line}: event time {ts} ns is before the previous row's {prev} ns \
+                 (a source must be sorted by event time; `aegis-replay --sort` sorts a file)",
+                path.display()
+            ),
+            JournalError::FrameOrder {
+                path,
+                frame,
+                ts,
+                prev,
+            } => write!(
+                f,
+                "{}: frame {frame}: event time {ts} ns is before the previous frame's {prev} ns \
+                 (a journal must be sorted by event time)",
                 path.display()
             ),
             JournalError::Event { path, reason } => write!(f, "{}: {reason}", path.display()),
@@ -789,12 +812,14 @@ pub fn convert_csv(
         path: input.to_path_buf(),
         reason: e.0,
     })?;
-    convert_csv_with_progress(input, output, &info, topic_id, |_, _| {})
+    convert_csv_with_progress(input, output, &info, topic_id, false, |_, _| {})
 }
 
 /// Converts a Binance CSV file into a journal, streaming (one line in memory at a time), and
 /// returns the number of events. Every event gets `topic_id`. The input must be sorted by
-/// event time (equal times are fine), as a source must be. The journal is written under a
+/// event time (equal times are fine), as a source must be: the first row that goes back is
+/// refused, naming `FILE:LINE`; with `sort`, the rows are sorted by event time first, stably,
+/// reading the file twice ([`crate::sort::SortedCsv`]). The journal is written under a
 /// temporary name in the same directory and renamed onto `output` only when complete, so a
 /// failed conversion leaves no journal (and leaves an existing `output` untouched).
 /// `progress(bytes_read, events)` is called every 65,536 events and at the end.
@@ -803,13 +828,14 @@ pub fn convert_csv_with_progress(
     output: &Path,
     info: &FileInfo,
     topic_id: u32,
+    sort: bool,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<u64, JournalError> {
     let csv_err = |error| JournalError::Csv {
         path: input.to_path_buf(),
         error,
     };
-    let mut reader = CsvReader::open(input, info).map_err(csv_err)?;
+    let mut reader = CsvEvents::open(input, info, sort).map_err(csv_err)?;
     let order_err = |line, ts, prev| JournalError::Order {
         path: input.to_path_buf(),
         line,
@@ -827,13 +853,12 @@ pub fn convert_csv_with_progress(
     let tmp = output.with_file_name(tmp_name);
     let result = (|| {
         let mut writer = JournalWriter::create(&tmp, info)?;
-        let mut prev = 0u64;
+        let mut order = OrderCheck::default();
         while let Some(item) = reader.next() {
             let (ts, ev) = item.map_err(csv_err)?;
-            if ts < prev {
-                return Err(order_err(reader.line(), ts, prev));
-            }
-            prev = ts;
+            order
+                .next(ts)
+                .map_err(|prev| order_err(reader.line(), ts, prev))?;
             writer.append(ts, topic_id, &ev)?;
             if writer.count() & 0xffff == 0 {
                 progress(reader.bytes_read(), writer.count());
@@ -905,7 +930,7 @@ mod tests {
         assert_eq!(rd.verify().unwrap(), 1440);
 
         // The same events, in the same order, as parsing the CSV.
-        let csv = CsvReader::open(&input, rd.info()).unwrap();
+        let csv = crate::csv::CsvReader::open(&input, rd.info()).unwrap();
         let mut n = 0;
         for (frame, item) in rd.frames().zip(csv) {
             let frame = frame.unwrap();
@@ -1195,7 +1220,7 @@ mod tests {
         .unwrap();
         let e =
             convert_csv(csv.path(), out.path(), FileKind::Trade, "BTCUSDT", None, 0).unwrap_err();
-        assert!(e.to_string().contains("line 2: event time"), "{e}");
+        assert!(e.to_string().contains("bad.csv:2: event time"), "{e}");
         assert_eq!(partials(), 0);
 
         // A good conversion, then a failed one: the good journal survives.
@@ -1203,7 +1228,8 @@ mod tests {
         let info = trade_info();
         let mut calls = 0;
         let n =
-            convert_csv_with_progress(csv.path(), out.path(), &info, 0, |_, _| calls += 1).unwrap();
+            convert_csv_with_progress(csv.path(), out.path(), &info, 0, false, |_, _| calls += 1)
+                .unwrap();
         assert_eq!((n, calls), (1, 1));
         fs::write(csv.path(), "garbage\n1,x\n").unwrap();
         assert!(convert_csv(csv.path(), out.path(), FileKind::Trade, "BTCUSDT", None, 0).is_err());

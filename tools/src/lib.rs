@@ -8,6 +8,8 @@
 //! - [`csv`]: a streaming parser for Binance kline, trades, aggTrades and bookTicker CSV files;
 //! - [`journal`]: journal files (a 64-byte header followed by frames in the bus format), written
 //!   once from CSV and replayed by memory-mapping them;
+//! - [`sort`]: the events of a CSV file in event-time order, stably, in bounded memory (an
+//!   index of times and line offsets, lines re-read by offset);
 //! - [`ndjson`]: the NDJSON line format of `aegis-tap --format ndjson` (SPEC section 7);
 //! - [`digest`]: the stream digest of `aegis-tap --format digest` and the event counts of
 //!   `--format count`.
@@ -21,6 +23,7 @@ pub mod digest;
 pub mod journal;
 pub mod names;
 pub mod ndjson;
+pub mod sort;
 
 pub use names::{FileInfo, FileKind};
 

@@ -6,6 +6,9 @@ use super::layout::{capacity_ok, check_capacity, RingData};
 use crate::segment::{self, CreateError, Geometry, OpenError, Region, SegmentKind};
 
 /// A ring's control block type: which segment kind holds it.
+///
+/// Implementors are `#[repr(C)]` blocks of atomics (and padding): all-zero bytes are a valid
+/// value, the state of a fresh ring before its `init` runs.
 pub(crate) trait ControlBlock {
     /// The segment kind whose header precedes this block.
     const KIND: SegmentKind;
@@ -13,6 +16,10 @@ pub(crate) trait ControlBlock {
     const BAD_CAPACITY: &'static str;
     /// The assertion text when a region is too small for the segment.
     const TOO_SMALL: &'static str;
+    /// The all-zero value, constructed (loom's atomics are objects, not bytes: under loom the
+    /// block is written as a value; otherwise it is zeroed byte by byte, padding included).
+    #[cfg_attr(not(loom), allow(dead_code))]
+    fn fresh() -> Self;
 }
 
 /// The segment geometry of a ring with control block `C` and `capacity` data bytes.
@@ -20,21 +27,31 @@ pub(crate) fn geometry<C: ControlBlock>(capacity: usize) -> Geometry {
     Geometry::new(std::mem::size_of::<C>(), capacity)
 }
 
-/// Initialises a fresh, zeroed region as a ring with control block `ctrl` (two phases: header
-/// and block first, the initialised flag last).
+/// Initialises a fresh region as a ring: zeroes the control block (padding included, so that a
+/// segment's bytes depend on nothing but its parameters), runs `init` on it, then marks the
+/// segment initialised (two phases: header and block first, the initialised flag last).
 pub(crate) fn init_region<C: ControlBlock>(
     region: &dyn Region,
     capacity: usize,
     epoch: u64,
-    ctrl: C,
+    init: impl FnOnce(&C),
 ) -> Result<(), CreateError> {
     check_capacity(capacity)?;
     let geo = geometry::<C>(capacity);
     assert!(region.len() >= geo.total_len(), "{}", C::TOO_SMALL);
     // SAFETY: the region is large enough (asserted) and fresh, so nobody reads it yet.
     unsafe { segment::write_header(region, C::KIND, epoch, geo) };
-    // SAFETY: the control block sits at HEADER_LEN (128-aligned) inside the region; fresh.
-    unsafe { (region.as_ptr().add(segment::HEADER_LEN) as *mut C).write(ctrl) };
+    // SAFETY: the control block sits at HEADER_LEN (128-aligned) inside the region; fresh, so
+    // nobody else accesses it yet; all-zero bytes are a valid `C` (the trait's promise).
+    let ctrl = unsafe {
+        let p = region.as_ptr().add(segment::HEADER_LEN);
+        #[cfg(not(loom))]
+        p.write_bytes(0, std::mem::size_of::<C>());
+        #[cfg(loom)]
+        (p as *mut C).write(C::fresh());
+        &*(p as *const C)
+    };
+    init(ctrl);
     segment::mark_initialized(region);
     Ok(())
 }
@@ -44,11 +61,11 @@ pub(crate) fn create_shm<C: ControlBlock>(
     path: &std::path::Path,
     capacity: usize,
     epoch: u64,
-    ctrl: C,
+    init: impl FnOnce(&C),
 ) -> Result<segment::ShmRegion, CreateError> {
     check_capacity(capacity)?;
     let region = segment::ShmRegion::create(path, geometry::<C>(capacity).total_len())?;
-    init_region(&region, capacity, epoch, ctrl)?;
+    init_region(&region, capacity, epoch, init)?;
     Ok(region)
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::layout::{self, BusControl, Mapped, SLOT_ATTACHED, SLOT_FREE};
+use super::layout::{self, cursor_of, is_attached, BusControl, Mapped, ATTACHED};
 use crate::segment::{OpenError, Region};
 use crate::sync::Ordering;
 
@@ -14,6 +14,9 @@ pub struct SlotStats {
     pub slot: usize,
     /// Pid of the consumer.
     pub pid: u32,
+    /// The slot's owner word (generation and attached bit) when the snapshot was taken: what
+    /// [`BusMonitor::release_slot_owned`] compares.
+    pub owner: u64,
     /// Its cursor (bytes).
     pub cursor: u64,
     /// Bytes between its cursor and the bus tail.
@@ -31,27 +34,51 @@ pub(super) fn slot_stats(ctrl: &BusControl, tail: u64) -> Vec<SlotStats> {
     ctrl.slots
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.state.load(Ordering::Acquire) == SLOT_ATTACHED)
-        .map(|(i, s)| {
-            let cursor = s.cursor.load(Ordering::Acquire);
-            SlotStats {
+        .filter_map(|(i, s)| {
+            let owner = s.owner.load(Ordering::Acquire);
+            if !is_attached(owner) {
+                return None;
+            }
+            // A cursor of a previous occupant (the new one is attaching) reads as the tail.
+            let cursor = cursor_of(s.cursor.load(Ordering::Acquire), owner).unwrap_or(tail);
+            Some(SlotStats {
                 slot: i,
                 pid: s.pid.load(Ordering::Relaxed),
+                owner,
                 cursor,
                 lag_bytes: tail.saturating_sub(cursor),
                 read: s.read.load(Ordering::Relaxed),
                 overruns: s.overruns.load(Ordering::Relaxed),
                 missed: s.missed.load(Ordering::Relaxed),
-            }
+            })
         })
         .collect()
 }
 
-/// Frees slot `i` of `ctrl` (out-of-range indices are ignored).
-pub(super) fn release_slot(ctrl: &BusControl, i: usize) {
-    if let Some(s) = ctrl.slots.get(i) {
-        // Release: a writer that sees the slot free no longer waits for its cursor.
-        s.state.store(SLOT_FREE, Ordering::Release);
+/// Frees slot `i` of `ctrl` if it is attached and, with `owner`, only if it is still held in
+/// that owner word (generation). Returns whether this call freed it. Out-of-range indices are
+/// ignored.
+pub(super) fn release_slot(ctrl: &BusControl, i: usize, owner: Option<u64>) -> bool {
+    let Some(s) = ctrl.slots.get(i) else {
+        return false;
+    };
+    let mut cur = s.owner.load(Ordering::Relaxed);
+    loop {
+        if !is_attached(cur) || owner.is_some_and(|o| o != cur) {
+            return false;
+        }
+        // Release: pairs with the Acquire load of `owner` in `BusWriter::min_cursor`: a writer
+        // that sees the slot free no longer waits for its cursor. The CAS compares the
+        // generation: a release meant for one consumer never frees its successor.
+        match s.owner.compare_exchange_weak(
+            cur,
+            cur & !ATTACHED,
+            Ordering::Release,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return true,
+            Err(now) => cur = now,
+        }
     }
 }
 
@@ -75,14 +102,21 @@ impl BusMonitor {
     }
     /// Statistics of every attached slot.
     pub fn slot_stats(&self) -> Vec<SlotStats> {
-        slot_stats(self.m.ctrl(), self.m.ctrl().tail.load(Ordering::Acquire))
+        slot_stats(self.m.ctrl(), self.m.ctrl().tail())
     }
-    /// Frees slot `i` (a dead consumer).
+    /// Frees slot `i` (a dead or evicted consumer), whoever holds it. The consumer's next read
+    /// returns [`super::ReadError::Detached`].
     pub fn release_slot(&self, i: usize) {
-        release_slot(self.m.ctrl(), i)
+        release_slot(self.m.ctrl(), i, None);
+    }
+    /// Frees slot `i` only if it is still held in the owner word `owner` (from
+    /// [`SlotStats::owner`]), so that a decision taken about one consumer never frees a
+    /// successor that took the slot since. Returns whether the slot was freed.
+    pub fn release_slot_owned(&self, i: usize, owner: u64) -> bool {
+        release_slot(self.m.ctrl(), i, Some(owner))
     }
     /// The published tail.
     pub fn tail(&self) -> u64 {
-        self.m.ctrl().tail.load(Ordering::Acquire)
+        self.m.ctrl().tail()
     }
 }

@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
-use super::layout::{self, Mapped, Policy, MAX_CONSUMERS, SLOT_ATTACHED, SLOT_FREE};
+use super::layout::{
+    self, cursor_word, is_attached, owner_word, Mapped, Policy, MAX_CONSUMERS, NO_EOF,
+};
 use super::monitor::release_slot;
 use crate::event::{self, DecodeError, EventRef};
-use crate::frame::{flags, FrameError, FrameHeader, Kind, Seq, FRAME_HEADER_LEN};
+use crate::frame::{self, flags, FrameError, FrameHeader, Kind, Seq, FRAME_HEADER_LEN};
 use crate::ring::scan::Found;
 use crate::segment::OpenError;
 use crate::segment::Region;
@@ -28,8 +30,10 @@ pub enum ReadError {
     /// The deadline passed with nothing to read.
     #[error("timed out waiting for the bus")]
     Timeout,
-    /// The slot was released under us (the daemon declared this consumer dead).
-    #[error("consumer slot {0} was released by the daemon")]
+    /// The slot was released under us: the daemon declared this consumer dead, or evicted it
+    /// (`aegis-shmctl session evict`). Every later read returns it too; the consumer never
+    /// reads a frame of a later lap.
+    #[error("this consumer was evicted: the daemon released its bus slot {0}")]
     Detached(usize),
 }
 
@@ -50,6 +54,12 @@ pub struct BusFrame<'a> {
     /// The header.
     pub header: FrameHeader,
     /// The payload: in bus memory (block policy) or in the consumer's scratch copy (overwrite).
+    ///
+    /// Zero-copy caveat (block policy): the bytes stay put while this consumer holds its slot.
+    /// If the daemon releases the slot (a dead or evicted consumer) while the caller holds a
+    /// frame, the writer may overwrite it under the caller; the next read then reports
+    /// [`ReadError::Detached`]. A consumer that must never act on such a frame re-checks
+    /// with [`BusReader::is_attached`] after using it.
     pub payload: &'a [u8],
     checked: bool,
 }
@@ -91,8 +101,9 @@ pub struct BusReader {
     m: Mapped,
     policy: Policy,
     slot: usize,
-    /// The slot's generation when we attached: the slot is ours while it is unchanged.
-    generation: u64,
+    /// The slot's owner word (generation and attached bit) as we attached: the slot is ours
+    /// while the word is unchanged.
+    owner: u64,
     /// Next byte to read. Invariant: `published_cursor <= pos`.
     pos: u64,
     published_cursor: u64,
@@ -100,8 +111,9 @@ pub struct BusReader {
     cached_tail: u64,
     checked: bool,
     topics: Option<Vec<u64>>,
-    /// Overwrite policy: the bus sequence expected next, once known.
-    expected: Option<Seq>,
+    /// Overwrite policy: the bus sequence expected next (from attach on: the bus sequence that
+    /// went with the tail we started at).
+    expected: Seq,
     /// Overwrite policy: lapped; the next frame tells how many were missed.
     lapped: bool,
     /// Overwrite policy: a frame in `scratch` to hand out on the next call.
@@ -135,23 +147,24 @@ impl BusReader {
             // consumer holds must not be touched (it used to be reset to 0 here, and a caught-up
             // consumer never stores its cursor again, so a block-policy writer waited forever;
             // regression test: `regression_attach_does_not_clobber_an_attached_slot_cursor`).
-            // Until we store our starting point below, a writer that sees the slot attached
-            // reads the previous occupant's cursor (or 0): never ahead of the tail we start
-            // at, so it holds the writer back and never lets it run past us.
-            if s.state
-                .compare_exchange(
-                    SLOT_FREE,
-                    SLOT_ATTACHED,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
+            // Until we store our starting cursor below, its word carries another generation's
+            // tag, and a writer that sees the slot attached holds (`BusWriter::min_cursor`).
+            let cur = s.owner.load(Ordering::Relaxed);
+            if is_attached(cur) {
+                continue;
+            }
+            let mine = owner_word((cur >> 1) + 1);
+            // AcqRel: pairs with the Release CAS of the previous release (`release_slot`) and
+            // the Acquire load of `owner` in `BusWriter::min_cursor`.
+            if s.owner
+                .compare_exchange(cur, mine, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
-                chosen = Some(i);
+                chosen = Some((i, mine));
                 break;
             }
         }
-        let slot_i = chosen.ok_or_else(|| {
+        let (slot_i, owner) = chosen.ok_or_else(|| {
             AttachError::NoSlot(match slot {
                 Some(s) => format!("slot {s} is taken"),
                 None => format!("all {MAX_CONSUMERS} slots are taken"),
@@ -160,26 +173,31 @@ impl BusReader {
         // SeqCst fence: pairs with the one in `BusWriter::min_cursor` (Dekker): either the
         // writer sees our slot attached, or we see every tail it published before its scan.
         fence(Ordering::SeqCst);
-        let tail = ctrl.tail.load(Ordering::Acquire);
+        // The tail and the bus sequence of the frame at it: a consumer lapped before its
+        // first read still knows how many frames it missed.
+        let (tail, seq) = ctrl.tail_and_seq();
         let s = &ctrl.slots[slot_i];
-        let generation = s.generation.fetch_add(1, Ordering::AcqRel) + 1;
         s.pid.store(std::process::id(), Ordering::Relaxed);
         s.read.store(0, Ordering::Relaxed);
         s.overruns.store(0, Ordering::Relaxed);
         s.missed.store(0, Ordering::Relaxed);
-        // Release: pairs with the Acquire load in `BusWriter::min_cursor`.
-        s.cursor.store(tail, Ordering::Release);
+        // Release: pairs with the Acquire load in `BusWriter::min_cursor`. A swap, not a plain
+        // store: read-modify-writes of one word are totally ordered, so a stale consumer's CAS
+        // (expecting its own generation's tag) either comes before this one and is overwritten,
+        // or after and fails. (With a plain store, loom finds an execution where a CAS ordered
+        // after it in execution wins in the modification order.)
+        s.cursor.swap(cursor_word(tail, owner), Ordering::Release);
         let scratch_words = (m.ring.cap() as usize).div_ceil(16);
         Ok(BusReader {
             slot: slot_i,
-            generation,
+            owner,
             pos: tail,
             published_cursor: tail,
             unpublished: 0,
             cached_tail: tail,
             checked: true,
             topics: None,
-            expected: None,
+            expected: seq,
             lapped: false,
             pending: None,
             scratch: if policy == Policy::Overwrite {
@@ -238,28 +256,42 @@ impl BusReader {
         }
     }
 
+    /// Stores our cursor, by CAS from the word we stored last: a consumer whose slot was
+    /// released (and maybe re-attached) fails, and never moves its successor's cursor.
     fn publish_cursor(&mut self) {
-        if self.published_cursor != self.pos && self.owns_slot() {
+        if self.published_cursor != self.pos {
             let s = &self.m.ctrl().slots[self.slot];
             // Release: pairs with the Acquire load in `BusWriter::min_cursor`; we are done
             // reading the bytes below `pos` before the writer may reuse them.
-            s.cursor.store(self.pos, Ordering::Release);
-            s.read.store(self.read, Ordering::Relaxed);
-            self.published_cursor = self.pos;
+            if s.cursor
+                .compare_exchange(
+                    cursor_word(self.published_cursor, self.owner),
+                    cursor_word(self.pos, self.owner),
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                s.read.store(self.read, Ordering::Relaxed);
+                self.published_cursor = self.pos;
+            }
         }
         self.unpublished = 0;
     }
 
-    /// Whether the slot is still ours: attached, and not re-attached by another consumer
-    /// since (the daemon may release the slot of a consumer it believes dead).
-    fn owns_slot(&self) -> bool {
-        let s = &self.m.ctrl().slots[self.slot];
-        s.state.load(Ordering::Acquire) == SLOT_ATTACHED
-            && s.generation.load(Ordering::Acquire) == self.generation
+    /// Whether the slot is still ours: attached, and not released (and perhaps re-attached by
+    /// another consumer) since. The daemon releases the slot of a consumer it declares dead
+    /// or evicts.
+    pub fn is_attached(&self) -> bool {
+        self.m.ctrl().slots[self.slot].owner.load(Ordering::Relaxed) == self.owner
     }
 
     fn check_attached(&self) -> Result<(), ReadError> {
-        if !self.owns_slot() {
+        // Acquire fence: pairs with the Release fence at the end of `BusWriter::min_cursor`:
+        // if anything we read before this point was written by the writer after a scan that
+        // saw our slot released, the load below sees that release (or a later owner word).
+        fence(Ordering::Acquire);
+        if !self.is_attached() {
             return Err(ReadError::Detached(self.slot));
         }
         Ok(())
@@ -291,10 +323,15 @@ impl BusReader {
     }
 
     fn poll(&mut self) -> Result<Option<(FrameHeader, At)>, ReadError> {
-        match self.policy {
-            Policy::Block => self.poll_block(),
-            Policy::Overwrite => self.poll_overwrite(),
+        let got = match self.policy {
+            Policy::Block => self.poll_block()?,
+            Policy::Overwrite => self.poll_overwrite()?,
+        };
+        if got.is_none() {
+            // Nothing new: a released consumer learns it here too (one load of its own slot).
+            self.check_attached()?;
         }
+        Ok(got)
     }
 
     fn frame(&self, header: FrameHeader, at: At) -> BusFrame<'_> {
@@ -316,17 +353,35 @@ impl BusReader {
     /// Whether the reader has read everything published: then it publishes its cursor (so a
     /// writer blocked on it can go on) and reloads the tail; true if there still is nothing.
     #[inline]
-    fn caught_up(&mut self) -> bool {
+    fn caught_up(&mut self) -> Result<bool, ReadError> {
         if self.pos != self.cached_tail {
-            return false;
+            return Ok(false);
         }
         // Everything before `pos` is done with: release it before looking for more, so a
         // writer blocked on us can go on.
         self.publish_cursor();
-        // Acquire: pairs with the Release store in `BusWriter::publish`; the frames below the
-        // tail are written before we read them.
-        self.cached_tail = self.m.ctrl().tail.load(Ordering::Acquire);
-        self.pos == self.cached_tail
+        // Acquire (in `tail()`): pairs with the Release store in `BusWriter::publish`; the
+        // frames below the tail are written before we read them.
+        let tail = self.m.ctrl().tail();
+        // Not trusted (issue 9, item 7): monotonic, a frame boundary, and (block policy, where
+        // the writer waits for us) within a ring of our position. Under the overwrite policy
+        // a tail more than a ring ahead is a lap.
+        let bad = if tail < self.pos {
+            Some("bus tail moved backwards")
+        } else if !tail.is_multiple_of(crate::frame::FRAME_ALIGN as u64) {
+            Some("bus tail is not 16-byte aligned")
+        } else if self.policy == Policy::Block && tail - self.pos > self.m.ring.cap() {
+            Some("bus tail is more than a ring ahead of this consumer")
+        } else {
+            None
+        };
+        if let Some(what) = bad {
+            // A released consumer may see any tail: say it was evicted, not corrupt.
+            self.check_attached()?;
+            return Err(ReadError::Corrupt(FrameError::BadCursor(what)));
+        }
+        self.cached_tail = tail;
+        Ok(self.pos == self.cached_tail)
     }
 
     /// Moves past a frame of `stride` bytes; whether the consumer wants it (counted if so).
@@ -346,12 +401,19 @@ impl BusReader {
             self.publish_cursor();
         }
         loop {
-            if self.caught_up() {
+            if self.caught_up()? {
                 return Ok(None);
             }
             // SAFETY: the bytes from `pos` to the tail are published, and the writer does not
-            // overwrite them before our cursor passes them (block policy).
-            match unsafe { self.m.ring.scan(self.pos, self.cached_tail - self.pos) } {
+            // overwrite them before our cursor passes them (block policy) while the slot is
+            // ours; if it was released, what we read is checked below before it is trusted.
+            let found = unsafe { self.m.ring.scan(self.pos, self.cached_tail - self.pos) };
+            // Evicted? Checked after reading the header and before trusting it: a consumer
+            // whose slot was released may have been lapped, and must report that, never a
+            // frame of a later lap (nor "corrupt"). Regression test:
+            // `regression_released_block_reader_never_reads_a_later_lap`.
+            self.check_attached()?;
+            match found {
                 Found::Padding { skip, .. } => self.pos += skip,
                 Found::Short => {
                     return Err(ReadError::Corrupt(FrameError::BadCursor(
@@ -380,7 +442,7 @@ impl BusReader {
             self.publish_cursor();
         }
         loop {
-            if self.caught_up() {
+            if self.caught_up()? {
                 return Ok(None);
             }
             if self.cached_tail - self.pos > self.m.ring.cap() {
@@ -396,9 +458,12 @@ impl BusReader {
                     off,
                     contiguous,
                 } => Some(header.validate(contiguous).map(|s| {
-                    // SAFETY: `off + s <= cap`; scratch holds `cap` bytes.
+                    // SAFETY: `off + s <= cap`, and the payload's words (rounded up to 8
+                    // bytes) lie within the frame's stride; scratch holds `cap` bytes,
+                    // 16-aligned. The writer may be writing the source: copied by atomic
+                    // words, checked by the seqlock below.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
+                        frame::copy_racy(
                             self.m.ring.at(off + FRAME_HEADER_LEN),
                             self.scratch.as_mut_ptr() as *mut u8,
                             header.len as usize,
@@ -417,6 +482,9 @@ impl BusReader {
                 self.lap();
                 continue;
             }
+            if !self.is_attached() {
+                return Err(ReadError::Detached(self.slot));
+            }
             let (h, stride) = match (found, copied) {
                 (Found::Padding { skip, .. }, _) => {
                     self.pos += skip;
@@ -426,12 +494,13 @@ impl BusReader {
                 (_, Some(Err(e))) => return Err(ReadError::Corrupt(e)),
                 (_, None) => unreachable!("scanned with every byte readable"),
             };
-            let missed = match (self.lapped, self.expected) {
-                (true, Some(exp)) => h.bus_seq.saturating_sub(exp),
-                _ => 0,
+            let missed = if self.lapped {
+                h.bus_seq.saturating_sub(self.expected)
+            } else {
+                0
             };
             self.lapped = false;
-            self.expected = Some(h.bus_seq + 1);
+            self.expected = h.bus_seq + 1;
             let wanted = self.advance(&h, stride);
             if missed > 0 {
                 let s = &self.m.ctrl().slots[self.slot];
@@ -448,12 +517,27 @@ impl BusReader {
         }
     }
 
-    /// Lapped: jump to the head. The exact count is known when the next frame arrives.
+    /// Lapped: jump to the END-OF-STREAM frame if it is published (nothing is written after
+    /// it, so it is still there), else to the head. The exact count is known when the frame
+    /// there is read: its bus sequence minus the one we expected.
     fn lap(&mut self) {
         self.lapped = true;
-        // Acquire: pairs with the Release store in `BusWriter::publish`.
-        self.cached_tail = self.m.ctrl().tail.load(Ordering::Acquire);
-        self.pos = self.cached_tail;
+        // The tail first (Acquire: pairs with the Release store in `BusWriter::publish`, which
+        // comes after the store of `eof_end`): a tail past the EOF frame comes with its
+        // position.
+        self.cached_tail = self.m.ctrl().tail();
+        let eof_end = self.m.ctrl().fixed.eof_end.load(Ordering::Relaxed);
+        let eof = eof_end.wrapping_sub(frame::stride(0) as u64);
+        self.pos = if eof_end != NO_EOF && eof >= self.pos && eof_end <= self.cached_tail {
+            eof
+        } else {
+            self.cached_tail
+        };
+    }
+
+    /// The bus position (bytes) of the next frame this consumer reads.
+    pub fn position(&self) -> u64 {
+        self.pos
     }
 
     /// Frames delivered so far.
@@ -464,11 +548,9 @@ impl BusReader {
 
 impl Drop for BusReader {
     fn drop(&mut self) {
-        // Only free a slot that is still ours: a consumer declared dead whose slot went to
-        // another consumer must not free its successor's slot.
-        if self.owns_slot() {
-            self.publish_cursor();
-            release_slot(self.m.ctrl(), self.slot);
-        }
+        // Only free a slot that is still ours (a CAS against our owner word): a consumer
+        // declared dead whose slot went to another consumer must not free its successor's.
+        self.publish_cursor();
+        release_slot(self.m.ctrl(), self.slot, Some(self.owner));
     }
 }

@@ -17,16 +17,14 @@ pub struct RingControl {
     pub(super) head: CachePadded<AtomicU64>,
 }
 
-impl RingControl {
-    fn new() -> RingControl {
+impl ControlBlock for RingControl {
+    fn fresh() -> RingControl {
         RingControl {
             tail: CachePadded::new(AtomicU64::new(0)),
             head: CachePadded::new(AtomicU64::new(0)),
         }
     }
-}
 
-impl ControlBlock for RingControl {
     const KIND: SegmentKind = SegmentKind::SourceRing;
     const BAD_CAPACITY: &'static str = "ring capacity is not a power of two";
     const TOO_SMALL: &'static str = "region too small for the ring";
@@ -51,7 +49,7 @@ pub fn init_region(
     capacity: usize,
     epoch: u64,
 ) -> Result<(), segment::CreateError> {
-    mapped::init_region(region, capacity, epoch, RingControl::new())
+    mapped::init_region(region, capacity, epoch, |_: &RingControl| {})
 }
 
 /// Creates a source ring segment in `/dev/shm` at `path`.
@@ -60,5 +58,5 @@ pub fn create_shm(
     capacity: usize,
     epoch: u64,
 ) -> Result<segment::ShmRegion, segment::CreateError> {
-    mapped::create_shm(path, capacity, epoch, RingControl::new())
+    mapped::create_shm(path, capacity, epoch, |_: &RingControl| {})
 }

@@ -79,22 +79,27 @@ impl Claim<'_> {
 
     /// Writes the frame header (its `len` must be `<= max_len`; `source_id`, `source_seq` and
     /// `publish_ns` are filled in) and makes the frame part of the current batch.
+    ///
+    /// # Panics
+    /// If `header.len > max_len`: the frame would run past the claim, over bytes the reader may
+    /// still be reading (this was a `debug_assert` only, and a release build overran the claim;
+    /// `commit_longer_than_the_claim_panics`).
     pub fn commit(self, mut header: FrameHeader) -> Seq {
-        debug_assert!(header.len as usize <= self.max_len);
+        assert!(
+            header.len as usize <= self.max_len,
+            "Claim::commit: a frame of {} bytes in a claim of {}",
+            header.len,
+            self.max_len
+        );
         let p = self.producer;
         header.source_id = p.source_id;
         header.source_seq = p.next_seq;
         if p.stamp {
             header.publish_ns = frame::monotonic_ns();
         }
-        if header.len as usize <= self.max_len {
-            // SAFETY: `ptr` is 16-aligned and `ptr .. ptr + stride(len)` lies inside the claim
-            // (`len <= max_len`), which is unpublished and only this producer's.
-            unsafe { claim::seal(self.ptr, &header) };
-        } else {
-            // SAFETY: `ptr` is 16-aligned, inside the claimed region, and unpublished.
-            unsafe { frame::write_header(self.ptr, &header) };
-        }
+        // SAFETY: `ptr` is 16-aligned and `ptr .. ptr + stride(len)` lies inside the claim
+        // (`len <= max_len`, asserted), which is unpublished and only this producer's.
+        unsafe { claim::seal(self.ptr, &header) };
         p.tail += frame::stride(header.len as usize) as u64;
         p.next_seq += 1;
         p.pending += 1;
@@ -116,6 +121,19 @@ impl Producer {
         // Acquire: pairs with the Release stores of a previous producer (none in practice).
         let tail = m.ctrl().tail.load(Ordering::Acquire);
         let head = m.ctrl().head.load(Ordering::Acquire);
+        // Not trusted (issue 9, item 7): `head <= tail <= head + cap`, both frame boundaries.
+        // A head above the tail used to underflow `has_room`.
+        if head > tail {
+            return Err(OpenError::Corrupt("ring head is past its tail"));
+        }
+        if tail - head > m.ring.cap() {
+            return Err(OpenError::Corrupt(
+                "ring tail is more than a ring past its head",
+            ));
+        }
+        if (head | tail) % crate::frame::FRAME_ALIGN as u64 != 0 {
+            return Err(OpenError::Corrupt("ring cursors are not 16-byte aligned"));
+        }
         Ok(Producer {
             m,
             tail,
@@ -207,7 +225,14 @@ impl Producer {
         if self.tail + n - self.cached_head > self.m.ring.cap() {
             // Acquire: pairs with the Release store of `head` in `RingReader::release`; the
             // reader is done with the bytes below `head` before we overwrite them.
-            self.cached_head = self.m.ctrl().head.load(Ordering::Acquire);
+            let head = self.m.ctrl().head.load(Ordering::Acquire);
+            // Not trusted: a head that went back or past our tail counts as no room (the push
+            // times out with an error), never as an underflow. Invariant kept:
+            // `cached_head <= tail`.
+            if head < self.cached_head || head > self.tail {
+                return false;
+            }
+            self.cached_head = head;
             if self.tail + n - self.cached_head > self.m.ring.cap() {
                 return false;
             }

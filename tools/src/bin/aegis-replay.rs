@@ -13,12 +13,16 @@ use aegis_shm_client::event::AnyEvent;
 use aegis_shm_client::protocol::{Register, Role, SourceDecl};
 use aegis_shm_client::spsc::{Producer, PushError};
 use aegis_shm_client::wait::{Backoff, Deadline};
-use aegis_tools::csv::CsvReader;
-use aegis_tools::journal::{self, JournalReader};
+use aegis_tools::journal::{self, JournalError, JournalReader};
 use aegis_tools::names::{self, FileInfo, FileKind};
+use aegis_tools::sort::{CsvEvents, OrderCheck};
 use clap::Parser;
 
 /// Replay Binance CSV files or journals into an Aegis session.
+///
+/// Every input must be sorted by event time (equal times are fine): replay stops at the first
+/// row that goes back, naming FILE:LINE (a journal: FILE and the frame index). `--sort` sorts
+/// CSV exports that are not in time order.
 #[derive(Parser, Debug)]
 #[command(name = "aegis-replay", version)]
 struct Args {
@@ -40,6 +44,11 @@ struct Args {
     /// Convert the (single) CSV FILE into a journal at this path, then exit.
     #[arg(long)]
     convert: Option<PathBuf>,
+    /// Sort each CSV FILE by event time, stably (equal times keep file order), for exports
+    /// not in time order. Reads the file twice: the first pass parses every line and keeps
+    /// its time and offset (16 bytes an event), the second re-reads the lines in time order.
+    #[arg(long)]
+    sort: bool,
     /// Component name (default: replay-<pid>).
     #[arg(long)]
     name: Option<String>,
@@ -168,10 +177,12 @@ fn main() {
     let mut handles = Vec::new();
     for (input, (producer, topic)) in inputs.into_iter().zip(producers) {
         let (stop, total, comp) = (stop.clone(), total.clone(), comp.clone());
-        let speed = args.speed;
+        let (speed, sort) = (args.speed, args.sort);
         let stall = Duration::from_secs(args.stall_timeout);
         handles.push(std::thread::spawn(move || {
-            replay(input, producer, topic, speed, stall, &stop, &total, &comp)
+            replay(
+                input, producer, topic, speed, sort, stall, &stop, &total, &comp,
+            )
         }));
     }
     let mut errors = Vec::new();
@@ -237,6 +248,7 @@ fn replay(
     mut p: Producer,
     topic: u32,
     speed: Option<f64>,
+    sort: bool,
     stall: Duration,
     stop: &AtomicBool,
     total: &AtomicU64,
@@ -259,9 +271,21 @@ fn replay(
         Ok(())
     };
     let src = input.path.display().to_string();
+    let mut order = OrderCheck::default();
     if input.journal {
         let mut r = JournalReader::open(&input.path).map_err(|e| e.to_string())?;
         r.for_each(|f| -> Result<(), ReplayError> {
+            order.next(f.header.ts).map_err(|prev| {
+                ReplayError(
+                    JournalError::FrameOrder {
+                        path: input.path.clone(),
+                        frame: n,
+                        ts: f.header.ts,
+                        prev,
+                    }
+                    .to_string(),
+                )
+            })?;
             pacer.wait(f.header.ts);
             let mut h = f.header;
             h.topic_id = topic;
@@ -277,10 +301,19 @@ fn replay(
         })
         .map_err(|e| e.0)?;
     } else {
-        let reader =
-            CsvReader::open(&input.path, &input.info).map_err(|e| format!("{src}: {e}"))?;
-        for item in reader {
+        let mut reader =
+            CsvEvents::open(&input.path, &input.info, sort).map_err(|e| format!("{src}: {e}"))?;
+        while let Some(item) = reader.next() {
             let (ts, ev) = item.map_err(|e| format!("{src}: {e}"))?;
+            order.next(ts).map_err(|prev| {
+                JournalError::Order {
+                    path: input.path.clone(),
+                    line: reader.line(),
+                    ts,
+                    prev,
+                }
+                .to_string()
+            })?;
             pacer.wait(ts);
             let deadline = Deadline::after(stall);
             let r = match ev {
@@ -343,7 +376,7 @@ fn convert(args: &Args, out: &Path) {
     .unwrap_or_else(|e| fail(e));
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
-    let n = journal::convert_csv_with_progress(input, out, &info, 0, |bytes, events| {
+    let n = journal::convert_csv_with_progress(input, out, &info, 0, args.sort, |bytes, events| {
         if tty {
             eprint!(
                 "\raegis-replay: {events} events ({} MB) converted",
