@@ -440,7 +440,6 @@ fn paused_consumer_is_stalled_not_evicted_in_backtest() {
 }
 
 #[test]
-#[ignore = "issue 9: in progress"]
 fn evicted_consumer_exits_saying_so() {
     let _g = serial();
     let b = bins();
