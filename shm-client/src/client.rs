@@ -36,6 +36,7 @@ use crate::protocol::{self, Ack, ErrorCode, Register, Reply, Request, Role, Sour
 use crate::segment::{OpenError, ShmRegion};
 use crate::spmc::{AttachError, BusReader};
 use crate::spsc::Producer;
+use crate::stats::StatsView;
 
 /// Why a control-plane call failed.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +219,27 @@ impl Component {
         let region = Arc::new(ShmRegion::open(Path::new(&s.path)).map_err(map)?);
         let p = Producer::open(region, Some(self.ack.epoch), 0).map_err(map)?;
         Ok((p, s.topic_id))
+    }
+
+    /// Whether the daemon reads `source` straight from the journal this producer declared
+    /// for it (a backtest): then there is no ring to open and nothing to push.
+    pub fn is_journal_backed(&self, source: &str) -> bool {
+        self.ack
+            .sources
+            .iter()
+            .any(|s| s.name == source && s.journal)
+    }
+
+    /// A read-only view of the session's counters (ctl segment): per-source events, state
+    /// and failure reason, the sequencer's counters. A journal-backed source's producer
+    /// follows its progress here.
+    pub fn stats(&self) -> Result<StatsView, ClientError> {
+        let map = |e| ClientError::Map {
+            path: self.ack.control.clone(),
+            source: e,
+        };
+        let region = Arc::new(ShmRegion::open(Path::new(&self.ack.control)).map_err(map)?);
+        StatsView::open(region, Some(self.ack.epoch)).map_err(map)
     }
 
     /// Attaches to the bus in the slot the daemon assigned.

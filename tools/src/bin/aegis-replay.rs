@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aegis_shm_client::client::Component;
-use aegis_shm_client::event::AnyEvent;
+use aegis_shm_client::event::{AnyEvent, Event};
 use aegis_shm_client::protocol::{Register, Role, SourceDecl};
-use aegis_shm_client::spsc::{Producer, PushError};
+use aegis_shm_client::spsc::{ClaimError, Producer, PushError};
+use aegis_shm_client::stats::{SourceState, StatsView};
 use aegis_shm_client::wait::{Backoff, Deadline};
 use aegis_tools::journal::{self, JournalError, JournalReader};
 use aegis_tools::names::{self, FileInfo, FileKind};
@@ -61,6 +62,12 @@ struct Args {
     /// Give up when the ring stays full this long (a stuck session), in seconds.
     #[arg(long, default_value_t = 120)]
     stall_timeout: u64,
+    /// Push journals through the source ring even in a backtest. By default a backtest
+    /// hands a journal to the daemon, which maps it read-only and merges straight from it
+    /// (no copy into a ring, no hop through this process); this process then only follows
+    /// the source's progress. `--speed` always pushes through the ring.
+    #[arg(long)]
+    via_ring: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -74,6 +81,8 @@ struct Input {
     name: String,
     info: FileInfo,
     journal: bool,
+    /// The journal is offered to the daemon (it decides: backtest yes, live no).
+    offer: bool,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -119,6 +128,7 @@ fn main() {
                 name,
                 info,
                 journal,
+                offer: journal && args.speed.is_none() && !args.via_ring,
             }
         })
         .collect();
@@ -129,7 +139,7 @@ fn main() {
             kind: aegis_shm_client::protocol::SourceKind::try_from(i.info.kind.event_kind())
                 .expect("a file kind is an event kind"),
             topic: i.info.topic(),
-            journal: None,
+            journal: i.offer.then(|| absolute(&i.path)),
         })
         .collect();
     let token = std::env::var("AEGIS_SESSION_TOKEN").unwrap_or_else(|_| {
@@ -150,21 +160,26 @@ fn main() {
         },
     )
     .unwrap_or_else(|e| fail(e));
+    let (handed, inputs): (Vec<Input>, Vec<Input>) = inputs
+        .into_iter()
+        .partition(|i| comp.is_journal_backed(&i.name));
     let producers: Vec<(Producer, u32)> = inputs
         .iter()
         .map(|i| comp.producer(&i.name).unwrap_or_else(|e| fail(e)))
         .collect();
+    let stats = (!handed.is_empty()).then(|| comp.stats().unwrap_or_else(|e| fail(e)));
     comp.ready(Duration::from_secs(args.start_timeout))
         .unwrap_or_else(|e| fail(e));
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let total = Arc::new(AtomicU64::new(0));
+    let followed = Arc::new(AtomicU64::new(0));
     let progress = std::io::stderr().is_terminal().then(|| {
-        let (stop, total) = (stop.clone(), total.clone());
+        let (stop, total, followed) = (stop.clone(), total.clone(), followed.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(500));
-                let n = total.load(Ordering::Relaxed);
+                std::thread::sleep(PROGRESS_EVERY);
+                let n = total.load(Ordering::Relaxed) + followed.load(Ordering::Relaxed);
                 eprint!(
                     "\raegis-replay: {n} events, {:.0} events/s   ",
                     n as f64 / start.elapsed().as_secs_f64()
@@ -187,6 +202,16 @@ fn main() {
     }
     let mut errors = Vec::new();
     let mut counts = Vec::new();
+    if let Some(stats) = &stats {
+        let stall = Duration::from_secs(args.stall_timeout);
+        match follow(&handed, stats, &comp, &followed, stall) {
+            Ok(n) => counts.extend(n),
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                errors.push(e)
+            }
+        }
+    }
     for h in handles {
         match h.join() {
             Ok(Ok(c)) => counts.push(c),
@@ -222,6 +247,76 @@ fn main() {
         );
     }
     comp.finished().unwrap_or_else(|e| fail(e));
+}
+
+/// How often the progress line and a journal-backed source's progress are refreshed.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// How often a journal-backed source's state is looked at.
+const FOLLOW_POLL: Duration = Duration::from_millis(20);
+
+/// The absolute form of `p` (the daemon opens journals by absolute path).
+fn absolute(p: &Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|e| fail(format!("{}: {e}", p.display())))
+        .display()
+        .to_string()
+}
+
+/// Follows the journal-backed sources (the daemon merges them straight from their journals)
+/// in the session's counters until each has ended. Returns the events merged from each. A
+/// source that failed, a session stopped, or no progress for `stall` is an error.
+fn follow(
+    handed: &[Input],
+    stats: &StatsView,
+    comp: &Component,
+    followed: &AtomicU64,
+    stall: Duration,
+) -> Result<Vec<u64>, String> {
+    let mut last = (0u64, Instant::now());
+    loop {
+        if let Some(r) = comp.stop_requested() {
+            return Err(format!("the daemon stopped the session: {r}"));
+        }
+        let all = stats.sources();
+        let mine: Vec<_> = handed
+            .iter()
+            .map(|i| all.iter().find(|s| s.name == i.name))
+            .collect();
+        let mut events = Vec::new();
+        let mut ended = true;
+        for (input, s) in handed.iter().zip(&mine) {
+            let Some(s) = s else {
+                ended = false;
+                events.push(0);
+                continue;
+            };
+            match s.state {
+                SourceState::Failed | SourceState::Removed => {
+                    let why = s.reason.clone().unwrap_or_else(|| "no reason given".into());
+                    return Err(format!(
+                        "{}: the daemon's merge of it failed: {why}",
+                        input.path.display()
+                    ));
+                }
+                SourceState::Ended => {}
+                _ => ended = false,
+            }
+            events.push(s.events);
+        }
+        let sum: u64 = events.iter().sum();
+        followed.store(sum, Ordering::Relaxed);
+        if ended {
+            return Ok(events);
+        }
+        if sum != last.0 {
+            last = (sum, Instant::now());
+        } else if last.1.elapsed() > stall {
+            return Err(format!(
+                "the daemon merged nothing from the journals for {stall:?} (is the session stuck?)"
+            ));
+        }
+        std::thread::sleep(FOLLOW_POLL);
+    }
 }
 
 /// Paces by event time when `speed` is set.
@@ -289,13 +384,24 @@ fn replay(
             pacer.wait(f.header.ts);
             let mut h = f.header;
             h.topic_id = topic;
-            p.push_frame(&h, f.payload, &mut wait, Deadline::after(stall))
-                .map_err(|e| match e {
-                    PushError::Timeout(()) => {
-                        ReplayError(format!("{src}: the ring stayed full for {stall:?}"))
-                    }
-                    e => ReplayError(format!("{src}: {e}")),
-                })?;
+            // The clock (for the deadline) is read only when the ring is full.
+            let pushed = match p.try_push_frame(&h, f.payload) {
+                Ok(_) => Ok(()),
+                Err(ClaimError::Full) => p
+                    .push_frame(&h, f.payload, &mut wait, Deadline::after(stall))
+                    .map(drop),
+                Err(ClaimError::TooLarge { stride, capacity }) => Err(PushError::TooLarge {
+                    value: (),
+                    stride,
+                    capacity,
+                }),
+            };
+            pushed.map_err(|e| match e {
+                PushError::Timeout(()) => {
+                    ReplayError(format!("{src}: the ring stayed full for {stall:?}"))
+                }
+                e => ReplayError(format!("{src}: {e}")),
+            })?;
             n += 1;
             check(n).map_err(ReplayError)
         })
@@ -315,20 +421,10 @@ fn replay(
                 .to_string()
             })?;
             pacer.wait(ts);
-            let deadline = Deadline::after(stall);
             let r = match ev {
-                AnyEvent::Trade(e) => p
-                    .push(ts, topic, e, &mut wait, deadline)
-                    .map(drop)
-                    .map_err(describe),
-                AnyEvent::Book(e) => p
-                    .push(ts, topic, e, &mut wait, deadline)
-                    .map(drop)
-                    .map_err(describe),
-                AnyEvent::Kline(e) => p
-                    .push(ts, topic, e, &mut wait, deadline)
-                    .map(drop)
-                    .map_err(describe),
+                AnyEvent::Trade(e) => push_event(&mut p, ts, topic, e, &mut wait, stall),
+                AnyEvent::Book(e) => push_event(&mut p, ts, topic, e, &mut wait, stall),
+                AnyEvent::Kline(e) => push_event(&mut p, ts, topic, e, &mut wait, stall),
             };
             r.map_err(|e| format!("{src}: {e}"))?;
             n += 1;
@@ -339,6 +435,25 @@ fn replay(
     p.finish(&mut wait, Deadline::after(stall))
         .map_err(|_| format!("{src}: could not write end-of-stream within {stall:?}"))?;
     Ok(n)
+}
+
+/// Pushes one event, reading the clock (for the stall deadline) only when the ring is full.
+fn push_event<E: Event>(
+    p: &mut Producer,
+    ts: u64,
+    topic: u32,
+    e: E,
+    wait: &mut Backoff,
+    stall: Duration,
+) -> Result<(), String> {
+    match p.try_push(ts, topic, e) {
+        Ok(_) => Ok(()),
+        Err(PushError::Full(e)) => p
+            .push(ts, topic, e, wait, Deadline::after(stall))
+            .map(drop)
+            .map_err(describe),
+        Err(e) => Err(describe(e)),
+    }
 }
 
 /// An error in the journal path: ours, or the journal's.
