@@ -143,7 +143,8 @@ pub struct ThroughputRow {
 }
 
 impl ThroughputRow {
-    fn new(name: &str, events: u64, elapsed: Duration) -> ThroughputRow {
+    /// A row for `events` moved in `elapsed`.
+    pub fn new(name: &str, events: u64, elapsed: Duration) -> ThroughputRow {
         let seconds = elapsed.as_secs_f64().max(1e-9);
         ThroughputRow {
             name: name.to_string(),

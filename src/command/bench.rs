@@ -7,14 +7,18 @@
 //! over in-memory vectors, and one Unix socket per topic carrying JSON.
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
 use aegis_shm_client::frame::Kind;
 use aegis_tools::journal::{JournalReader, JournalWriter};
 use aegis_tools::names::{FileInfo, FileKind};
 use serde_json::json;
 
+use super::private_daemon::{tool, PrivateDaemon, TempDir};
 use super::CliError;
-use crate::cli::BenchArgs;
+use crate::cli::{BenchArgs, CreateArgs, RunArgs};
+use aegis_shm_client::protocol::Mode;
+use serde::Serialize;
 use aegis::sequencer;
 use compare::{BenchError, Feed, FramePusher, LatencyRow, ThroughputRow};
 
@@ -23,19 +27,10 @@ use compare::{BenchError, Feed, FramePusher, LatencyRow, ThroughputRow};
 #[path = "../../benches/compare/mod.rs"]
 mod compare;
 
-/// Removes the bench's journal directory, whatever happens.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Writes the synthetic three-source stream as journals, then replays them through Aegis.
-fn journal_throughput(events: u64, dir: &Path) -> Result<ThroughputRow, CliError> {
+/// Writes the synthetic three-source stream as journals in `dir`.
+fn write_journals(events: u64, dir: &Path) -> Result<Vec<PathBuf>, CliError> {
     let sources = compare::synthetic_sources(events);
-    let mut feeds = Vec::new();
+    let mut paths = Vec::new();
     for s in &sources {
         let info = match s.kind {
             Kind::Trade => FileInfo::new(FileKind::Trade, "BTCUSDT", None),
@@ -51,31 +46,121 @@ fn journal_throughput(events: u64, dir: &Path) -> Result<ThroughputRow, CliError
                 .map_err(|e| CliError(e.to_string()))?;
         }
         w.finish().map_err(|e| CliError(e.to_string()))?;
-        feeds.push(Feed {
-            name: s.name.to_string(),
-            push: Box::new(move |p: &mut FramePusher| {
-                let mut r =
-                    JournalReader::open(&path).map_err(|e| BenchError::Setup(e.to_string()))?;
-                r.for_each(|f| -> Result<(), JournalFeedError> {
-                    p.push(&f.header, f.payload)
-                        .map_err(JournalFeedError::Bench)
-                })
-                .map(drop)
-                .map_err(|e| match e {
-                    JournalFeedError::Bench(b) => b,
-                    JournalFeedError::Journal(j) => BenchError::Failed(j),
-                })
-            }),
-        });
+        paths.push(path);
     }
-    drop(sources);
+    Ok(paths)
+}
+
+/// The threads-in-one-process row: producer threads push the journals into rings, the
+/// sequencer and one consumer thread run beside them.
+fn threads_throughput(journals: &[PathBuf]) -> Result<ThroughputRow, CliError> {
+    let feeds = journals
+        .iter()
+        .map(|path| {
+            let path = path.clone();
+            Feed {
+                name: path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                push: Box::new(move |p: &mut FramePusher| {
+                    let mut r = JournalReader::open(&path)
+                        .map_err(|e| BenchError::Setup(e.to_string()))?;
+                    r.for_each(|f| -> Result<(), JournalFeedError> {
+                        p.push(&f.header, f.payload)
+                            .map_err(JournalFeedError::Bench)
+                    })
+                    .map(drop)
+                    .map_err(|e| match e {
+                        JournalFeedError::Bench(b) => b,
+                        JournalFeedError::Journal(j) => BenchError::Failed(j),
+                    })
+                }),
+            }
+        })
+        .collect();
     compare::aegis_throughput_feeds(
-        "aegis (3 journals, mmap → rings → sequencer → consumer)",
+        "aegis, threads in one process (journals → rings → sequencer → consumer)",
         feeds,
         1 << 22,
         1 << 22,
     )
     .map_err(|e| CliError(e.to_string()))
+}
+
+/// Peak resident sets of the real path's processes, in kB.
+#[derive(Serialize, Debug, Default)]
+struct PeakRss {
+    daemon_kb: Option<u64>,
+    replay_kb: Option<u64>,
+    tap_kb: Option<u64>,
+}
+
+/// Bus bytes of the real-path session.
+const REAL_PATH_BUS: usize = 4 << 20;
+
+/// The headline row, the path users run: a daemon, then `session run` with one
+/// `aegis-replay` of the journals and one `aegis-tap --format count`, as separate processes.
+/// The rate is the session's own: events merged over the time from its start to its end.
+fn real_path_throughput(
+    journals: &[PathBuf],
+    dir: &Path,
+) -> Result<(ThroughputRow, PeakRss), CliError> {
+    let (replay, tap) = (tool("aegis-replay")?, tool("aegis-tap")?);
+    let socket = dir.join("bench.sock");
+    let daemon = PrivateDaemon::start(&socket)?;
+    let files: Vec<String> = journals.iter().map(|p| quote(p)).collect();
+    let args = RunArgs {
+        create: CreateArgs {
+            name: "bench".into(),
+            mode: Mode::Backtest,
+            expect: None,
+            sequencer_core: None,
+            bus_bytes: Some(REAL_PATH_BUS),
+            source_bytes: None,
+            max_lateness_us: None,
+        },
+        commands: vec![
+            format!("exec {} {}", quote(&replay), files.join(" ")),
+            format!("exec {} --format count", quote(&tap)),
+        ],
+        timeout: 600,
+        keep: false,
+    };
+    let out = super::session::run_components(&socket, &args, |_, c| {
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+    })?;
+    let rss = PeakRss {
+        daemon_kb: daemon.peak_rss_kb(),
+        replay_kb: out.run.components.first().and_then(|c| c.max_rss_kb),
+        tap_kb: out.run.components.get(1).and_then(|c| c.max_rss_kb),
+    };
+    drop(daemon);
+    let session = out.run.session.as_ref();
+    let (merged, secs) = session
+        .map(|s| (s.sequencer.events_merged, s.elapsed_s.unwrap_or(0.0)))
+        .unwrap_or_default();
+    if !out.ok || secs <= 0.0 {
+        return Err(CliError(format!(
+            "the real-path session failed: {}",
+            out.run
+                .reason
+                .clone()
+                .or_else(|| session.and_then(|s| s.reason.clone()))
+                .unwrap_or_else(|| "a component failed".into())
+        )));
+    }
+    let row = ThroughputRow::new(
+        "aegis real path (daemon + aegis-replay + aegis-tap processes, 3 journals)",
+        merged,
+        std::time::Duration::from_secs_f64(secs),
+    );
+    Ok((row, rss))
+}
+
+/// Quotes `p` for `sh -c`.
+fn quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
 
 enum JournalFeedError {
@@ -100,15 +185,15 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
         compare::latency_interleaved(a.samples, 20, true).map_err(|e| CliError(e.to_string()))?;
     let socket = e(compare::socket_json_latency(a.samples))?;
     eprintln!("aegis bench: throughput ({} events)...", a.events);
-    let dir = std::env::temp_dir().join(format!("aegis-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let guard = TempDir(dir.clone());
-    let journals = journal_throughput(a.events, &dir)?;
-    drop(guard);
+    let tmp = TempDir::new("aegis-bench")?;
+    let journals = write_journals(a.events, &tmp.0)?;
+    let (real, rss) = real_path_throughput(&journals, &tmp.0)?;
+    let threads = threads_throughput(&journals)?;
+    drop(tmp);
     let inproc = t(compare::inproc_merge_throughput(a.events))?;
     let sock_thr = t(compare::socket_json_throughput(a.events.min(2_000_000)))?;
     let latency = vec![aegis, pingpong, socket];
-    let throughput = vec![journals, inproc, sock_thr];
+    let throughput = vec![real, inproc, sock_thr, threads];
     let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
     let ratios = json!({
         "aegis_p50_over_pingpong_p50": ratio(latency[0].p50_ns as f64, latency[1].p50_ns as f64),
@@ -119,7 +204,7 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     if json_out {
         println!(
             "{}",
-            json!({"latency": latency, "throughput": throughput, "ratios": ratios})
+            json!({"latency": latency, "throughput": throughput, "ratios": ratios, "peak_rss": rss})
         );
         return Ok(());
     }
@@ -145,6 +230,13 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
         );
     }
     println!();
+    let mb = |kb: Option<u64>| kb.map_or("?".to_string(), |k| format!("{:.0} MB", k as f64 / 1024.0));
+    println!(
+        "peak RSS on the real path: daemon {}, aegis-replay {}, aegis-tap {} (target < 200 MB each)",
+        mb(rss.daemon_kb),
+        mb(rss.replay_kb),
+        mb(rss.tap_kb)
+    );
     let f = |k: &str| ratios[k].as_f64().unwrap_or(f64::NAN);
     println!(
         "aegis p50 / ping-pong p50:          {:.2}x (target <= 2)",

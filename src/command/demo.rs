@@ -6,12 +6,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::session::{Outcome, RunSummary};
+use super::private_daemon::{tool, PrivateDaemon, TempDir};
 use super::CliError;
 use crate::cli::{CreateArgs, DemoArgs, RunArgs};
-use aegis::session::pid_alive;
 use aegis_shm_client::protocol::Mode;
 
 /// The real Binance 1m klines of 2024-09-21, bundled in the binary.
@@ -107,46 +107,6 @@ fn write_book(path: &Path, n: u64) -> std::io::Result<()> {
     out.flush()
 }
 
-fn tool(name: &str) -> Result<PathBuf, CliError> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(name);
-    if !path.exists() {
-        return Err(CliError(format!(
-            "{} not found next to {}: build the whole workspace (`cargo build --release --workspace`)",
-            name,
-            exe.display()
-        )));
-    }
-    Ok(path)
-}
-
-/// Removes the demo directory and stops the daemon, whatever happened.
-struct Cleanup {
-    dir: PathBuf,
-    daemon: Option<std::process::Child>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            // SIGTERM: the daemon removes its segments and socket.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(d.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let end = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < end && matches!(d.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if matches!(d.try_wait(), Ok(None)) {
-                let _ = d.kill();
-                let _ = d.wait();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// The demo's input files: the bundled klines and the generated trades and book updates.
 struct Inputs {
     klines: PathBuf,
@@ -194,27 +154,6 @@ fn convert(replay: &Path, csvs: &[&Path]) -> Result<Vec<PathBuf>, CliError> {
         journals.push(journal);
     }
     Ok(journals)
-}
-
-/// Starts a private daemon on `socket` (owned by `cleanup`) and waits until it listens.
-fn start_daemon(socket: &Path, cleanup: &mut Cleanup) -> Result<(), CliError> {
-    let daemon = Command::new(std::env::current_exe()?)
-        .arg("serve")
-        .arg("--socket")
-        .arg(socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let dpid = daemon.id();
-    cleanup.daemon = Some(daemon);
-    let end = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if Instant::now() > end || !pid_alive(dpid) {
-            return Err(CliError("the demo daemon did not start within 10 s".into()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 /// Runs the backtest session `demo`: one replay of every input, `consumers` digest taps
@@ -360,26 +299,22 @@ pub fn run(_socket: &Path, a: &DemoArgs) -> Result<bool, CliError> {
     }
     let replay = tool("aegis-replay")?;
     let tap = tool("aegis-tap")?;
-    let dir = std::env::temp_dir().join(format!("aegis-demo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mut cleanup = Cleanup {
-        dir: dir.clone(),
-        daemon: None,
-    };
+    let tmp = TempDir::new("aegis-demo")?;
+    let dir = tmp.0.clone();
     let socket = dir.join("aegis.sock");
 
     println!("== Aegis demo: backtest of bundled Binance klines + generated trades and book ==");
     let inputs = generate_inputs(&dir, a.events)?;
     let mut sources = vec![inputs.klines.clone()];
     sources.extend(convert(&replay, &[&inputs.trades_csv, &inputs.book_csv])?);
-    start_daemon(&socket, &mut cleanup)?;
+    let daemon = PrivateDaemon::start(&socket)?;
     let t = Instant::now();
     let outcome = run_session(&socket, &dir, &replay, &tap, &sources, a.consumers)?;
     report_session(&outcome.run, t.elapsed().as_secs_f64());
     let same = report_consumers(&dir, a.consumers);
     report_failures(&outcome.run);
-    drop(cleanup);
+    drop(daemon);
+    drop(tmp);
     let left = segments_left(&outcome.run)?;
     if left > 0 {
         println!("segments left in /dev/shm: {left}");

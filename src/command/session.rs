@@ -286,19 +286,28 @@ pub struct ComponentRun {
     pub pid: u32,
     /// Its exit status (-9 if we killed it, -1 for a signal), `null` if unknown.
     pub exit: Option<i32>,
+    /// Its peak resident set in kB (`VmHWM`, sampled while it ran: a lower bound, close to
+    /// the peak for a process whose memory does not shrink).
+    pub max_rss_kb: Option<u64>,
 }
 
 /// The components of a run and what became of them.
 struct Children {
     procs: Vec<(String, Child)>,
     exits: Vec<Option<i32>>,
+    max_rss_kb: Vec<Option<u64>>,
 }
 
 impl Children {
-    /// Reaps whichever exited.
+    /// Reaps whichever exited. Samples the peak resident set of those still running (the
+    /// last sample before the exit; `wait4`'s `ru_maxrss` would include the memory of the
+    /// process that forked them).
     fn poll(&mut self) {
         for (i, (_, ch)) in self.procs.iter_mut().enumerate() {
             if self.exits[i].is_none() {
+                if let Some(kb) = peak_rss_kb(ch.id()) {
+                    self.max_rss_kb[i] = Some(kb.max(self.max_rss_kb[i].unwrap_or(0)));
+                }
                 if let Ok(Some(st)) = ch.try_wait() {
                     self.exits[i] = Some(st.code().unwrap_or(-1));
                 }
@@ -349,16 +358,27 @@ pub fn run_components(
         components: children
             .procs
             .iter()
-            .zip(&children.exits)
-            .map(|((cmd, ch), e)| ComponentRun {
+            .zip(children.exits.iter().zip(&children.max_rss_kb))
+            .map(|((cmd, ch), (e, rss))| ComponentRun {
                 command: cmd.clone(),
                 pid: ch.id(),
                 exit: *e,
+                max_rss_kb: *rss,
             })
             .collect(),
         ok,
     };
     Ok(Outcome { ok, run })
+}
+
+/// The peak resident set of process `pid` so far (`VmHWM`), in kB, if readable.
+pub fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Starts one `sh -c CMD` per component with the session in its environment. If one cannot
@@ -374,6 +394,7 @@ fn spawn_components(
     let mut children = Children {
         procs: Vec::new(),
         exits: Vec::new(),
+        max_rss_kb: Vec::new(),
     };
     for (i, cmd) in a.commands.iter().enumerate() {
         let mut c = Command::new("sh");
@@ -388,6 +409,7 @@ fn spawn_components(
             Ok(child) => {
                 children.procs.push((cmd.clone(), child));
                 children.exits.push(None);
+                children.max_rss_kb.push(None);
             }
             Err(e) => {
                 children.kill_rest();
