@@ -17,10 +17,10 @@ use serde_json::json;
 use super::private_daemon::{tool, PrivateDaemon, TempDir};
 use super::CliError;
 use crate::cli::{BenchArgs, CreateArgs, RunArgs};
-use aegis_shm_client::protocol::Mode;
-use serde::Serialize;
 use aegis::sequencer;
+use aegis_shm_client::protocol::Mode;
 use compare::{BenchError, Feed, FramePusher, LatencyRow, ThroughputRow};
+use serde::Serialize;
 
 /// The comparison harness (ping-pong, socket-JSON, in-process merge, Aegis), kept under
 /// `benches/` and out of the daemon's library; this verb only parses arguments and prints.
@@ -64,8 +64,8 @@ fn threads_throughput(journals: &[PathBuf]) -> Result<ThroughputRow, CliError> {
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default(),
                 push: Box::new(move |p: &mut FramePusher| {
-                    let mut r = JournalReader::open(&path)
-                        .map_err(|e| BenchError::Setup(e.to_string()))?;
+                    let mut r =
+                        JournalReader::open(&path).map_err(|e| BenchError::Setup(e.to_string()))?;
                     r.for_each(|f| -> Result<(), JournalFeedError> {
                         p.push(&f.header, f.payload)
                             .map_err(JournalFeedError::Bench)
@@ -230,7 +230,8 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
         );
     }
     println!();
-    let mb = |kb: Option<u64>| kb.map_or("?".to_string(), |k| format!("{:.0} MB", k as f64 / 1024.0));
+    let mb =
+        |kb: Option<u64>| kb.map_or("?".to_string(), |k| format!("{:.0} MB", k as f64 / 1024.0));
     println!(
         "peak RSS on the real path: daemon {}, aegis-replay {}, aegis-tap {} (target < 200 MB each)",
         mb(rss.daemon_kb),

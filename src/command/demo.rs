@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use super::session::{Outcome, RunSummary};
 use super::private_daemon::{tool, PrivateDaemon, TempDir};
+use super::session::{Outcome, RunSummary};
 use super::CliError;
 use crate::cli::{CreateArgs, DemoArgs, RunArgs};
 use aegis_shm_client::protocol::Mode;
