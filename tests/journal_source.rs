@@ -269,3 +269,81 @@ fn journal_open_refusals() {
         .expect("missing");
     assert!(e.to_string().contains("cannot open"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real path: aegis-replay hands its journals to the daemon
+// ---------------------------------------------------------------------------------------------
+
+mod common;
+
+/// One backtest over the journals, replayed with `replay_flags`; returns the tap's digest.
+fn session_digest(
+    h: &mut common::Harness,
+    b: &common::Bins,
+    socket: &Path,
+    name: &str,
+    journals: &[PathBuf],
+    replay_flags: &str,
+) -> String {
+    let files: Vec<String> = journals.iter().map(|p| common::q(p)).collect();
+    let out = h.dir.join(format!("{name}.digest"));
+    let commands = [
+        format!(
+            "exec {} {replay_flags} {}",
+            common::q(&b.replay),
+            files.join(" ")
+        ),
+        format!(
+            "exec {} --format digest --out {}",
+            common::q(&b.tap),
+            common::q(&out)
+        ),
+    ];
+    let r = common::session_run(h, b, socket, name, "backtest", &[], &commands);
+    common::assert_run_ok(h, &r, 5300);
+    std::fs::read_to_string(&out).unwrap().trim().to_string()
+}
+
+#[test]
+fn replay_hands_journals_to_the_daemon_with_the_ring_paths_stream() {
+    let _g = common::serial();
+    let b = common::bins();
+    let mut h = common::Harness::new("handover");
+    let journals = vec![
+        write_journal(&h.dir, "BTCUSDT-1m-2024-09-21", FileKind::Kline, 300, 1),
+        write_journal(
+            &h.dir,
+            "BTCUSDT-trades-2024-09-21",
+            FileKind::Trade,
+            3000,
+            10,
+        ),
+        write_journal(
+            &h.dir,
+            "BTCUSDT-bookTicker-2024-09-21",
+            FileKind::BookTicker,
+            2000,
+            7,
+        ),
+    ];
+    let socket = h.start_daemon(&b);
+    let handed = session_digest(&mut h, &b, &socket, "handed", &journals, "");
+    let ring = session_digest(&mut h, &b, &socket, "ring", &journals, "--via-ring");
+    assert!(common::is_digest(&handed), "{handed:?}");
+    assert_eq!(
+        handed, ring,
+        "a journal handed to the daemon must give the ring path's stream"
+    );
+    // A truncated journal is refused (by aegis-replay as it opens it, and by the daemon at
+    // REGISTER): the run fails with the reason, nothing is merged.
+    let bad = h.dir.join("BTCUSDT-trades-2024-09-22.aegisj");
+    let mut bytes = std::fs::read(&journals[1]).unwrap();
+    bytes.truncate(bytes.len() - 16);
+    std::fs::write(&bad, bytes).unwrap();
+    let commands = [
+        format!("exec {} {}", common::q(&b.replay), common::q(&bad)),
+        format!("exec {} --format count", common::q(&b.tap)),
+    ];
+    let r = common::session_run(&mut h, &b, &socket, "bad", "backtest", &[], &commands);
+    assert!(!r.status.success(), "a truncated journal must fail the run");
+}
