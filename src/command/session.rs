@@ -286,8 +286,9 @@ pub struct ComponentRun {
     pub pid: u32,
     /// Its exit status (-9 if we killed it, -1 for a signal), `null` if unknown.
     pub exit: Option<i32>,
-    /// Its peak resident set in kB (`VmHWM`, sampled while it ran: a lower bound, close to
-    /// the peak for a process whose memory does not shrink).
+    /// Its peak resident set in kB: the largest `VmHWM` of it and its descendants, sampled
+    /// while it ran (a lower bound, close to the peak for a process whose memory does not
+    /// shrink).
     pub max_rss_kb: Option<u64>,
 }
 
@@ -305,7 +306,9 @@ impl Children {
     fn poll(&mut self) {
         for (i, (_, ch)) in self.procs.iter_mut().enumerate() {
             if self.exits[i].is_none() {
-                if let Some(kb) = peak_rss_kb(ch.id()) {
+                // The component and whatever it started (`sh -c` may fork it): the largest.
+                let peak = descendants(ch.id()).into_iter().filter_map(peak_rss_kb).max();
+                if let Some(kb) = peak {
                     self.max_rss_kb[i] = Some(kb.max(self.max_rss_kb[i].unwrap_or(0)));
                 }
                 if let Ok(Some(st)) = ch.try_wait() {
