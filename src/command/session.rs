@@ -307,7 +307,8 @@ impl Children {
         for (i, (_, ch)) in self.procs.iter_mut().enumerate() {
             if self.exits[i].is_none() {
                 // The component and whatever it started (`sh -c` may fork it): the largest.
-                let peak = descendants(ch.id()).into_iter().filter_map(peak_rss_kb).max();
+                let tree = std::iter::once(ch.id()).chain(descendants(ch.id()));
+                let peak = tree.filter_map(peak_rss_kb).max();
                 if let Some(kb) = peak {
                     self.max_rss_kb[i] = Some(kb.max(self.max_rss_kb[i].unwrap_or(0)));
                 }
