@@ -118,6 +118,9 @@ impl SourceReader {
     }
 }
 
+/// How far ahead of the frame being read the journal is prefetched, in bytes.
+const PREFETCH_AHEAD: usize = 1024;
+
 /// A journal's pages behind the read position go back to the kernel every this many bytes.
 pub const RELEASE_EVERY: u64 = 16 << 20;
 /// Release boundaries are aligned to this (a multiple of any page size).
@@ -296,6 +299,7 @@ impl JournalSource {
             return Err(self.bad(index, pos, reason));
         }
         let at = HEADER_LEN + pos as usize;
+        self.prefetch(at + PREFETCH_AHEAD);
         let available = (self.data_len - pos) as usize;
         let Some(bytes) = self
             .map
@@ -309,6 +313,23 @@ impl JournalSource {
         let stride = check_frame(&h, available, self.kind).map_err(|r| self.bad(index, pos, r))?;
         h.source_seq = index;
         Ok(Some((h, stride as u64)))
+    }
+
+    /// Asks the CPU to start loading the journal bytes at file offset `at` (a hint: nothing
+    /// happens past the end, or off x86-64). The merge reads a journal front to back, one
+    /// frame per event, and the first touch of each line was its largest cost.
+    #[inline]
+    fn prefetch(&self, at: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if at < self.map.len() {
+            // SAFETY: `at` is inside the mapping; a prefetch never faults and reads nothing
+            // the program can observe.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    self.map.as_ptr().add(at).cast(),
+                )
+            };
+        }
     }
 
     fn peek_header(&mut self) -> Result<Option<FrameHeader>, SourceError> {
