@@ -110,6 +110,10 @@ fn main() {
     let mut totals = Totals::new();
     let start = Instant::now();
     let aborted = tap.consume(&args, &mut out, &mut totals);
+    let names = &tap.topic_names;
+    totals
+        .counts
+        .name_topics(|id| names.get(&id).cloned().unwrap_or_else(|| "?".to_string()));
     totals.report(&args, &tap.name, start.elapsed().as_secs_f64(), &mut out);
     if aborted {
         let _ = tap
@@ -251,9 +255,9 @@ impl Tap {
                     .record(monotonic_ns().saturating_sub(h.publish_ns).max(1));
             }
             burst += 1;
-            let topic = self.topic_names.get(&h.topic_id).unwrap_or(&unknown);
             let res = match args.format {
                 Format::Ndjson => {
+                    let topic = self.topic_names.get(&h.topic_id).unwrap_or(&unknown);
                     let ev = f
                         .event()
                         .unwrap_or_else(|e| fail(format!("bus frame {}: {e}", h.bus_seq)));
@@ -272,7 +276,7 @@ impl Tap {
                     Ok(())
                 }
                 Format::Count => {
-                    totals.counts.add(&h, topic);
+                    totals.counts.add_by_id(&h, &unknown);
                     Ok(())
                 }
             };
