@@ -523,9 +523,10 @@ impl Sequencer {
     /// Looks ahead in the ring without consuming; a run already checked is not rescanned.
     fn check_run(&mut self, i: usize, head: &FrameHeader) -> Result<Run, SourceError> {
         let mut prio = head.kind().map_or(3, Kind::priority);
-        if prio == Kind::Trade.priority() {
+        if prio == Kind::Trade.priority() || self.sources[i].reader.single_kind() {
             // Nothing later in the source can sort before a trade at this ts (later frames
-            // have a ts at least as large, and a trade has the lowest priority): it may go
+            // have a ts at least as large, and a trade has the lowest priority), nor before
+            // any frame of a single-kind source (same priority, larger seq): it may go
             // without looking ahead, however long its run is.
             return Ok(Run::Ordered);
         }

@@ -109,6 +109,14 @@ impl SourceReader {
         }
     }
 
+    /// Whether every frame of the source has one kind (a journal: checked frame by frame).
+    /// Then a run of equal timestamps is always in merge-key order, and the sequencer need
+    /// not look ahead.
+    #[inline]
+    pub fn single_kind(&self) -> bool {
+        matches!(self, SourceReader::Journal(_))
+    }
+
     /// Ring capacity in bytes (0 for a journal, which is not a ring).
     pub fn capacity(&self) -> usize {
         match self {
