@@ -166,6 +166,12 @@ fn wait_inspect(
     }
 }
 
+/// Waits for session `name` to finish, and checks it merged `n` events.
+fn assert_finished(b: &Bins, socket: &Path, name: &str, n: u64) {
+    let info = wait_inspect(b, socket, name, "finished", |v| v["state"] == "finished");
+    assert_eq!(info["sequencer"]["events_merged"], n, "{info:#}");
+}
+
 fn signal(h: &Harness, i: usize, sig: Signal) {
     kill(Pid::from_raw(h.pid(i) as i32), sig).expect("signal a component");
 }
@@ -433,10 +439,7 @@ fn paused_consumer_is_stalled_not_evicted_in_backtest() {
     );
     assert!(is_digest(da.trim()), "tap-a wrote no digest: {da:?}");
     assert_eq!(da, db, "both consumers must see the same stream");
-    let info = wait_inspect(&b, &socket, "paused", "finished", |v| {
-        v["state"] == "finished"
-    });
-    assert_eq!(info["sequencer"]["events_merged"], n as u64);
+    assert_finished(&b, &socket, "paused", n as u64);
 }
 
 #[test]
@@ -472,10 +475,7 @@ fn evicted_consumer_exits_saying_so() {
         !err.contains("corrupt"),
         "an evicted consumer must never read a frame from a later lap; stderr:\n{err}"
     );
-    let info = wait_inspect(&b, &socket, "evict", "finished", |v| {
-        v["state"] == "finished"
-    });
-    assert_eq!(info["sequencer"]["events_merged"], n as u64);
+    assert_finished(&b, &socket, "evict", n as u64);
 }
 
 // ---------------------------------------------------------------------------------------------
