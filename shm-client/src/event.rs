@@ -93,6 +93,26 @@ impl ArchivedDecimal {
             scale: self.scale,
         }
     }
+
+    /// The value as the nearest `f64` (see [`Decimal::to_f64`]).
+    pub fn to_f64(&self) -> f64 {
+        self.get().to_f64()
+    }
+}
+
+/// Powers of ten up to 10^18, each exactly representable as an `f64`.
+const POW10: [f64; 19] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18,
+];
+
+impl Decimal {
+    /// The value as the nearest `f64`, for arithmetic (a VWAP, a moving average): one
+    /// division of two exactly representable numbers when `|mantissa| < 2^53`, so the result
+    /// is correctly rounded. The decimal itself stays exact; convert at the edge.
+    pub fn to_f64(&self) -> f64 {
+        self.mantissa as f64 / POW10[(self.scale as usize).min(18)]
+    }
 }
 
 fn write_decimal(f: &mut fmt::Formatter<'_>, mantissa: i64, scale: u8) -> fmt::Result {
@@ -156,6 +176,18 @@ impl ArchivedSymbol {
 fn symbol_str(b: &[u8; SYMBOL_LEN]) -> &str {
     let end = b.iter().position(|&c| c == 0).unwrap_or(SYMBOL_LEN);
     std::str::from_utf8(&b[..end]).unwrap_or("?")
+}
+
+impl fmt::Display for Symbol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for ArchivedSymbol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl fmt::Debug for Symbol {
@@ -275,6 +307,15 @@ pub enum AnyEvent {
 }
 
 impl AnyEvent {
+    /// The symbol, whatever the kind.
+    pub fn symbol(&self) -> &str {
+        match self {
+            AnyEvent::Trade(t) => t.symbol.as_str(),
+            AnyEvent::Book(b) => b.symbol.as_str(),
+            AnyEvent::Kline(k) => k.symbol.as_str(),
+        }
+    }
+
     /// The event's frame kind.
     pub fn kind(&self) -> Kind {
         match self {
@@ -312,6 +353,42 @@ pub enum EventRef<'a> {
     Book(&'a ArchivedBook),
     /// A kline.
     Kline(&'a ArchivedKline),
+}
+
+impl<'a> EventRef<'a> {
+    /// The event's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            EventRef::Trade(_) => Kind::Trade,
+            EventRef::Book(_) => Kind::Book,
+            EventRef::Kline(_) => Kind::Kline,
+        }
+    }
+
+    /// The symbol, whatever the kind.
+    pub fn symbol(&self) -> &'a str {
+        match self {
+            EventRef::Trade(t) => t.symbol.as_str(),
+            EventRef::Book(b) => b.symbol.as_str(),
+            EventRef::Kline(k) => k.symbol.as_str(),
+        }
+    }
+
+    /// A native copy of the event (cheap: events are small and fixed-size), for keeping it
+    /// past the next read.
+    pub fn to_owned(&self) -> AnyEvent {
+        // Deserialising a validated archive of plain fields cannot fail.
+        let owned = match self {
+            EventRef::Trade(t) => {
+                rkyv::deserialize::<Trade, rancor::Error>(*t).map(AnyEvent::Trade)
+            }
+            EventRef::Book(b) => rkyv::deserialize::<Book, rancor::Error>(*b).map(AnyEvent::Book),
+            EventRef::Kline(k) => {
+                rkyv::deserialize::<Kline, rancor::Error>(*k).map(AnyEvent::Kline)
+            }
+        };
+        owned.expect("a fixed-size archive of plain fields deserialises")
+    }
 }
 
 /// Why a payload could not be read.
@@ -436,5 +513,52 @@ mod tests {
         // Layout: symbol 0..16, id 16..24, price 24..40, qty 40..56, buyer_maker at 56.
         buf.0[56] = 7;
         assert!(decode(Kind::Trade, &buf.0[..n]).is_err());
+    }
+
+    #[test]
+    fn decimals_to_f64_and_symbols_display() {
+        for (text, want) in [
+            ("63201.05", 63201.05),
+            ("0.00000001", 1e-8),
+            ("-12.5", -12.5),
+            ("7", 7.0),
+            ("689505.8262087", 689505.8262087),
+        ] {
+            let d = Decimal::parse(text).unwrap();
+            assert_eq!(d.to_f64(), want, "{text}");
+            assert_eq!(
+                d.to_f64().to_string(),
+                text,
+                "{text} round-trips through f64"
+            );
+        }
+        let s = Symbol::new("BTCUSDT").unwrap();
+        assert_eq!(format!("{s}"), "BTCUSDT");
+    }
+
+    /// A 16-aligned buffer, as ring memory is.
+    #[repr(C, align(16))]
+    struct Aligned([u8; 256]);
+
+    #[test]
+    fn event_ref_symbol_kind_and_owned_copy() {
+        let trade = Trade {
+            symbol: Symbol::new("ETHUSDT").unwrap(),
+            id: 9,
+            price: Decimal::parse("2500.5").unwrap(),
+            qty: Decimal::parse("0.1").unwrap(),
+            buyer_maker: true,
+        };
+        let mut buf = Aligned([0; 256]);
+        let n = encode_into(&trade, &mut buf.0).unwrap();
+        let ev = decode(Kind::Trade, &buf.0[..n]).unwrap();
+        assert_eq!((ev.kind(), ev.symbol()), (Kind::Trade, "ETHUSDT"));
+        if let EventRef::Trade(t) = ev {
+            assert_eq!(format!("{}", t.symbol), "ETHUSDT");
+            assert_eq!(t.price.to_f64(), 2500.5);
+        }
+        let owned = ev.to_owned();
+        assert_eq!(owned, AnyEvent::Trade(trade));
+        assert_eq!(owned.symbol(), "ETHUSDT");
     }
 }

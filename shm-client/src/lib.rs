@@ -7,7 +7,7 @@
 //! ## Lifecycle
 //! 1. **Setup.** The daemon creates the session's segments in `/dev/shm` (`aegis-<sid>-src-<name>`,
 //!    `aegis-<sid>-bus`). A producer opens its source ring with [`spsc::Producer::open`]; a
-//!    consumer attaches to the bus with [`spmc::BusReader::open`]. Opening checks magic, layout
+//!    consumer attaches to the bus with [`spmc::BusReader::attach`]. Opening checks magic, layout
 //!    version, session epoch, initialisation and size, and fails with a specific
 //!    [`segment::OpenError`].
 //! 2. **Publish.** [`spsc::Producer::try_push`] serialises an event with rkyv straight into
@@ -16,7 +16,9 @@
 //!    batched: the cursor is published once per batch, or on [`spsc::Producer::flush`].
 //! 3. **Consume.** [`spmc::BusReader::try_next`] returns the next frame in bus order, read in
 //!    place; [`event::decode`] gives the archived event, validated by bytecheck (or
-//!    [`event::decode_unchecked`] on the opt-in fast path).
+//!    [`event::decode_unchecked`] on the opt-in fast path). The common loop is one `for`:
+//!    [`client::Component::events`] yields native copies ([`consume::Delivered`]), ends at
+//!    END-OF-STREAM, and reports a stop, an eviction or a silent bus as an error item.
 //! 4. **Shutdown.** The producer ends its stream with [`spsc::Producer::finish`] (an EOF
 //!    frame); the sequencer writes END-OF-STREAM to the bus once every source has ended; the
 //!    consumer sees a frame with the EOF flag and detaches.
@@ -52,6 +54,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod consume;
 pub mod event;
 pub mod frame;
 pub mod journal;

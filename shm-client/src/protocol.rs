@@ -270,7 +270,7 @@ named_enum!(ComponentState, "component state", {
 });
 
 /// A source's state as `inspect` shows it: `registered` before the session starts, then the
-/// sequencer's view ([`crate::control::SourceState`]).
+/// sequencer's view ([`crate::stats::SourceState`]).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceStatus {
