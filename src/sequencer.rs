@@ -379,6 +379,8 @@ impl Sequencer {
             }
         };
         self.consumer_stall_ns += start.elapsed().as_nanos() as u64;
+        // The pass's clock read is stale after a wait: the next unstamped frame reads anew.
+        self.pass_ns = 0;
         r
     }
 
@@ -438,6 +440,9 @@ impl Sequencer {
                     s.collecting = None;
                     s.staged.make_contiguous().sort_by_key(|f| f.key);
                     if let Some(c) = &self.control {
+                        // The final count first: the Release store of the state publishes it
+                        // to whoever sees `Ended` (a replay following its journal).
+                        c.update_source(i, s.events, s.rejected, s.watermark);
                         c.set_state(i, SourceState::Ended, None);
                     }
                 } else if h.has(flags::HEARTBEAT) && h.ts >= s.watermark {

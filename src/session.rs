@@ -604,16 +604,30 @@ impl Session {
             ));
         }
         let topics = self.topic_table();
+        // The fallible steps first (ring readers, the bus), so that a failure leaves every
+        // journal in place for the next `start`; only then are the journals handed over.
+        let mut rings = Vec::new();
+        for s in self.sources.values() {
+            rings.push(match &s.backing {
+                Backing::Ring(region) => Some(
+                    RingReader::open(region.clone(), Some(self.epoch))
+                        .map_err(Refusal::internal)?,
+                ),
+                Backing::Journal { source: None, .. } => {
+                    return Err(Refusal::internal("the journal was already handed over"))
+                }
+                Backing::Journal { .. } => None,
+            });
+        }
+        let bus = BusWriter::open(self.bus.clone(), Some(self.epoch)).map_err(Refusal::internal)?;
         let mut inputs = Vec::new();
-        for (name, s) in &mut self.sources {
-            let reader: SourceReader = match &mut s.backing {
-                Backing::Ring(region) => RingReader::open(region.clone(), Some(self.epoch))
-                    .map_err(Refusal::internal)?
-                    .into(),
-                Backing::Journal { source, .. } => source
-                    .take()
-                    .ok_or_else(|| Refusal::internal("the journal was already handed over"))?
-                    .into(),
+        for ((name, s), ring) in self.sources.iter_mut().zip(rings) {
+            let reader: SourceReader = match (&mut s.backing, ring) {
+                (_, Some(ring)) => ring.into(),
+                (Backing::Journal { source, .. }, None) => {
+                    source.take().expect("checked above").into()
+                }
+                (Backing::Ring(_), None) => unreachable!("every ring was opened above"),
             };
             inputs.push(Input {
                 name: name.clone(),
@@ -621,7 +635,6 @@ impl Session {
                 reader,
             });
         }
-        let bus = BusWriter::open(self.bus.clone(), Some(self.epoch)).map_err(Refusal::internal)?;
         let mut config = Config::new(self.mode);
         config.core = self.spec.sequencer_core;
         let seq = sequencer::Sequencer::new(inputs, bus, config, Some(self.control.clone()))

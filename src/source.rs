@@ -3,7 +3,7 @@
 //! frames in the bus format, so a journal-backed source skips the copy into a ring and the
 //! hop through a producer process). Both are untrusted input, checked frame by frame.
 
-use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use aegis_shm_client::frame::{flags, stride, FrameError, FrameHeader, Kind, FRAME_HEADER_LEN};
@@ -212,7 +212,21 @@ impl JournalSource {
                 error,
             }
         };
-        let file = File::open(path).map_err(io("open the journal"))?;
+        // Non-blocking, so that a FIFO given as a journal cannot hang the daemon in `open`;
+        // and only a regular file may be mapped.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(io("open the journal"))?;
+        let meta = file.metadata().map_err(io("stat the journal"))?;
+        if !meta.is_file() {
+            return Err(JournalOpenError::Io {
+                path: path.to_path_buf(),
+                op: "use the journal",
+                error: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            });
+        }
         // SAFETY: a read-only map of a file. Journals are written once (to a temporary name,
         // then renamed) and never modified in place. A process that truncates a journal while
         // it is mapped makes reads past the new end fault (SIGBUS), the documented limit of
@@ -351,9 +365,14 @@ impl JournalSource {
         let Some(header) = self.peek_header()? else {
             return Ok(None);
         };
-        let at = HEADER_LEN + self.head as usize + FRAME_HEADER_LEN;
-        // Checked by `frame_at`: the payload lies inside the data.
-        let payload = &self.map[at..at + header.len as usize];
+        // Checked by `frame_at`: the payload lies inside the data. END-OF-STREAM (after the
+        // data) has none.
+        let payload = if header.len == 0 {
+            &[][..]
+        } else {
+            let at = HEADER_LEN + self.head as usize + FRAME_HEADER_LEN;
+            &self.map[at..at + header.len as usize]
+        };
         Ok(Some(FrameRef { header, payload }))
     }
 

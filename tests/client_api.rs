@@ -18,12 +18,15 @@ use serde_json::Value;
 /// How long an iteration may stay idle before it fails.
 const IDLE: Duration = Duration::from_secs(30);
 
-/// Creates a backtest session and returns its token.
-fn create(h: &mut Harness, b: &Bins, socket: &Path, name: &str) -> String {
+/// Creates a backtest session that starts once `expect` components are READY; returns its
+/// token.
+fn create(h: &mut Harness, b: &Bins, socket: &Path, name: &str, expect: u32) -> String {
+    let expect = expect.to_string();
     let out = Command::new(&b.shmctl)
         .arg("--socket")
         .arg(socket)
         .args(["--json", "session", "create", name, "--mode", "backtest"])
+        .args(["--expect", &expect])
         .output()
         .expect("session create");
     assert!(
@@ -88,7 +91,8 @@ fn events_iterates_the_whole_stream_and_ends_at_end_of_stream() {
     let n = 20_000;
     let csv = trades_csv(&h.dir, n);
     let socket = h.start_daemon(&b);
-    let token = create(&mut h, &b, &socket, "events");
+    // Starts by itself once the replay and this consumer are READY (no race with a trigger).
+    let token = create(&mut h, &b, &socket, "events", 2);
     let c = consumer(&socket, &token, "strategy");
     let events = c.events(IDLE).expect("attach");
     h.spawn(
@@ -100,13 +104,6 @@ fn events_iterates_the_whole_stream_and_ends_at_end_of_stream() {
             .stderr(Stdio::null()),
         "aegis-replay",
     );
-    let trigger = Command::new(&b.shmctl)
-        .arg("--socket")
-        .arg(&socket)
-        .args(["session", "start", "events", "--timeout", "60"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("session start");
     c.ready(Duration::from_secs(60)).expect("STARTED");
     let mut seen = 0u64;
     let mut notional = 0.0;
@@ -126,7 +123,6 @@ fn events_iterates_the_whole_stream_and_ends_at_end_of_stream() {
     assert_eq!(seen, n, "every event, then the end of the stream");
     assert!(notional > 0.0);
     c.finished().expect("FINISHED");
-    let _ = trigger.wait_with_output();
 }
 
 #[test]
@@ -135,7 +131,7 @@ fn events_reports_an_eviction_instead_of_hanging() {
     let b = bins();
     let mut h = Harness::new("events-evict");
     let socket = h.start_daemon(&b);
-    let token = create(&mut h, &b, &socket, "evict");
+    let token = create(&mut h, &b, &socket, "evict", 3);
     let csv = trades_csv(&h.dir, 10);
     h.spawn(
         Command::new(&b.replay)

@@ -268,6 +268,13 @@ fn journal_open_refusals() {
         .err()
         .expect("missing");
     assert!(e.to_string().contains("cannot open"), "{e}");
+    // A FIFO must not hang the daemon in `open` (it would wait for a writer for ever).
+    let fifo = dir.0.join("fifo.aegisj");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let e = JournalSource::open(&fifo, Kind::Trade)
+        .err()
+        .expect("a FIFO is refused");
+    assert!(e.to_string().contains("not a regular file"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------

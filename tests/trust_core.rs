@@ -391,6 +391,13 @@ fn paused_setup(h: &mut Harness, b: &Bins, name: &str, n: usize) -> (PathBuf, us
         "tap-b",
         &["--format", "digest", "--out", &b_out],
     );
+    // Every component READY first: a trigger that came before a component registered would
+    // start the backtest without it.
+    wait_inspect(b, &socket, name, "all three READY", |v| {
+        ["replay", "tap-a", "tap-b"]
+            .iter()
+            .all(|c| comp(v, c)["state"] == "ready")
+    });
     ctl(b, &socket, &["session", "start", name, "--timeout", "60"]);
     (socket, replay, tap_a, tap_b)
 }

@@ -194,6 +194,11 @@ fn kill(child: &mut Child) {
 
 /// The pids of every process descended from `root` (children, grandchildren, ...).
 fn descendants(root: u32) -> Vec<u32> {
+    descendants_in(&process_parents(), root)
+}
+
+/// Every process as (pid, ppid), read from `/proc` once.
+fn process_parents() -> Vec<(u32, u32)> {
     let mut parents: Vec<(u32, u32)> = Vec::new(); // (pid, ppid)
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry
@@ -215,6 +220,11 @@ fn descendants(root: u32) -> Vec<u32> {
             parents.push((pid, ppid));
         }
     }
+    parents
+}
+
+/// The descendants of `root` in a (pid, ppid) table.
+fn descendants_in(parents: &[(u32, u32)], root: u32) -> Vec<u32> {
     let mut found = vec![root];
     let mut i = 0;
     while i < found.len() {
@@ -304,10 +314,12 @@ impl Children {
     /// last sample before the exit; `wait4`'s `ru_maxrss` would include the memory of the
     /// process that forked them).
     fn poll(&mut self) {
+        // One look at /proc per poll, whatever the number of components.
+        let parents = process_parents();
         for (i, (_, ch)) in self.procs.iter_mut().enumerate() {
             if self.exits[i].is_none() {
                 // The component and whatever it started (`sh -c` may fork it): the largest.
-                let tree = std::iter::once(ch.id()).chain(descendants(ch.id()));
+                let tree = std::iter::once(ch.id()).chain(descendants_in(&parents, ch.id()));
                 let peak = tree.filter_map(peak_rss_kb).max();
                 if let Some(kb) = peak {
                     self.max_rss_kb[i] = Some(kb.max(self.max_rss_kb[i].unwrap_or(0)));

@@ -195,16 +195,21 @@ fn main() {
         let (speed, sort) = (args.speed, args.sort);
         let stall = Duration::from_secs(args.stall_timeout);
         handles.push(std::thread::spawn(move || {
-            replay(
+            let r = replay(
                 input, producer, topic, speed, sort, stall, &stop, &total, &comp,
-            )
+            );
+            if r.is_err() {
+                // Tell the others (and `follow`) at once, not after a stall timeout.
+                stop.store(true, Ordering::Relaxed);
+            }
+            r
         }));
     }
     let mut errors = Vec::new();
     let mut counts = Vec::new();
     if let Some(stats) = &stats {
         let stall = Duration::from_secs(args.stall_timeout);
-        match follow(&handed, stats, &comp, &followed, stall) {
+        match follow(&handed, stats, &comp, &followed, stall, &stop) {
             Ok(n) => counts.extend(n),
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
@@ -264,16 +269,22 @@ fn absolute(p: &Path) -> String {
 
 /// Follows the journal-backed sources (the daemon merges them straight from their journals)
 /// in the session's counters until each has ended. Returns the events merged from each. A
-/// source that failed, a session stopped, or no progress for `stall` is an error.
+/// source that failed, a session stopped, or no progress for `stall` is an error; `stop`
+/// (another input failed) ends it at once.
 fn follow(
     handed: &[Input],
     stats: &StatsView,
     comp: &Component,
     followed: &AtomicU64,
     stall: Duration,
+    stop: &AtomicBool,
 ) -> Result<Vec<u64>, String> {
     let mut last = (0u64, Instant::now());
     loop {
+        if stop.load(Ordering::Relaxed) {
+            // Another input of this replay failed; its error is reported with the others.
+            return Ok(Vec::new());
+        }
         if let Some(r) = comp.stop_requested() {
             return Err(format!("the daemon stopped the session: {r}"));
         }
