@@ -1016,21 +1016,10 @@ fn protocol_refusals_keep_the_daemon_serving() {
 // 2. Fuzzing the parser and the daemon
 // ---------------------------------------------------------------------------------------------
 
-const KNOWN_CMDS: &[&str] = &[
-    "REGISTER",
-    "READY",
-    "ACK",
-    "WAIT",
-    "HEARTBEAT",
-    "FINISHED",
-    "ERROR",
-    "SESSION_CREATE",
-    "SESSION_START",
-    "SESSION_LIST",
-    "SESSION_INSPECT",
-    "SESSION_STOP",
-    "SESSION_DESTROY",
-];
+/// Every command name the daemon knows.
+fn known_cmds() -> Vec<&'static str> {
+    protocol::Cmd::ALL.iter().map(|c| c.name()).collect()
+}
 
 const ERROR_CODES: &[&str] = &[
     "malformed_json",
@@ -1106,7 +1095,7 @@ fn field_name() -> impl Strategy<Value = String> {
 
 fn cmd_name() -> impl Strategy<Value = String> {
     prop_oneof![
-        prop::sample::select(KNOWN_CMDS.to_vec()).prop_map(String::from),
+        prop::sample::select(known_cmds()).prop_map(String::from),
         "[A-Z_]{0,16}",
         "\\PC{0,8}",
     ]
@@ -1138,9 +1127,9 @@ proptest! {
     #[test]
     fn parse_request_jsonish((cmd, text) in message()) {
         match check_parse(text.as_bytes()) {
-            Ok(req) => prop_assert!(KNOWN_CMDS.contains(&cmd.as_str()), "{cmd} parsed as {req:?}"),
+            Ok(req) => prop_assert!(known_cmds().contains(&cmd.as_str()), "{cmd} parsed as {req:?}"),
             Err((code, msg)) => {
-                if KNOWN_CMDS.contains(&cmd.as_str()) {
+                if known_cmds().contains(&cmd.as_str()) {
                     // A known command with bad fields, an unknown enum value among them
                     // (`"role":"admin"`), which used to come back as `unknown_cmd`.
                     prop_assert_eq!(code.as_str(), "bad_request", "{}", msg);

@@ -640,6 +640,23 @@ pub enum Cmd {
     SessionEvict,
 }
 
+named_enum!(Cmd, "cmd", {
+    Register => "REGISTER",
+    Ready => "READY",
+    Ack => "ACK",
+    Wait => "WAIT",
+    Heartbeat => "HEARTBEAT",
+    Finished => "FINISHED",
+    Error => "ERROR",
+    SessionCreate => "SESSION_CREATE",
+    SessionStart => "SESSION_START",
+    SessionList => "SESSION_LIST",
+    SessionInspect => "SESSION_INSPECT",
+    SessionStop => "SESSION_STOP",
+    SessionDestroy => "SESSION_DESTROY",
+    SessionEvict => "SESSION_EVICT",
+});
+
 impl Request {
     /// The request's command name.
     pub fn cmd(&self) -> Cmd {
@@ -1048,27 +1065,13 @@ mod tests {
         }
     }
 
-    /// Every [`Cmd`] is the tag of a [`Request`] (the other direction is `Request::cmd`).
+    /// Every [`Cmd`] is the tag of a [`Request`], under its serde name (the other direction is
+    /// `Request::cmd`).
     #[test]
     fn every_cmd_names_a_request() {
-        let cmds = [
-            "REGISTER",
-            "READY",
-            "ACK",
-            "WAIT",
-            "HEARTBEAT",
-            "FINISHED",
-            "ERROR",
-            "SESSION_CREATE",
-            "SESSION_START",
-            "SESSION_LIST",
-            "SESSION_INSPECT",
-            "SESSION_STOP",
-            "SESSION_DESTROY",
-            "SESSION_EVICT",
-        ];
-        for name in cmds {
-            let cmd: Cmd = serde_json::from_value(name.into()).unwrap();
+        for &cmd in Cmd::ALL {
+            let name = cmd.name();
+            assert_eq!(serde_json::to_value(cmd).unwrap(), name);
             match parse_request(format!(r#"{{"cmd":"{name}"}}"#).as_bytes()) {
                 Ok(r) => assert_eq!(r.cmd(), cmd),
                 Err(Reply::Error { code, .. }) => assert_eq!(code, ErrorCode::BadRequest),
