@@ -69,6 +69,19 @@ fn trades_csv(dir: &Path, n: u64) -> std::path::PathBuf {
     path
 }
 
+/// Starts `aegis-replay CSV` as a producer of the session.
+fn replay(h: &mut Harness, b: &Bins, socket: &Path, token: &str, csv: &Path) {
+    h.spawn(
+        Command::new(&b.replay)
+            .arg(csv)
+            .env("AEGIS_SOCKET", socket)
+            .env("AEGIS_SESSION_TOKEN", token)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "aegis-replay",
+    );
+}
+
 fn consumer(socket: &Path, token: &str, name: &str) -> Component {
     Component::connect(
         Some(socket),
@@ -95,15 +108,7 @@ fn events_iterates_the_whole_stream_and_ends_at_end_of_stream() {
     let token = create(&mut h, &b, &socket, "events", 2);
     let c = consumer(&socket, &token, "strategy");
     let events = c.events(IDLE).expect("attach");
-    h.spawn(
-        Command::new(&b.replay)
-            .arg(&csv)
-            .env("AEGIS_SOCKET", &socket)
-            .env("AEGIS_SESSION_TOKEN", &token)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-        "aegis-replay",
-    );
+    replay(&mut h, &b, &socket, &token, &csv);
     c.ready(Duration::from_secs(60)).expect("STARTED");
     let mut seen = 0u64;
     let mut notional = 0.0;
@@ -133,15 +138,7 @@ fn events_reports_an_eviction_instead_of_hanging() {
     let socket = h.start_daemon(&b);
     let token = create(&mut h, &b, &socket, "evict", 3);
     let csv = trades_csv(&h.dir, 10);
-    h.spawn(
-        Command::new(&b.replay)
-            .arg(&csv)
-            .env("AEGIS_SOCKET", &socket)
-            .env("AEGIS_SESSION_TOKEN", &token)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-        "aegis-replay",
-    );
+    replay(&mut h, &b, &socket, &token, &csv);
     let c = consumer(&socket, &token, "victim");
     let mut events = c.events(IDLE).expect("attach");
     // Evicted before the start: the iteration must say so, not wait for the idle timeout.
