@@ -128,7 +128,7 @@ impl Counts {
     }
 
     /// Like [`Counts::add`], keyed by the frame's topic id: call [`Counts::name_topics`]
-    /// before rendering. `unknown` names an id beyond [`MAX_TOPIC_ID`].
+    /// before rendering. `unknown` names an id beyond `MAX_TOPIC_ID` (1024).
     #[inline]
     pub fn add_by_id(&mut self, header: &FrameHeader, unknown: &str) {
         let id = header.topic_id;

@@ -1,20 +1,8 @@
 //! Journal files: CSV converted once into frames in the bus format, replayed by
 //! memory-mapping (SPEC section 8).
 //!
-//! ```text
-//! offset  size  field
-//!      0     8  magic "AEGISJNL"
-//!      8     4  version (u32 LE) = 1
-//!     12     1  file kind (FileKind::to_u8: 1 kline, 2 trade, 3 aggtrade, 4 book)
-//!     13     1  flags: bit 0 = complete (set by JournalWriter::finish, last)
-//!     14     2  reserved, zero
-//!     16     8  frame count (u64 LE)
-//!     24     8  data length: bytes of frames after the header (u64 LE, a multiple of 16)
-//!     32    16  symbol, ASCII, zero-padded
-//!     48    16  interval, ASCII, zero-padded (all zero unless kline)
-//!     64     …  frames: FrameHeader (48 bytes, FrameHeader::to_bytes) + rkyv payload
-//!               + zero padding to a multiple of 16 (aegis_shm_client::frame::stride)
-//! ```
+//! The layout (a 64-byte header, then frames in the bus format) and the rules every frame
+//! must follow are in [`aegis_shm_client::journal`], shared with the daemon.
 //!
 //! Every frame starts on a 16-byte boundary of the file, and the file is mapped at a page
 //! boundary, so payloads can be decoded in place with [`aegis_shm_client::event::decode`].
@@ -37,22 +25,18 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use aegis_shm_client::event::{self, AnyEvent, Book, DecodeError, Event, EventRef, Kline, Trade};
+use aegis_shm_client::event::{self, AnyEvent, DecodeError, EventRef};
 use aegis_shm_client::frame::{stride, FrameHeader, Kind, FRAME_ALIGN, FRAME_HEADER_LEN};
+use aegis_shm_client::journal::{self, HeaderError, JournalHeader};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 
 use crate::csv::ParseError;
 use crate::names::{FileInfo, FileKind};
 use crate::sort::{CsvEvents, OrderCheck};
 
-/// The first 8 bytes of every journal.
-pub const MAGIC: [u8; 8] = *b"AEGISJNL";
-/// The layout version this build reads and writes.
-pub const VERSION: u32 = 1;
-/// Bytes of the journal header; the first frame starts here.
-pub const HEADER_LEN: usize = 64;
-/// Header flag: the writer finished.
-const FLAG_COMPLETE: u8 = 1;
+// The format (header layout, frame rules) is `aegis_shm_client::journal`, shared with the
+// daemon, which maps a backtest's journals itself.
+pub use aegis_shm_client::journal::{HEADER_LEN, MAGIC, VERSION};
 /// [`JournalReader::for_each`] releases the pages behind it every this many bytes.
 const RELEASE_EVERY: usize = 16 << 20;
 /// Release boundaries are aligned to this (a multiple of any page size).
@@ -264,45 +248,17 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Jou
     }
 }
 
-/// The payload length of an event kind (events are fixed-size).
-fn archived_len(kind: Kind) -> Option<usize> {
-    match kind {
-        Kind::Trade => Some(Trade::ARCHIVED_LEN),
-        Kind::Book => Some(Book::ARCHIVED_LEN),
-        Kind::Kline => Some(Kline::ARCHIVED_LEN),
-        Kind::Control => None,
-    }
-}
-
 /// Encodes the journal header.
 fn encode_header(info: &FileInfo, count: u64, data_len: u64, complete: bool) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[0..8].copy_from_slice(&MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    h[12] = info.kind.to_u8();
-    h[13] = if complete { FLAG_COMPLETE } else { 0 };
-    h[16..24].copy_from_slice(&count.to_le_bytes());
-    h[24..32].copy_from_slice(&data_len.to_le_bytes());
-    let sym = info.symbol.as_bytes();
-    h[32..32 + sym.len()].copy_from_slice(sym);
-    if let Some(i) = &info.interval {
-        h[48..48 + i.len()].copy_from_slice(i.as_bytes());
+    JournalHeader {
+        kind: info.kind.journal_kind(),
+        complete,
+        frame_count: count,
+        data_len,
+        symbol: info.symbol.clone(),
+        interval: info.interval.clone(),
     }
-    h
-}
-
-/// A zero-padded ASCII field of the header; `None` when all zero.
-fn padded_str(b: &[u8]) -> Result<Option<&str>, String> {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    if b[end..].iter().any(|&c| c != 0) {
-        return Err("name field not zero-padded".to_string());
-    }
-    if end == 0 {
-        return Ok(None);
-    }
-    std::str::from_utf8(&b[..end])
-        .map(Some)
-        .map_err(|_| "name field is not UTF-8".to_string())
+    .encode()
 }
 
 /// A 16-byte aligned scratch buffer to serialise events into.
@@ -440,32 +396,9 @@ fn write_frame(out: &mut impl Write, header: &FrameHeader, payload: &[u8]) -> io
     out.write_all(&ZEROS[..pad])
 }
 
-/// Checks a frame header against the journal's rules, given that at most `available` bytes
-/// (from the frame's start) may belong to the frame. Returns its stride; `Err` says why not.
+/// Checks a frame header against the journal's rules ([`journal::check_frame`]).
 fn check_frame(h: &FrameHeader, available: usize, kind: FileKind) -> Result<usize, String> {
-    use aegis_shm_client::frame::flags;
-    let stride = h.validate(available).map_err(|e| e.to_string())?;
-    let Some(k) = h.kind().and_then(|k| archived_len(k).map(|n| (k, n))) else {
-        return Err(format!(
-            "control frame (flags {:#04x}) where an event was expected",
-            h.flags
-        ));
-    };
-    if h.flags & !flags::LATE != 0 {
-        return Err(format!("unexpected flags {:#04x} on an event", h.flags));
-    }
-    if k.0 != kind.event_kind() {
-        return Err(format!("a {} frame in a {kind} journal", k.0.name()));
-    }
-    if h.len as usize != k.1 {
-        return Err(format!(
-            "payload of {} bytes, a {} is {} bytes",
-            h.len,
-            k.0.name(),
-            k.1
-        ));
-    }
-    Ok(stride)
+    journal::check_frame(h, available, kind.journal_kind())
 }
 
 /// One frame of a journal, read in place.
@@ -550,47 +483,17 @@ impl JournalReader {
         // truncated the file while it is mapped, reads past the new end would fault (SIGBUS),
         // the usual caveat of file mappings, which no safe API can rule out.
         let map = unsafe { Mmap::map(&file) }.map_err(io_err(path, "map the journal"))?;
-        let h = &map[..HEADER_LEN];
-        if h[0..8] != MAGIC {
-            return Err(JournalError::BadMagic { path: p() });
-        }
-        let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&h[o..o + 8]);
-            u64::from_le_bytes(b)
-        };
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(JournalError::Version {
-                path: p(),
-                found: version,
-            });
-        }
-        if h[13] & FLAG_COMPLETE == 0 {
-            return Err(JournalError::Incomplete { path: p() });
-        }
+        let header = JournalHeader::parse(&map).map_err(|e| match e {
+            HeaderError::Short | HeaderError::BadMagic => JournalError::BadMagic { path: p() },
+            HeaderError::Version(found) => JournalError::Version { path: p(), found },
+            HeaderError::Incomplete => JournalError::Incomplete { path: p() },
+            HeaderError::Bad(reason) => JournalError::BadHeader { path: p(), reason },
+        })?;
         let bad = |reason: String| JournalError::BadHeader { path: p(), reason };
-        if h[13] & !FLAG_COMPLETE != 0 || h[14] != 0 || h[15] != 0 {
-            return Err(bad(format!(
-                "unknown flags {:#04x} or reserved bytes set",
-                h[13]
-            )));
-        }
-        let kind =
-            FileKind::from_u8(h[12]).ok_or_else(|| bad(format!("unknown kind {}", h[12])))?;
-        let symbol = padded_str(&h[32..48])
-            .map_err(|e| bad(format!("symbol: {e}")))?
-            .unwrap_or("");
-        let interval = padded_str(&h[48..64]).map_err(|e| bad(format!("interval: {e}")))?;
-        let info = FileInfo::new(kind, symbol, interval).map_err(|e| bad(e.0))?;
-        let frame_count = u64_at(16);
-        let data_len = u64_at(24);
-        if data_len & (FRAME_ALIGN as u64 - 1) != 0 {
-            return Err(bad(format!(
-                "data length {data_len} is not a multiple of {FRAME_ALIGN}"
-            )));
-        }
+        let kind = FileKind::from_u8(header.kind as u8).expect("every journal kind is a file kind");
+        let info = FileInfo::new(kind, &header.symbol, header.interval.as_deref())
+            .map_err(|e| bad(e.0))?;
+        let (frame_count, data_len) = (header.frame_count, header.data_len);
         let expected = (HEADER_LEN as u64).saturating_add(data_len);
         if expected != actual || usize::try_from(actual).is_err() {
             return Err(JournalError::Size {
@@ -879,6 +782,7 @@ pub fn convert_csv_with_progress(
 mod tests {
     use super::*;
     use crate::test_util::{data, TempPath};
+    use aegis_shm_client::event::{Book, Event, Kline, Trade};
     use aegis_shm_client::event::{Decimal, Symbol};
     use aegis_shm_client::frame::flags;
 

@@ -66,11 +66,17 @@ impl FileKind {
 
     /// A stable byte for journal headers (1..=4).
     pub fn to_u8(self) -> u8 {
+        self.journal_kind() as u8
+    }
+
+    /// The journal header's kind code ([`FileKind::to_u8`] is its value).
+    pub fn journal_kind(self) -> aegis_shm_client::journal::JournalKind {
+        use aegis_shm_client::journal::JournalKind;
         match self {
-            FileKind::Kline => 1,
-            FileKind::Trade => 2,
-            FileKind::AggTrade => 3,
-            FileKind::BookTicker => 4,
+            FileKind::Kline => JournalKind::Kline,
+            FileKind::Trade => JournalKind::Trade,
+            FileKind::AggTrade => JournalKind::AggTrade,
+            FileKind::BookTicker => JournalKind::Book,
         }
     }
 
