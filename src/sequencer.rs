@@ -22,8 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aegis_shm_client::doorbell::Bell;
 use aegis_shm_client::frame::{flags, FrameHeader, Kind};
 use aegis_shm_client::spmc::{BusWriter, WriteError};
+use aegis_shm_client::spsc::RingReader;
 use aegis_shm_client::stats::{SourceState, StatsWriter, MAX_SOURCES};
 use aegis_shm_client::wait::{Deadline, WaitKind, WaitStrategy};
 
@@ -50,7 +52,7 @@ pub struct Config {
     pub batch: usize,
     /// Core to pin the sequencer thread to (`None`: unpinned).
     pub core: Option<usize>,
-    /// How to wait when starved (backoff by default; spin for pinned latency runs).
+    /// How to wait when starved (park by default; spin for pinned latency runs).
     pub wait: WaitKind,
 }
 
@@ -61,7 +63,7 @@ impl Config {
             mode,
             batch: 256,
             core: None,
-            wait: WaitKind::Backoff,
+            wait: WaitKind::Park,
         }
     }
 }
@@ -151,6 +153,32 @@ struct Source {
     staged_bytes: usize,
     /// Live: a backwards timestamp of this source has been logged (logged once per source).
     backwards_logged: bool,
+}
+
+/// The longest the sequencer sleeps on its sources' doorbells before it looks at its stop flag
+/// and at removals again.
+const IDLE_PARK: Duration = Duration::from_millis(20);
+
+/// The sources a starved merge waits for: active, with no head.
+struct Waited<'a>(&'a [Source]);
+
+impl<'a> Waited<'a> {
+    fn sources(&self) -> impl Iterator<Item = &'a Source> {
+        self.0
+            .iter()
+            .filter(|s| s.state == State::Active && s.head.is_none())
+    }
+
+    fn rings(&self) -> impl Iterator<Item = &'a RingReader> {
+        self.sources().filter_map(|s| s.reader.ring())
+    }
+}
+
+impl Bell for Waited<'_> {
+    fn park(&self, timeout: Duration) {
+        let rings: Vec<&RingReader> = self.rings().collect();
+        aegis_shm_client::spsc::park_any(&rings, timeout);
+    }
 }
 
 /// While the bus is full (block policy), the sequencer waits for the slowest consumer in
@@ -321,7 +349,7 @@ impl Sequencer {
                         stalled_since = Some(Instant::now());
                         self.source_stalls += 1;
                     }
-                    wait.wait();
+                    self.idle(wait);
                 }
                 Ok(Pass::Done) => break Ok(()),
                 Err(e) => break Err(e),
@@ -344,6 +372,30 @@ impl Sequencer {
             late: self.late,
             rejected: self.sources.iter().map(|s| s.rejected).sum(),
         })
+    }
+
+    /// One wait after a pass that moved nothing. The merge waits for the active sources that
+    /// have no head: a parking strategy sleeps on their rings' doorbells until one of their
+    /// producers publishes, at most [`IDLE_PARK`] (the stop flag and removals are looked at
+    /// between parks), and in live mode no later than the moment bounded lateness lets a
+    /// held head go.
+    fn idle(&self, wait: &mut impl WaitStrategy) {
+        let waited = Waited(&self.sources);
+        if waited.rings().next().is_none() {
+            // Nothing to sleep on (journal-backed sources never starve the merge).
+            wait.wait();
+            return;
+        }
+        let now = Instant::now();
+        let mut until = now + IDLE_PARK;
+        if let Mode::Live { max_lateness } = self.config.mode {
+            if self.sources.iter().any(|s| s.head.is_some()) {
+                for s in waited.sources() {
+                    until = until.min(s.dry_since.unwrap_or(now) + max_lateness);
+                }
+            }
+        }
+        wait.wait_on(&waited, Deadline::at(until));
     }
 
     /// Writes one frame to the bus, waiting on consumers under the block policy.

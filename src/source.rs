@@ -54,6 +54,14 @@ impl From<JournalSource> for SourceReader {
 }
 
 impl SourceReader {
+    /// The producer's ring, for a ring-backed source.
+    pub fn ring(&self) -> Option<&RingReader> {
+        match self {
+            SourceReader::Ring(r) => Some(r),
+            SourceReader::Journal(_) => None,
+        }
+    }
+
     /// The next frame without consuming it, or `None` when nothing is waiting.
     #[inline]
     pub fn peek(&mut self) -> Result<Option<FrameRef<'_>>, SourceError> {

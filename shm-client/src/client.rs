@@ -9,15 +9,17 @@
 //! ```no_run
 //! use aegis_shm_client::client::Component;
 //! use aegis_shm_client::protocol::{Register, Role};
-//! use aegis_shm_client::wait::{Backoff, Deadline};
+//! use aegis_shm_client::wait::{Deadline, Park};
 //! use std::time::Duration;
 //!
 //! // A consumer: AEGIS_SOCKET and AEGIS_SESSION_TOKEN come from `aegis-shmctl session run`.
 //! let c = Component::from_env("my-strategy", Role::Consumer, vec![])?;
 //! let mut bus = c.consumer()?;
 //! c.ready(Duration::from_secs(60))?;
+//! // Spins briefly, then sleeps on the bus's doorbell until the sequencer publishes.
+//! let mut wait = Park::default();
 //! loop {
-//!     let f = bus.next(&mut Backoff::default(), Deadline::after(Duration::from_secs(30)))?;
+//!     let f = bus.next(&mut wait, Deadline::after(Duration::from_secs(30)))?;
 //!     if f.is_eof() { break; }
 //!     let _event = f.event()?;
 //! }

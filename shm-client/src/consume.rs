@@ -27,7 +27,7 @@ use crate::client::{ClientError, Component};
 use crate::event::{AnyEvent, DecodeError};
 use crate::frame::{flags, Kind, Seq};
 use crate::spmc::{BusReader, ReadError};
-use crate::wait::{Backoff, WaitStrategy};
+use crate::wait::{Deadline, Park, WaitStrategy};
 
 /// How often an idle [`Events`] looks at the control connection (stop, eviction, daemon gone).
 const CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -92,7 +92,7 @@ pub enum ConsumeError {
 pub struct Events<'a> {
     comp: &'a Component,
     bus: BusReader,
-    wait: Backoff,
+    wait: Park,
     idle: Duration,
     idle_since: Option<Instant>,
     checked: Option<Instant>,
@@ -108,7 +108,7 @@ impl Component {
         Ok(Events {
             comp: self,
             bus: self.consumer()?,
-            wait: Backoff::default(),
+            wait: Park::default(),
             idle,
             idle_since: None,
             checked: None,
@@ -146,7 +146,9 @@ impl Events<'_> {
                 return Err(ConsumeError::Idle(self.idle));
             }
         }
-        self.wait.wait();
+        // Sleeps until the bus moves (or the slot is released), at most until the next check.
+        let next_check = self.checked.unwrap_or(now) + CHECK_EVERY;
+        self.bus.idle(&mut self.wait, Deadline::at(next_check));
         Ok(())
     }
 

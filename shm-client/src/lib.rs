@@ -55,6 +55,7 @@
 
 pub mod client;
 pub mod consume;
+pub mod doorbell;
 pub mod event;
 pub mod frame;
 pub mod journal;

@@ -29,6 +29,7 @@ use aegis_shm_client::frame::{self, FrameHeader, Kind, FRAME_HEADER_LEN};
 use aegis_shm_client::segment::{HeapRegion, Region};
 use aegis_shm_client::spmc::{self, BusReader, BusWriter, Policy, ReadError, WriteError};
 use aegis_shm_client::spsc::MIN_CAPACITY;
+use aegis_shm_client::wait::{Deadline, Park};
 use loom::cell::UnsafeCell;
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
@@ -866,4 +867,64 @@ fn bus_overwrite_two_consumers_account_for_every_frame() {
             }
         },
     );
+}
+
+/// A consumer that parks at once whenever it finds nothing ([`Park`] with no spinning), so
+/// that every wait goes through the doorbell. Under loom the futex has no timeout: a wake the
+/// writer skipped, or one lost between the consumer's last look and its sleep, leaves the
+/// consumer asleep forever, which loom reports as a deadlock.
+fn parking() -> Park {
+    Park::new(0, 0, std::time::Duration::from_secs(3600))
+}
+
+/// Block policy, a consumer that parks on the doorbell whenever it is caught up, against a
+/// writer that publishes frame by frame, then END-OF-STREAM: every frame arrives, in order, and
+/// the consumer is never left asleep.
+#[test]
+fn bus_parked_consumer_is_always_woken() {
+    run_model("bus_parked_consumer_is_always_woken", || {
+        const FRAMES: u64 = 2;
+        let (mut writer, mut readers, _) = bus(Policy::Block, 1);
+        let mut r = readers.pop().unwrap();
+        let w = thread::spawn(move || {
+            for seq in 0..FRAMES {
+                writer
+                    .try_write(&header_of(seq), &payload_of(LENS, seq))
+                    .unwrap();
+                writer.publish();
+            }
+            writer.try_write(&eof_header(), &[]).unwrap();
+            writer.publish();
+        });
+        let mut wait = parking();
+        for seq in 0..=FRAMES {
+            let f = r.next(&mut wait, Deadline::never()).unwrap();
+            assert_eq!(f.header.bus_seq, seq);
+            if seq == FRAMES {
+                assert!(f.is_eof());
+            } else {
+                assert_intact(LENS, &f.header, f.payload);
+            }
+        }
+        w.join().unwrap();
+    });
+}
+
+/// A consumer parked on an idle bus is woken when the daemon releases its slot (an eviction),
+/// and learns it at once: no frame is ever published, so only the release can wake it.
+#[test]
+fn bus_parked_consumer_wakes_when_released() {
+    run_model("bus_parked_consumer_wakes_when_released", || {
+        let region = Arc::new(HeapRegion::new(spmc::region_len(CAP)));
+        let writer = BusWriter::create(region.clone(), CAP, EPOCH, Policy::Block).unwrap();
+        let mut r = BusReader::attach(region.clone(), Some(EPOCH), None).unwrap();
+        let slot = r.slot();
+        let daemon = thread::spawn(move || writer.release_slot(slot));
+        let mut wait = parking();
+        match r.next(&mut wait, Deadline::never()) {
+            Err(ReadError::Detached(s)) => assert_eq!(s, slot),
+            other => panic!("expected Detached, got {other:?}"),
+        }
+        daemon.join().unwrap();
+    });
 }

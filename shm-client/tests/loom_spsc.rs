@@ -397,3 +397,42 @@ fn spsc_push_and_finish_in_order() {
         assert!(rx.peek().unwrap().is_none(), "a frame after EOF");
     });
 }
+
+/// The sequencer's idle wait: whenever the ring is empty the reader sleeps on the ring's
+/// doorbell (`spsc::park_any`), while the producer pushes frame by frame (batch of 1) and ends
+/// the stream. Under loom the futex has no timeout, so a skipped or lost wake is a deadlock,
+/// which loom reports; every frame arrives, in order.
+#[test]
+fn spsc_parked_reader_is_always_woken() {
+    run_model("spsc_parked_reader_is_always_woken", || {
+        const FRAMES: u64 = 2;
+        let (mut tx, mut rx, _) = ring(1);
+        let producer = thread::spawn(move || {
+            for seq in 0..FRAMES {
+                tx.try_push(ts_of(seq), topic_of(seq), trade_of(seq))
+                    .unwrap();
+            }
+            tx.finish(&mut BusySpin, Deadline::never()).unwrap();
+        });
+        let mut next = 0;
+        loop {
+            let h = match rx.peek_header().expect("the ring stays valid") {
+                Some(h) => h,
+                None => {
+                    hit("reader parked");
+                    spsc::park_any(&[&rx], std::time::Duration::from_secs(3600));
+                    continue;
+                }
+            };
+            assert_eq!(h.source_seq, next, "frames out of order or lost");
+            rx.consume();
+            rx.release();
+            if next == FRAMES {
+                assert!(h.has(flags::EOF), "the last frame must be EOF");
+                break;
+            }
+            next += 1;
+        }
+        producer.join().unwrap();
+    });
+}

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
 
+use crate::doorbell::Doorbell;
 use crate::frame;
 use crate::ring::mapped::{self, ControlBlock};
 use crate::segment::{self, Geometry, OpenError, Region, SegmentKind};
@@ -137,6 +138,9 @@ pub struct BusControl {
     pub(super) claim: CachePadded<AtomicU64>,
     /// Policy and end of stream.
     pub(super) fixed: CachePadded<Fixed>,
+    /// Rung by the writer after every publish (and by the daemon when it releases a slot);
+    /// parked consumers sleep on it.
+    pub(super) bell: CachePadded<Doorbell>,
     pub(super) slots: [CachePadded<Slot>; MAX_CONSUMERS],
 }
 
@@ -191,6 +195,7 @@ impl ControlBlock for BusControl {
                 eof_end: AtomicU64::new(NO_EOF),
                 policy: AtomicU32::new(0),
             }),
+            bell: CachePadded::new(Doorbell::fresh()),
             slots: std::array::from_fn(|_| {
                 CachePadded::new(Slot {
                     owner: AtomicU64::new(0),

@@ -76,7 +76,11 @@ pub(super) fn release_slot(ctrl: &BusControl, i: usize, owner: Option<u64>) -> b
             Ordering::Release,
             Ordering::Relaxed,
         ) {
-            Ok(_) => return true,
+            Ok(_) => {
+                // A consumer parked on the bus wakes and finds itself released.
+                ctrl.bell.ring();
+                return true;
+            }
             Err(now) => cur = now,
         }
     }

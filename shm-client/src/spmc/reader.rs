@@ -6,6 +6,7 @@ use super::layout::{
     self, cursor_word, is_attached, owner_word, Mapped, Policy, MAX_CONSUMERS, NO_EOF,
 };
 use super::monitor::release_slot;
+use crate::doorbell::Bell;
 use crate::event::{self, DecodeError, EventRef};
 use crate::frame::{self, flags, FrameError, FrameHeader, Kind, Seq, FRAME_HEADER_LEN};
 use crate::ring::scan::Found;
@@ -318,8 +319,15 @@ impl BusReader {
                 return Err(ReadError::Timeout);
             }
             self.check_attached()?;
-            wait.wait();
+            wait.wait_on(self, deadline);
         }
+    }
+
+    /// One wait of `wait` after a poll that found nothing (a caller's own loop around
+    /// [`BusReader::try_next`]): a [`Park`](crate::wait::Park) strategy sleeps until the
+    /// writer publishes, the consumer is released, or `deadline`.
+    pub fn idle(&self, wait: &mut impl WaitStrategy, deadline: Deadline) {
+        wait.wait_on(self, deadline);
     }
 
     fn poll(&mut self) -> Result<Option<(FrameHeader, At)>, ReadError> {
@@ -543,6 +551,16 @@ impl BusReader {
     /// Frames delivered so far.
     pub fn delivered(&self) -> u64 {
         self.read
+    }
+}
+
+impl Bell for BusReader {
+    /// Sleeps on the bus's doorbell unless something was published past our position or the
+    /// slot was released since.
+    fn park(&self, timeout: std::time::Duration) {
+        let ctrl = self.m.ctrl();
+        ctrl.bell
+            .park(|| ctrl.tail() != self.pos || !self.is_attached(), timeout);
     }
 }
 

@@ -286,6 +286,8 @@ impl BusWriter {
         p.version.store(self.version + 2, Ordering::Release);
         self.version += 2;
         self.published = self.tail;
+        // After the publish: wakes the consumers that parked.
+        self.m.ctrl().bell.ring();
     }
 
     /// Writes the END-OF-STREAM frame and publishes.

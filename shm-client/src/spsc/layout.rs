@@ -2,6 +2,7 @@
 
 use crossbeam_utils::CachePadded;
 
+use crate::doorbell::Doorbell;
 use crate::ring::mapped::{self, ControlBlock};
 use crate::segment::{self, Geometry, Region, SegmentKind};
 use crate::sync::AtomicU64;
@@ -15,6 +16,8 @@ pub struct RingControl {
     /// Bytes released by the sequencer. Written only by the sequencer (Release), read by the
     /// producer (Acquire).
     pub(super) head: CachePadded<AtomicU64>,
+    /// Rung by the producer after every publish; the sequencer parks on it when idle.
+    pub(super) bell: CachePadded<Doorbell>,
 }
 
 impl ControlBlock for RingControl {
@@ -22,6 +25,7 @@ impl ControlBlock for RingControl {
         RingControl {
             tail: CachePadded::new(AtomicU64::new(0)),
             head: CachePadded::new(AtomicU64::new(0)),
+            bell: CachePadded::new(Doorbell::fresh()),
         }
     }
 

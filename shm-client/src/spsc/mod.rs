@@ -23,4 +23,4 @@ mod reader;
 pub use crate::ring::{check_capacity, MIN_CAPACITY};
 pub use layout::{create_shm, geometry, init_region, region_len, RingControl};
 pub use producer::{Claim, ClaimError, Producer, PushError};
-pub use reader::{FrameRef, RingReader};
+pub use reader::{park_any, FrameRef, RingReader};

@@ -187,6 +187,8 @@ impl Producer {
             // frame bytes written before are visible before the cursor.
             self.m.ctrl().tail.store(self.tail, Ordering::Release);
             self.published = self.tail;
+            // After the publish: wakes the sequencer if it parked on this ring.
+            self.m.ctrl().bell.ring();
         }
         self.pending = 0;
     }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::layout::Mapped;
+use crate::doorbell::Doorbell;
 use crate::frame::{FrameError, FrameHeader, Kind, FRAME_ALIGN, FRAME_HEADER_LEN};
 use crate::ring::scan::Found;
 use crate::segment::{OpenError, Region};
@@ -59,6 +60,13 @@ impl RingReader {
             cached_tail: head,
             peeked: None,
         })
+    }
+
+    /// Whether the producer published past what this reader has seen (one Acquire load; the
+    /// new tail is checked when it is read).
+    pub fn has_news(&self) -> bool {
+        // Acquire: pairs with the Release store of `tail` in `Producer::flush`.
+        self.m.ctrl().tail.load(Ordering::Acquire) != self.cached_tail
     }
 
     /// Loads the producer's tail and checks it.
@@ -215,4 +223,12 @@ impl RingReader {
     pub fn backlog(&self) -> u64 {
         self.cached_tail - self.head
     }
+}
+
+/// Sleeps until the producer of one of `readers` publishes, or `timeout` passes, unless one
+/// already has ([`RingReader::has_news`]): the sequencer, when every source it waits for is
+/// empty. The caller looks at its rings again afterwards either way.
+pub fn park_any(readers: &[&RingReader], timeout: std::time::Duration) {
+    let bells: Vec<&Doorbell> = readers.iter().map(|r| &*r.m.ctrl().bell).collect();
+    Doorbell::park_any(&bells, || readers.iter().any(|r| r.has_news()), timeout);
 }

@@ -11,7 +11,7 @@ use aegis_shm_client::client::{Component, Started};
 use aegis_shm_client::frame::{flags, monotonic_ns};
 use aegis_shm_client::protocol::{Register, Role};
 use aegis_shm_client::spmc::{BusReader, ReadError};
-use aegis_shm_client::wait::{self, WaitKind, WaitStrategy};
+use aegis_shm_client::wait::{self, Deadline, WaitKind, WaitStrategy};
 use aegis_tools::digest::{Counts, StreamDigest};
 use aegis_tools::ndjson;
 use clap::{Parser, ValueEnum};
@@ -45,8 +45,9 @@ struct Args {
     /// Print a JSON stats line (events, events/s, latency percentiles, digest) on stderr.
     #[arg(long)]
     json: bool,
-    /// Wait strategy: backoff (default), yield or spin.
-    #[arg(long, default_value = "backoff")]
+    /// Wait strategy: park (default: sleeps on the bus's doorbell while idle), backoff, yield
+    /// or spin.
+    #[arg(long, default_value = "park")]
     wait: WaitKind,
     /// Skip payload validation (bytecheck); trusts every producer of the session.
     #[arg(long)]
@@ -84,7 +85,7 @@ struct Idle {
 impl Idle {
     /// One wait for the bus. Every [`POLL`] of idleness it checks whether the daemon stopped
     /// the session, and gives up after the idle timeout.
-    fn wait(&mut self, args: &Args, comp: &Component, w: &mut impl WaitStrategy) {
+    fn wait(&mut self, args: &Args, comp: &Component, bus: &BusReader, w: &mut impl WaitStrategy) {
         let now = Instant::now();
         let since = *self.since.get_or_insert(now);
         if self.checked.is_none_or(|c| now.duration_since(c) >= POLL) {
@@ -96,7 +97,9 @@ impl Idle {
                 fail(format!("nothing arrived for {} s", args.idle_timeout));
             }
         }
-        w.wait();
+        // A parking strategy sleeps until the bus moves, at most until the next check.
+        let next_check = self.checked.unwrap_or(now) + POLL;
+        bus.idle(w, Deadline::at(next_check));
     }
 }
 
@@ -229,7 +232,7 @@ impl Tap {
             let f = match self.bus.try_next() {
                 Ok(Some(f)) => f,
                 Ok(None) => {
-                    idle.wait(args, &self.comp, &mut w);
+                    idle.wait(args, &self.comp, &self.bus, &mut w);
                     burst = 0;
                     continue;
                 }
