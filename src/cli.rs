@@ -144,4 +144,10 @@ pub struct BenchArgs {
     /// Samples for the latency rows.
     #[arg(long, default_value_t = 100_000)]
     pub samples: u64,
+    /// Events of each live real-path session (one per consumer wait strategy); 0 skips them.
+    #[arg(long, default_value_t = 2_000)]
+    pub live_events: u64,
+    /// Pace of the live real-path feed, events per second.
+    #[arg(long, default_value_t = 1_000)]
+    pub live_rate: u64,
 }

@@ -14,6 +14,7 @@ use aegis_tools::journal::{JournalReader, JournalWriter};
 use aegis_tools::names::{FileInfo, FileKind};
 use serde_json::json;
 
+use super::bench_live::quote;
 use super::private_daemon::{tool, PrivateDaemon, TempDir};
 use super::CliError;
 use crate::cli::{BenchArgs, CreateArgs, RunArgs};
@@ -158,11 +159,6 @@ fn real_path_throughput(
     Ok((row, rss))
 }
 
-/// Quotes `p` for `sh -c`.
-fn quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
-}
-
 enum JournalFeedError {
     Bench(BenchError),
     Journal(String),
@@ -184,6 +180,16 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     let [pingpong, aegis] =
         compare::latency_interleaved(a.samples, 20, true).map_err(|e| CliError(e.to_string()))?;
     let socket = e(compare::socket_json_latency(a.samples))?;
+    let live = if a.live_events > 0 {
+        eprintln!(
+            "aegis bench: live real path, one session per consumer wait strategy ({} events at {}/s)...",
+            a.live_events, a.live_rate
+        );
+        let dir = TempDir::new("aegis-bench-live")?;
+        super::bench_live::live_rows(&dir.0, a.live_events, a.live_rate)?
+    } else {
+        Vec::new()
+    };
     eprintln!("aegis bench: throughput ({} events)...", a.events);
     let tmp = TempDir::new("aegis-bench")?;
     let journals = write_journals(a.events, &tmp.0)?;
@@ -204,7 +210,7 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     if json_out {
         println!(
             "{}",
-            json!({"latency": latency, "throughput": throughput, "ratios": ratios, "peak_rss": rss})
+            json!({"latency": latency, "live": live, "throughput": throughput, "ratios": ratios, "peak_rss": rss})
         );
         return Ok(());
     }
@@ -219,6 +225,33 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
         );
     }
     println!();
+    if !live.is_empty() {
+        println!(
+            "{:<58} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8} {:>8}",
+            "live real path (processes, paced feed)",
+            "p50_ns",
+            "p99_ns",
+            "p999_ns",
+            "max_ns",
+            "cpu%",
+            "idle%",
+            "daemon%"
+        );
+        for r in &live {
+            println!(
+                "{:<58} {:>10} {:>10} {:>10} {:>12} {:>8.1} {:>8.1} {:>8.1}",
+                r.name,
+                r.p50_ns,
+                r.p99_ns,
+                r.p999_ns,
+                r.max_ns,
+                r.consumer_cpu_pct,
+                r.idle_cpu_pct,
+                r.daemon_cpu_pct
+            );
+        }
+        println!();
+    }
     println!(
         "{:<58} {:>12} {:>10} {:>14}",
         "throughput", "events", "seconds", "events_per_s"

@@ -1,6 +1,7 @@
 //! One module per `aegis-shmctl` verb, and what they share: talking to the daemon.
 
 pub mod bench;
+pub mod bench_live;
 pub mod demo;
 pub mod gc;
 pub mod private_daemon;

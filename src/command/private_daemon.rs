@@ -59,6 +59,19 @@ impl PrivateDaemon {
         Ok(daemon)
     }
 
+    /// The CPU time it used so far (user + system), in seconds, if readable.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the command name (which may hold spaces, inside parentheses):
+        // state is field 3, utime and stime are fields 14 and 15, in clock ticks.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        (hz > 0).then(|| ticks as f64 / hz as f64)
+    }
+
     /// Its peak resident set so far, in kB (`VmHWM`), if readable.
     pub fn peak_rss_kb(&self) -> Option<u64> {
         super::session::peak_rss_kb(self.child.id())

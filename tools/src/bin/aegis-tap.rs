@@ -103,6 +103,18 @@ impl Idle {
     }
 }
 
+/// CPU time this process used so far (user + system), in seconds.
+fn cpu_seconds() -> Option<f64> {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid rusage to write; RUSAGE_SELF needs nothing else.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return None;
+    }
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(s(u.ru_utime) + s(u.ru_stime))
+}
+
 /// Largest latency the histogram records, in nanoseconds.
 const MAX_LATENCY_NS: u64 = 60_000_000_000;
 
@@ -340,14 +352,20 @@ impl Totals {
             }
         };
         if args.json {
+            let ns = |p: f64| hist.value_at_quantile(p);
             eprintln!(
-                "{{\"name\":{:?},\"events\":{events},\"seconds\":{secs:.6},\"events_per_s\":{:.0},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"overruns\":{overruns},\"missed\":{missed},\"digest\":{:?}}}",
+                "{{\"name\":{:?},\"events\":{events},\"seconds\":{secs:.6},\"events_per_s\":{:.0},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"latency_ns\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"cpu_s\":{},\"overruns\":{overruns},\"missed\":{missed},\"digest\":{:?}}}",
                 name,
                 events as f64 / secs,
                 q(0.5),
                 q(0.99),
                 q(0.999),
                 hist.max() / 1000,
+                ns(0.5),
+                ns(0.99),
+                ns(0.999),
+                hist.max(),
+                cpu_seconds().map_or("null".to_string(), |c| format!("{c:.6}")),
                 if args.format == Format::Digest { digest_hex.as_str() } else { "" }
             );
         } else {
