@@ -116,6 +116,10 @@ pub struct Published {
     pub(super) seq: AtomicU64,
     /// Seqlock version of (`tail`, `seq`): odd while the writer changes them.
     pub(super) version: AtomicU64,
+    /// Overwrite policy: how far the writer may be writing (`>= tail`); the end of the
+    /// seqlock that guards the frames' bytes. On the tail's cache line: a consumer checks it
+    /// right after reading a frame it found through the tail, and usually still holds the line.
+    pub(super) claim: AtomicU64,
 }
 
 /// Words the writer stores once (or never) after creation.
@@ -134,8 +138,6 @@ pub struct Fixed {
 pub struct BusControl {
     /// The published tail and its bus sequence.
     pub(super) published: CachePadded<Published>,
-    /// Overwrite policy: how far the writer may be writing (`>= tail`). Seqlock end.
-    pub(super) claim: CachePadded<AtomicU64>,
     /// Policy and end of stream.
     pub(super) fixed: CachePadded<Fixed>,
     /// Rung by the writer after every publish (and by the daemon when it releases a slot);
@@ -189,8 +191,8 @@ impl ControlBlock for BusControl {
                 tail: AtomicU64::new(0),
                 seq: AtomicU64::new(0),
                 version: AtomicU64::new(0),
+                claim: AtomicU64::new(0),
             }),
-            claim: CachePadded::new(AtomicU64::new(0)),
             fixed: CachePadded::new(Fixed {
                 eof_end: AtomicU64::new(NO_EOF),
                 policy: AtomicU32::new(0),

@@ -485,7 +485,7 @@ impl BusReader {
             // `BusWriter::try_write`; if the writer overwrote any byte we copied, we see its
             // claim reach past our frame.
             fence(Ordering::Acquire);
-            let claim = self.m.ctrl().claim.load(Ordering::Relaxed);
+            let claim = self.m.ctrl().published.claim.load(Ordering::Relaxed);
             if claim > self.pos + self.m.ring.cap() {
                 self.lap();
                 continue;

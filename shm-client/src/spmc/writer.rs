@@ -204,6 +204,7 @@ impl BusWriter {
                 // the Acquire fence in `BusReader::poll_overwrite`.
                 self.m
                     .ctrl()
+                    .published
                     .claim
                     .store(self.tail + at.need(), Ordering::Relaxed);
                 fence(Ordering::Release);
