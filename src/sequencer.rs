@@ -155,8 +155,11 @@ struct Source {
     backwards_logged: bool,
 }
 
-/// The longest the sequencer sleeps on its sources' doorbells before it looks at its stop flag
-/// and at removals again.
+/// The longest the sequencer sleeps on its sources' doorbells while bounded lateness holds a
+/// head back (otherwise the strategy's own bound applies: [`Park`]'s is 100 ms, after which
+/// the stop flag and removals are looked at again).
+///
+/// [`Park`]: aegis_shm_client::wait::Park
 const IDLE_PARK: Duration = Duration::from_millis(20);
 
 /// The sources a starved merge waits for: active, with no head.
@@ -376,9 +379,9 @@ impl Sequencer {
 
     /// One wait after a pass that moved nothing. The merge waits for the active sources that
     /// have no head: a parking strategy sleeps on their rings' doorbells until one of their
-    /// producers publishes, at most [`IDLE_PARK`] (the stop flag and removals are looked at
-    /// between parks), and in live mode no later than the moment bounded lateness lets a
-    /// held head go.
+    /// producers publishes, for at most its own bound (the stop flag and removals are looked
+    /// at between parks), and in live mode no later than the moment bounded lateness lets a
+    /// held head go (and at most [`IDLE_PARK`] then).
     fn idle(&self, wait: &mut impl WaitStrategy) {
         let waited = Waited(&self.sources);
         if waited.rings().next().is_none() {
@@ -386,16 +389,20 @@ impl Sequencer {
             wait.wait();
             return;
         }
-        let now = Instant::now();
-        let mut until = now + IDLE_PARK;
+        // The clock is read only when bounded lateness holds a head back: a spinning
+        // sequencer calls this between every two polls.
+        let mut deadline = Deadline::never();
         if let Mode::Live { max_lateness } = self.config.mode {
             if self.sources.iter().any(|s| s.head.is_some()) {
+                let now = Instant::now();
+                let mut until = now + IDLE_PARK;
                 for s in waited.sources() {
                     until = until.min(s.dry_since.unwrap_or(now) + max_lateness);
                 }
+                deadline = Deadline::at(until);
             }
         }
-        wait.wait_on(&waited, Deadline::at(until));
+        wait.wait_on(&waited, deadline);
     }
 
     /// Writes one frame to the bus, waiting on consumers under the block policy.
@@ -652,7 +659,11 @@ impl Sequencer {
     fn pass(&mut self, stop: &AtomicBool) -> Result<Pass, SequencerError> {
         let mut progress = false;
         self.pass_ns = 0;
-        let removals = self.removals.swap(0, Ordering::Relaxed);
+        // A load first: the swap (a locked instruction) only when there is something to take.
+        let removals = match self.removals.load(Ordering::Relaxed) {
+            0 => 0,
+            _ => self.removals.swap(0, Ordering::Relaxed),
+        };
         if removals != 0 {
             for rank in (0..self.sources.len()).filter(|r| removals & (1 << r) != 0) {
                 self.remove_source(rank);
