@@ -113,6 +113,52 @@ impl Decimal {
     pub fn to_f64(&self) -> f64 {
         self.mantissa as f64 / POW10[(self.scale as usize).min(18)]
     }
+
+    /// Both mantissas at the larger scale, in `i128` (always exact: at most 19 + 18 digits).
+    fn aligned(self, other: Decimal) -> (i128, i128, u8) {
+        let scale = self.scale.max(other.scale).min(18);
+        let up = |d: Decimal| d.mantissa as i128 * 10i128.pow((scale - d.scale.min(scale)) as u32);
+        (up(self), up(other), scale)
+    }
+
+    /// The decimal of `mantissa / 10^scale` with trailing zeros dropped, if it fits.
+    fn normalized(mut mantissa: i128, mut scale: u8) -> Option<Decimal> {
+        while scale > 0 && mantissa % 10 == 0 {
+            mantissa /= 10;
+            scale -= 1;
+        }
+        (scale <= 18)
+            .then(|| i64::try_from(mantissa).ok())
+            .flatten()
+            .map(|mantissa| Decimal { mantissa, scale })
+    }
+
+    /// The exact sum, or `None` if it does not fit 18 digits after the point and an `i64`
+    /// mantissa.
+    pub fn checked_add(self, other: Decimal) -> Option<Decimal> {
+        let (a, b, scale) = self.aligned(other);
+        Decimal::normalized(a + b, scale)
+    }
+
+    /// The exact product (a notional: price × quantity), or `None` if it does not fit.
+    pub fn checked_mul(self, other: Decimal) -> Option<Decimal> {
+        let m = (self.mantissa as i128).checked_mul(other.mantissa as i128)?;
+        let mut scale = self.scale as u32 + other.scale as u32;
+        let mut m = m;
+        // Drop trailing zeros first: 1.50 × 2.0 has scale 3 but value 3.
+        while scale > 18 && m % 10 == 0 {
+            m /= 10;
+            scale -= 1;
+        }
+        Decimal::normalized(m, u8::try_from(scale).ok()?)
+    }
+
+    /// Compares the values (`1.5` and `1.50` are equal here, though not `==`: the derived
+    /// equality compares mantissa and scale).
+    pub fn cmp_value(&self, other: &Decimal) -> std::cmp::Ordering {
+        let (a, b, _) = self.aligned(*other);
+        a.cmp(&b)
+    }
 }
 
 fn write_decimal(f: &mut fmt::Formatter<'_>, mantissa: i64, scale: u8) -> fmt::Result {
@@ -456,6 +502,41 @@ pub unsafe fn decode_unchecked(kind: Kind, payload: &[u8]) -> Result<EventRef<'_
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::parse(s).unwrap()
+    }
+
+    #[test]
+    fn decimal_arithmetic_is_exact() {
+        assert_eq!(d("0.1").checked_add(d("0.2")), Some(d("0.3")));
+        assert_eq!(d("63201.05").checked_add(d("-63201.05")), Some(d("0")));
+        assert_eq!(d("1.50").checked_add(d("2.5")), Some(d("4")));
+        assert_eq!(d("63201.05").checked_mul(d("0.001")), Some(d("63.20105")));
+        assert_eq!(d("1.5").checked_mul(d("2")), Some(d("3")));
+        assert_eq!(d("-2.5").checked_mul(d("0.4")), Some(d("-1")));
+        // Out of range: an i64 mantissa overflows, or more than 18 decimals remain.
+        assert_eq!(d("9223372036854775807").checked_add(d("1")), None);
+        assert_eq!(d("0.000000001").checked_mul(d("0.0000000011")), None);
+        // 1e-9 × 1e-9 = 1e-18 still fits.
+        assert_eq!(
+            d("0.000000001").checked_mul(d("0.000000001")),
+            Some(Decimal {
+                mantissa: 1,
+                scale: 18
+            })
+        );
+        use std::cmp::Ordering::*;
+        assert_eq!(
+            d("1.5").cmp_value(&Decimal {
+                mantissa: 150,
+                scale: 2
+            }),
+            Equal
+        );
+        assert_eq!(d("63201.05").cmp_value(&d("63201.1")), Less);
+        assert_eq!(d("-1").cmp_value(&d("-1.01")), Greater);
+    }
 
     #[test]
     fn decimals_round_trip_exactly() {
