@@ -5,6 +5,8 @@
 //!
 //! - [`names`]: infer a source's kind, symbol and interval from a Binance file name, and its
 //!   default source name;
+//! - [`archive`]: Binance downloads as they come, a `.zip` holding one CSV with a
+//!   `.CHECKSUM` beside it: verified, checked up front, streamed out without unpacking;
 //! - [`csv`]: a streaming parser for Binance kline, trades, aggTrades and bookTicker CSV files;
 //! - [`journal`]: journal files (a 64-byte header followed by frames in the bus format), written
 //!   once from CSV and replayed by memory-mapping them;
@@ -18,6 +20,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod archive;
 pub mod csv;
 pub mod digest;
 pub mod journal;
