@@ -363,14 +363,21 @@ fn verify_only(args: &Args) -> ! {
                 p.display()
             ))
         } else {
-            match open_archive(p, true) {
-                Ok((_, Some(sha256))) => Ok(sha256),
-                Ok((_, None)) => Err(ArchiveError::NoChecksum {
+            let no_checksum = || {
+                ArchiveError::NoChecksum {
                     path: p.clone(),
                     checksum: archive::checksum_path(p),
                 }
-                .to_string()),
-                Err(e) => Err(e.to_string()),
+                .to_string()
+            };
+            if !archive::checksum_path(p).exists() {
+                Err(no_checksum())
+            } else {
+                match open_archive(p, true) {
+                    Ok((_, Some(sha256))) => Ok(sha256),
+                    Ok((_, None)) => Err(no_checksum()),
+                    Err(e) => Err(e.to_string()),
+                }
             }
         };
         if !args.json {
