@@ -14,7 +14,7 @@
 //!    size is at most [`MAX_RATIO`] times its compressed size (a zip bomb otherwise), and whose
 //!    local header is where the directory says.
 //! 3. [`CsvArchive::events`]: streams the CSV out of the archive, never unpacking it to disk,
-//!    in bounded memory (a 256 KiB buffer, the inflater's window and one CSV line). Declared
+//!    in bounded memory (two 256 KiB buffers, the inflater's window and one CSV line). Declared
 //!    sizes can lie, so the stream fails as soon as it inflates past the declared size (which
 //!    step 2 bounded to [`MAX_RATIO`] times the compressed bytes), or ends short of it, or
 //!    fails its CRC-32.
@@ -43,8 +43,10 @@ pub const MAX_RATIO: u64 = 200;
 pub const CHECKSUM_SUFFIX: &str = ".CHECKSUM";
 /// The read buffer of the CSV text streamed out of an archive (as for a plain CSV file).
 const TEXT_BUF: usize = 256 * 1024;
-/// The read buffer of the compressed bytes, and of the checksum pass.
-const RAW_BUF: usize = 1 << 20;
+/// The read buffer of the compressed bytes.
+const RAW_BUF: usize = 256 * 1024;
+/// The read buffer of the checksum pass.
+const HASH_BUF: usize = 1 << 20;
 /// At most this many entry names are listed in an error.
 const LISTED: usize = 5;
 
@@ -367,7 +369,7 @@ impl Checksum {
     }
 }
 
-/// The SHA-256 of `file` from its start, read [`RAW_BUF`] bytes at a time;
+/// The SHA-256 of `file` from its start, read [`HASH_BUF`] bytes at a time;
 /// `progress(bytes_hashed)` is called after each read. Leaves the file at its end.
 pub fn sha256_of(
     file: &mut File,
@@ -377,7 +379,7 @@ pub fn sha256_of(
     file.seek(SeekFrom::Start(0))
         .map_err(io_err(path, "seek"))?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; RAW_BUF];
+    let mut buf = vec![0u8; HASH_BUF];
     let mut done = 0u64;
     loop {
         let n = match file.read(&mut buf) {

@@ -578,8 +578,8 @@ fn replay(
                 }
                 e => ReplayError(format!("{src}: {e}")),
             })?;
-            let bytes = input.journal_bytes(out.n + 1);
-            out.pushed(bytes).map_err(ReplayError)
+            let n = out.n + 1;
+            out.pushed(|| input.journal_bytes(n)).map_err(ReplayError)
         })
         .map_err(|e| e.0)?;
     } else if let Some(archive) = &mut input.archive {
@@ -615,12 +615,13 @@ struct Out<'a> {
 }
 
 impl Out<'_> {
-    /// Counts one more event pushed (`bytes` of input so far). Every 4096 events: publishes
-    /// the counts, and fails if another input failed or the daemon stopped the session.
-    fn pushed(&mut self, bytes: u64) -> Result<(), String> {
+    /// Counts one more event pushed. Every 4096 events: publishes the counts (with `bytes()`
+    /// of input so far), and fails if another input failed or the daemon stopped the session.
+    #[inline]
+    fn pushed(&mut self, bytes: impl FnOnce() -> u64) -> Result<(), String> {
         self.n += 1;
         if self.n.is_multiple_of(4096) {
-            self.publish(bytes);
+            self.publish(bytes());
             if self.stop.load(Ordering::Relaxed) {
                 return Err("stopped".into());
             }
@@ -666,7 +667,7 @@ impl Out<'_> {
                 AnyEvent::Kline(e) => push_event(p, ts, self.topic, e, wait, stall),
             };
             r.map_err(|e| format!("{src}: {e}"))?;
-            self.pushed(reader.bytes_read())?;
+            self.pushed(|| reader.bytes_read())?;
         }
         // The whole text was read (blank lines at the end too).
         self.end_bytes = reader.bytes_read();
