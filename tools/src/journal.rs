@@ -22,7 +22,7 @@
 
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use aegis_shm_client::event::{self, AnyEvent, DecodeError, EventRef};
@@ -732,13 +732,30 @@ pub fn convert_csv_with_progress(
     info: &FileInfo,
     topic_id: u32,
     sort: bool,
+    progress: impl FnMut(u64, u64),
+) -> Result<u64, JournalError> {
+    let reader = CsvEvents::open(input, info, sort).map_err(|error| JournalError::Csv {
+        path: input.to_path_buf(),
+        error,
+    })?;
+    convert_events(reader, input, output, info, topic_id, progress)
+}
+
+/// [`convert_csv_with_progress`] over events already opened: from a file, or streamed out of
+/// a zip archive ([`crate::archive::CsvArchive::events`]). `input` names them in errors
+/// (`FILE:LINE`; for an archive, `ARCHIVE.zip/ENTRY.csv`).
+pub fn convert_events<R: BufRead>(
+    mut reader: CsvEvents<R>,
+    input: &Path,
+    output: &Path,
+    info: &FileInfo,
+    topic_id: u32,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<u64, JournalError> {
     let csv_err = |error| JournalError::Csv {
         path: input.to_path_buf(),
         error,
     };
-    let mut reader = CsvEvents::open(input, info, sort).map_err(csv_err)?;
     let order_err = |line, ts, prev| JournalError::Order {
         path: input.to_path_buf(),
         line,

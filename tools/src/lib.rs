@@ -5,11 +5,14 @@
 //!
 //! - [`names`]: infer a source's kind, symbol and interval from a Binance file name, and its
 //!   default source name;
+//! - [`archive`]: Binance downloads as they come, a `.zip` holding one CSV with a
+//!   `.CHECKSUM` beside it: verified, checked up front, streamed out without unpacking;
 //! - [`csv`]: a streaming parser for Binance kline, trades, aggTrades and bookTicker CSV files;
 //! - [`journal`]: journal files (a 64-byte header followed by frames in the bus format), written
 //!   once from CSV and replayed by memory-mapping them;
 //! - [`sort`]: the events of a CSV file in event-time order, stably, in bounded memory (an
 //!   index of times and line offsets, lines re-read by offset);
+//! - [`progress`]: progress bars (indicatif) on stderr, drawn only on a terminal;
 //! - [`ndjson`]: the NDJSON line format of `aegis-tap --format ndjson` (SPEC section 7);
 //! - [`digest`]: the stream digest of `aegis-tap --format digest` and the event counts of
 //!   `--format count`.
@@ -18,11 +21,13 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod archive;
 pub mod csv;
 pub mod digest;
 pub mod journal;
 pub mod names;
 pub mod ndjson;
+pub mod progress;
 pub mod sort;
 
 pub use names::{FileInfo, FileKind};

@@ -12,6 +12,9 @@
 //! | `BTCUSDT-aggTrades-2024-01-01.csv` | [`FileKind::AggTrade`] | `BTCUSDT` | |
 //! | `BTCUSDT-bookTicker-2024-01-01.csv` | [`FileKind::BookTicker`] | `BTCUSDT` | |
 //!
+//! A Binance download `SYMBOL-TYPE-DATE.zip` (holding `SYMBOL-TYPE-DATE.csv`, see
+//! [`crate::archive`]) reads the same way: only the last extension is dropped.
+//!
 //! [`infer`] reads a name; [`resolve`] combines it with the user's `--kind`, `--symbol` and
 //! `--interval` overrides (an override always wins, and when the overrides say everything the
 //! name is not read at all). [`default_source_name`] is the file name without its extension.

@@ -8,7 +8,7 @@
 //! offset and parses it again. The file is read twice.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -111,10 +111,12 @@ impl Iterator for SortedCsv {
     }
 }
 
-/// The events of a CSV file: in file order, or sorted ([`SortedCsv`]).
-pub enum CsvEvents {
+/// The events of a CSV file: in file order, or sorted ([`SortedCsv`]). `R` is where the
+/// file-order text comes from: a file, or an entry streamed out of a zip archive
+/// ([`crate::archive::CsvArchive::events`]), which can only be read in file order.
+pub enum CsvEvents<R = BufReader<File>> {
     /// In file order, streaming.
-    InFileOrder(CsvReader<BufReader<File>>),
+    InFileOrder(CsvReader<R>),
     /// Sorted by event time.
     Sorted(SortedCsv),
 }
@@ -128,7 +130,9 @@ impl CsvEvents {
             CsvEvents::InFileOrder(CsvReader::open(path, info)?)
         })
     }
+}
 
+impl<R: BufRead> CsvEvents<R> {
     /// The 1-based line number of the last event in the file (in file order only; sorted
     /// events are in order by construction, so no order error names one).
     pub fn line(&self) -> u64 {
@@ -147,7 +151,7 @@ impl CsvEvents {
     }
 }
 
-impl Iterator for CsvEvents {
+impl<R: BufRead> Iterator for CsvEvents<R> {
     type Item = Result<(u64, AnyEvent), ParseError>;
 
     fn next(&mut self) -> Option<Self::Item> {

@@ -1,8 +1,14 @@
-//! `aegis-replay`: a producer that replays Binance CSV files or journals into an Aegis session,
-//! one source per file, as fast as possible (or paced with `--speed`). `--convert OUT`
-//! turns one CSV file into a journal instead.
+//! `aegis-replay`: a producer that replays Binance CSV files, Binance zip archives (one CSV
+//! inside, checked against the `.CHECKSUM` beside it) or journals into an Aegis session, one
+//! source per file, as fast as possible (or paced with `--speed`). `--convert OUT` turns one
+//! CSV file or archive into a journal instead; `--verify` only checks archives.
+//!
+//! Every input is opened and checked before anything is sent to the session: an archive's
+//! checksum, entries, entry name and declared size, a journal's header. Errors found only
+//! while reading (a bad CSV line, damage inside an archive) stop the replay and fail the
+//! session.
 
-use std::io::IsTerminal;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,16 +20,23 @@ use aegis_shm_client::protocol::{Register, Role, SourceDecl};
 use aegis_shm_client::spsc::{ClaimError, Producer, PushError};
 use aegis_shm_client::stats::{SourceState, StatsView};
 use aegis_shm_client::wait::{Backoff, Deadline};
+use aegis_tools::archive::{self, ArchiveError, CsvArchive};
 use aegis_tools::journal::{self, JournalError, JournalReader};
 use aegis_tools::names::{self, FileInfo, FileKind};
+use aegis_tools::progress::Progress;
 use aegis_tools::sort::{CsvEvents, OrderCheck};
 use clap::Parser;
+use serde_json::json;
 
-/// Replay Binance CSV files or journals into an Aegis session.
+/// Replay Binance CSV files, Binance zip archives or journals into an Aegis session.
 ///
 /// Every input must be sorted by event time (equal times are fine): replay stops at the first
 /// row that goes back, naming FILE:LINE (a journal: FILE and the frame index). `--sort` sorts
 /// CSV exports that are not in time order.
+///
+/// A zip archive (as downloaded from Binance: NAME.zip holding NAME.csv) is streamed, never
+/// unpacked. When NAME.zip.CHECKSUM is beside it, the archive's SHA-256 is checked against it
+/// before anything is sent.
 #[derive(Parser, Debug)]
 #[command(name = "aegis-replay", version)]
 struct Args {
@@ -42,12 +55,21 @@ struct Args {
     /// Pace by event time: 1 = real time, 10 = ten times faster. Default: as fast as possible.
     #[arg(long)]
     speed: Option<f64>,
-    /// Convert the (single) CSV FILE into a journal at this path, then exit.
+    /// Convert the (single) CSV or zip FILE into a journal at this path, then exit.
     #[arg(long)]
     convert: Option<PathBuf>,
+    /// Only verify each zip FILE: against FILE.CHECKSUM (which must exist), and its entries,
+    /// entry name and declared size. Replays nothing; exits non-zero if any FILE fails.
+    #[arg(long, conflicts_with_all = ["convert", "no_verify", "sort", "speed", "via_ring"])]
+    verify: bool,
+    /// Do not check zip archives against their .CHECKSUM files (their entries, entry name
+    /// and declared size are still checked).
+    #[arg(long)]
+    no_verify: bool,
     /// Sort each CSV FILE by event time, stably (equal times keep file order), for exports
     /// not in time order. Reads the file twice: the first pass parses every line and keeps
     /// its time and offset (16 bytes an event), the second re-reads the lines in time order.
+    /// Not for zip archives (they cannot be read by offset).
     #[arg(long)]
     sort: bool,
     /// Component name (default: replay-<pid>).
@@ -71,7 +93,8 @@ struct Args {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
-    /// Input files (CSV, or journals made with --convert).
+    /// Input files: CSV, Binance zip archives (NAME.zip holding NAME.csv), or journals made
+    /// with --convert.
     #[arg(required = true)]
     files: Vec<PathBuf>,
 }
@@ -80,9 +103,26 @@ struct Input {
     path: PathBuf,
     name: String,
     info: FileInfo,
+    /// A zip input, opened and checked (and verified, unless --no-verify).
+    archive: Option<CsvArchive>,
     journal: bool,
     /// The journal is offered to the daemon (it decides: backtest yes, live no).
     offer: bool,
+    /// Bytes of input, for progress: a CSV's size, an archive's CSV text, a journal's frames.
+    size: u64,
+    /// A journal's frame count (0 otherwise), to turn its frames replayed into bytes.
+    frames: u64,
+}
+
+impl Input {
+    /// How far `events` events are into this input, in bytes, for a journal (whose frames
+    /// are counted, not measured).
+    fn journal_bytes(&self, events: u64) -> u64 {
+        if self.frames == 0 {
+            return 0;
+        }
+        (self.size as u128 * events.min(self.frames) as u128 / self.frames as u128) as u64
+    }
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -92,6 +132,9 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 
 fn main() {
     let args = Args::parse();
+    if args.verify {
+        verify_only(&args);
+    }
     if args.source.is_some() && args.files.len() > 1 {
         fail("--source names one source: give one FILE per process, or let names default to file stems");
     }
@@ -99,39 +142,8 @@ fn main() {
         convert(&args, out);
         return;
     }
-    let inputs: Vec<Input> = args
-        .files
-        .iter()
-        .map(|p| {
-            let journal =
-                journal::is_journal(p).unwrap_or_else(|e| fail(format!("{}: {e}", p.display())));
-            let info = if journal {
-                JournalReader::open(p)
-                    .unwrap_or_else(|e| fail(e))
-                    .info()
-                    .clone()
-            } else {
-                names::resolve(
-                    p,
-                    args.kind,
-                    args.symbol.as_deref(),
-                    args.interval.as_deref(),
-                )
-                .unwrap_or_else(|e| fail(e))
-            };
-            let name = match &args.source {
-                Some(s) => s.clone(),
-                None => names::default_source_name(p).unwrap_or_else(|e| fail(e)),
-            };
-            Input {
-                path: p.clone(),
-                name,
-                info,
-                journal,
-                offer: journal && args.speed.is_none() && !args.via_ring,
-            }
-        })
-        .collect();
+    // Every input is opened and checked here, before the session hears of this process.
+    let inputs: Vec<Input> = args.files.iter().map(|p| open_input(&args, p)).collect();
     let sources = inputs
         .iter()
         .map(|i| SourceDecl {
@@ -172,31 +184,29 @@ fn main() {
         .unwrap_or_else(|e| fail(e));
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let total = Arc::new(AtomicU64::new(0));
-    let followed = Arc::new(AtomicU64::new(0));
-    let progress = std::io::stderr().is_terminal().then(|| {
-        let (stop, total, followed) = (stop.clone(), total.clone(), followed.clone());
+    let done = Arc::new(Counts::default());
+    let size = inputs.iter().chain(&handed).map(|i| i.size).sum();
+    let bar = Progress::new("replaying", size, true);
+    let progress = bar.is_drawn().then(|| {
+        let (stop, done, bar) = (stop.clone(), done.clone(), bar.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(PROGRESS_EVERY);
-                let n = total.load(Ordering::Relaxed) + followed.load(Ordering::Relaxed);
-                eprint!(
-                    "\raegis-replay: {n} events, {:.0} events/s   ",
-                    n as f64 / start.elapsed().as_secs_f64()
-                );
+                let (bytes, events) = done.sum();
+                bar.set(bytes, events);
             }
-            eprintln!();
+            bar.finish();
         })
     });
     let comp = Arc::new(comp);
     let mut handles = Vec::new();
     for (input, (producer, topic)) in inputs.into_iter().zip(producers) {
-        let (stop, total, comp) = (stop.clone(), total.clone(), comp.clone());
+        let (stop, done, comp) = (stop.clone(), done.clone(), comp.clone());
         let (speed, sort) = (args.speed, args.sort);
         let stall = Duration::from_secs(args.stall_timeout);
         handles.push(std::thread::spawn(move || {
             let r = replay(
-                input, producer, topic, speed, sort, stall, &stop, &total, &comp,
+                input, producer, topic, speed, sort, stall, &stop, &done, &comp,
             );
             if r.is_err() {
                 // Tell the others (and `follow`) at once, not after a stall timeout.
@@ -209,7 +219,7 @@ fn main() {
     let mut counts = Vec::new();
     if let Some(stats) = &stats {
         let stall = Duration::from_secs(args.stall_timeout);
-        match follow(&handed, stats, &comp, &followed, stall, &stop) {
+        match follow(&handed, stats, &comp, &done, stall, &stop) {
             Ok(n) => counts.extend(n),
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
@@ -254,8 +264,8 @@ fn main() {
     comp.finished().unwrap_or_else(|e| fail(e));
 }
 
-/// How often the progress line and a journal-backed source's progress are refreshed.
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// How often the progress bar is refreshed.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// How often a journal-backed source's state is looked at.
 const FOLLOW_POLL: Duration = Duration::from_millis(20);
 
@@ -267,6 +277,155 @@ fn absolute(p: &Path) -> String {
         .to_string()
 }
 
+/// Opens and checks one input FILE (exits with the error if it fails): a journal's header is
+/// read, an archive is verified against its CHECKSUM (unless --no-verify) and checked
+/// ([`open_archive`]), a CSV's kind comes from its name or the flags.
+fn open_input(args: &Args, p: &Path) -> Input {
+    let journal = journal::is_journal(p).unwrap_or_else(|e| fail(format!("{}: {e}", p.display())));
+    let (info, archive, size, frames) = if journal {
+        let r = JournalReader::open(p).unwrap_or_else(|e| fail(e));
+        (r.info().clone(), None, r.data_len(), r.frame_count())
+    } else {
+        let info = names::resolve(
+            p,
+            args.kind,
+            args.symbol.as_deref(),
+            args.interval.as_deref(),
+        )
+        .unwrap_or_else(|e| fail(e));
+        if archive::is_archive(p) {
+            if args.sort {
+                fail(no_sort(p));
+            }
+            let (a, _) = open_archive(p, !args.no_verify).unwrap_or_else(|e| fail(e));
+            let size = a.size();
+            (info, Some(a), size, 0)
+        } else {
+            let size = std::fs::metadata(p).map_or(0, |m| m.len());
+            (info, None, size, 0)
+        }
+    };
+    let name = match &args.source {
+        Some(s) => s.clone(),
+        None => names::default_source_name(p).unwrap_or_else(|e| fail(e)),
+    };
+    Input {
+        path: p.to_path_buf(),
+        name,
+        info,
+        archive,
+        journal,
+        offer: journal && args.speed.is_none() && !args.via_ring,
+        size,
+        frames,
+    }
+}
+
+/// Why `--sort` refuses an archive.
+fn no_sort(p: &Path) -> String {
+    format!(
+        "{}: --sort reads a CSV twice, the second time by offset, which a zip archive cannot \
+         do: unzip it first",
+        p.display()
+    )
+}
+
+/// Opens a zip archive: verified against its CHECKSUM file when `verify` and there is one
+/// (with a progress bar over the file), then checked ([`CsvArchive::from_file`]). Returns the
+/// archive and its SHA-256 if it was verified.
+fn open_archive(path: &Path, verify: bool) -> Result<(CsvArchive, Option<[u8; 32]>), ArchiveError> {
+    let mut file = std::fs::File::open(path).map_err(|error| ArchiveError::Io {
+        path: path.to_path_buf(),
+        op: "open the archive",
+        error,
+    })?;
+    let sha256 = if verify {
+        let len = file.metadata().map_or(0, |m| m.len());
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let bar = Progress::new(&format!("verifying {name}"), len, false);
+        let r = archive::verify_checksum(path, &mut file, |b| bar.set_bytes(b));
+        bar.finish();
+        r?
+    } else {
+        None
+    };
+    Ok((CsvArchive::from_file(path, file)?, sha256))
+}
+
+/// `--verify`: checks every FILE (a zip archive with FILE.CHECKSUM beside it), reports each,
+/// and exits: 0 if all passed, 1 otherwise.
+fn verify_only(args: &Args) -> ! {
+    let mut results = Vec::new();
+    for p in &args.files {
+        let r = if !archive::is_archive(p) {
+            Err(format!(
+                "{}: --verify checks zip archives (NAME.zip beside NAME.zip.CHECKSUM)",
+                p.display()
+            ))
+        } else {
+            let no_checksum = || {
+                ArchiveError::NoChecksum {
+                    path: p.clone(),
+                    checksum: archive::checksum_path(p),
+                }
+                .to_string()
+            };
+            if !archive::checksum_path(p).exists() {
+                Err(no_checksum())
+            } else {
+                match open_archive(p, true) {
+                    Ok((_, Some(sha256))) => Ok(sha256),
+                    Ok((_, None)) => Err(no_checksum()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        };
+        if !args.json {
+            match &r {
+                Ok(sha256) => println!("{}: OK (SHA-256 {})", p.display(), archive::hex(sha256)),
+                Err(e) => eprintln!("aegis-replay: error: {e}"),
+            }
+        }
+        results.push((p, r));
+    }
+    let ok = results.iter().all(|(_, r)| r.is_ok());
+    if args.json {
+        let files: Vec<_> = results
+            .iter()
+            .map(|(p, r)| match r {
+                Ok(sha256) => json!({"file": p, "ok": true, "sha256": archive::hex(sha256)}),
+                Err(e) => json!({"file": p, "ok": false, "error": e}),
+            })
+            .collect();
+        println!("{}", json!({"ok": ok, "files": files}));
+    }
+    std::process::exit(if ok { 0 } else { 1 });
+}
+
+/// What the replay has done so far, for the progress bar and the journal followers.
+#[derive(Default)]
+struct Counts {
+    /// Events pushed through rings.
+    pushed: AtomicU64,
+    /// Bytes of input behind them.
+    pushed_bytes: AtomicU64,
+    /// Events the daemon merged from the journals handed to it.
+    followed: AtomicU64,
+    /// Bytes of journal behind them.
+    followed_bytes: AtomicU64,
+}
+
+impl Counts {
+    /// (bytes, events) done, in all.
+    fn sum(&self) -> (u64, u64) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (
+            get(&self.pushed_bytes) + get(&self.followed_bytes),
+            get(&self.pushed) + get(&self.followed),
+        )
+    }
+}
+
 /// Follows the journal-backed sources (the daemon merges them straight from their journals)
 /// in the session's counters until each has ended. Returns the events merged from each. A
 /// source that failed, a session stopped, or no progress for `stall` is an error; `stop`
@@ -275,7 +434,7 @@ fn follow(
     handed: &[Input],
     stats: &StatsView,
     comp: &Component,
-    followed: &AtomicU64,
+    counts: &Counts,
     stall: Duration,
     stop: &AtomicBool,
 ) -> Result<Vec<u64>, String> {
@@ -315,7 +474,13 @@ fn follow(
             events.push(s.events);
         }
         let sum: u64 = events.iter().sum();
-        followed.store(sum, Ordering::Relaxed);
+        let bytes = handed
+            .iter()
+            .zip(&events)
+            .map(|(i, &n)| i.journal_bytes(n))
+            .sum();
+        counts.followed.store(sum, Ordering::Relaxed);
+        counts.followed_bytes.store(bytes, Ordering::Relaxed);
         if ended {
             return Ok(events);
         }
@@ -350,56 +515,56 @@ impl Pacer {
 
 #[allow(clippy::too_many_arguments)]
 fn replay(
-    input: Input,
+    mut input: Input,
     mut p: Producer,
     topic: u32,
     speed: Option<f64>,
     sort: bool,
     stall: Duration,
     stop: &AtomicBool,
-    total: &AtomicU64,
+    counts: &Counts,
     comp: &Component,
 ) -> Result<u64, String> {
     p.set_batch(if speed.is_some() { 1 } else { 64 });
-    let mut pacer = Pacer { speed, first: None };
-    let mut wait = Backoff::default();
-    let mut n = 0u64;
-    let check = |n: u64| -> Result<(), String> {
-        if n.is_multiple_of(4096) {
-            total.fetch_add(4096, Ordering::Relaxed);
-            if stop.load(Ordering::Relaxed) {
-                return Err("stopped".into());
-            }
-            if let Some(r) = comp.stop_requested() {
-                return Err(format!("the daemon stopped the session: {r}"));
-            }
-        }
-        Ok(())
+    let mut out = Out {
+        p,
+        topic,
+        pacer: Pacer { speed, first: None },
+        wait: Backoff::default(),
+        stall,
+        stop,
+        counts,
+        comp,
+        n: 0,
+        published: 0,
+        bytes: 0,
+        end_bytes: input.size,
     };
     let src = input.path.display().to_string();
-    let mut order = OrderCheck::default();
     if input.journal {
+        let mut order = OrderCheck::default();
         let mut r = JournalReader::open(&input.path).map_err(|e| e.to_string())?;
         r.for_each(|f| -> Result<(), ReplayError> {
             order.next(f.header.ts).map_err(|prev| {
                 ReplayError(
                     JournalError::FrameOrder {
                         path: input.path.clone(),
-                        frame: n,
+                        frame: out.n,
                         ts: f.header.ts,
                         prev,
                     }
                     .to_string(),
                 )
             })?;
-            pacer.wait(f.header.ts);
+            out.pacer.wait(f.header.ts);
             let mut h = f.header;
             h.topic_id = topic;
             // The clock (for the deadline) is read only when the ring is full.
-            let pushed = match p.try_push_frame(&h, f.payload) {
+            let pushed = match out.p.try_push_frame(&h, f.payload) {
                 Ok(_) => Ok(()),
-                Err(ClaimError::Full) => p
-                    .push_frame(&h, f.payload, &mut wait, Deadline::after(stall))
+                Err(ClaimError::Full) => out
+                    .p
+                    .push_frame(&h, f.payload, &mut out.wait, Deadline::after(stall))
                     .map(drop),
                 Err(ClaimError::TooLarge { stride, capacity }) => Err(PushError::TooLarge {
                     value: (),
@@ -413,39 +578,115 @@ fn replay(
                 }
                 e => ReplayError(format!("{src}: {e}")),
             })?;
-            n += 1;
-            check(n).map_err(ReplayError)
+            let n = out.n + 1;
+            out.pushed(|| input.journal_bytes(n)).map_err(ReplayError)
         })
         .map_err(|e| e.0)?;
+    } else if let Some(archive) = &mut input.archive {
+        let label = archive.label();
+        let reader = archive.events(&input.info).map_err(|e| e.to_string())?;
+        out.csv(reader, &label)?;
     } else {
-        let mut reader =
+        let reader =
             CsvEvents::open(&input.path, &input.info, sort).map_err(|e| format!("{src}: {e}"))?;
+        out.csv(reader, &input.path)?;
+    }
+    out.finish(&src)
+}
+
+/// Where one input's events go: its source ring, paced, with the counts kept for progress.
+struct Out<'a> {
+    p: Producer,
+    topic: u32,
+    pacer: Pacer,
+    wait: Backoff,
+    stall: Duration,
+    stop: &'a AtomicBool,
+    counts: &'a Counts,
+    comp: &'a Component,
+    /// Events pushed.
+    n: u64,
+    /// Events pushed, as last added to `counts`.
+    published: u64,
+    /// Bytes of input behind them, as last added to `counts`.
+    bytes: u64,
+    /// Bytes of input at the end.
+    end_bytes: u64,
+}
+
+impl Out<'_> {
+    /// Counts one more event pushed. Every 4096 events: publishes the counts (with `bytes()`
+    /// of input so far), and fails if another input failed or the daemon stopped the session.
+    #[inline]
+    fn pushed(&mut self, bytes: impl FnOnce() -> u64) -> Result<(), String> {
+        self.n += 1;
+        if self.n.is_multiple_of(4096) {
+            self.publish(bytes());
+            if self.stop.load(Ordering::Relaxed) {
+                return Err("stopped".into());
+            }
+            if let Some(r) = self.comp.stop_requested() {
+                return Err(format!("the daemon stopped the session: {r}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds what was done since the last call (`bytes` of input so far) to the shared counts.
+    fn publish(&mut self, bytes: u64) {
+        let events = self.n - self.published;
+        self.counts.pushed.fetch_add(events, Ordering::Relaxed);
+        self.published = self.n;
+        let bytes = bytes.max(self.bytes);
+        let delta = bytes - self.bytes;
+        self.counts.pushed_bytes.fetch_add(delta, Ordering::Relaxed);
+        self.bytes = bytes;
+    }
+
+    /// Pushes the events of a CSV (`label` names it in errors: the file, or
+    /// `ARCHIVE.zip/ENTRY.csv`).
+    fn csv<R: BufRead>(&mut self, mut reader: CsvEvents<R>, label: &Path) -> Result<(), String> {
+        let src = label.display();
+        let mut order = OrderCheck::default();
         while let Some(item) = reader.next() {
             let (ts, ev) = item.map_err(|e| format!("{src}: {e}"))?;
             order.next(ts).map_err(|prev| {
                 JournalError::Order {
-                    path: input.path.clone(),
+                    path: label.to_path_buf(),
                     line: reader.line(),
                     ts,
                     prev,
                 }
                 .to_string()
             })?;
-            pacer.wait(ts);
+            self.pacer.wait(ts);
+            let (p, wait, stall) = (&mut self.p, &mut self.wait, self.stall);
             let r = match ev {
-                AnyEvent::Trade(e) => push_event(&mut p, ts, topic, e, &mut wait, stall),
-                AnyEvent::Book(e) => push_event(&mut p, ts, topic, e, &mut wait, stall),
-                AnyEvent::Kline(e) => push_event(&mut p, ts, topic, e, &mut wait, stall),
+                AnyEvent::Trade(e) => push_event(p, ts, self.topic, e, wait, stall),
+                AnyEvent::Book(e) => push_event(p, ts, self.topic, e, wait, stall),
+                AnyEvent::Kline(e) => push_event(p, ts, self.topic, e, wait, stall),
             };
             r.map_err(|e| format!("{src}: {e}"))?;
-            n += 1;
-            check(n)?;
+            self.pushed(|| reader.bytes_read())?;
         }
+        // The whole text was read (blank lines at the end too).
+        self.end_bytes = reader.bytes_read();
+        Ok(())
     }
-    total.fetch_add(n % 4096, Ordering::Relaxed);
-    p.finish(&mut wait, Deadline::after(stall))
-        .map_err(|_| format!("{src}: could not write end-of-stream within {stall:?}"))?;
-    Ok(n)
+
+    /// Publishes the last counts and writes end-of-stream; returns the events pushed.
+    fn finish(mut self, src: &str) -> Result<u64, String> {
+        self.publish(self.end_bytes);
+        self.p
+            .finish(&mut self.wait, Deadline::after(self.stall))
+            .map_err(|_| {
+                format!(
+                    "{src}: could not write end-of-stream within {:?}",
+                    self.stall
+                )
+            })?;
+        Ok(self.n)
+    }
 }
 
 /// Pushes one event, reading the clock (for the stall deadline) only when the ring is full.
@@ -500,20 +741,30 @@ fn convert(args: &Args, out: &Path) {
         args.interval.as_deref(),
     )
     .unwrap_or_else(|e| fail(e));
-    let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
-    let n = journal::convert_csv_with_progress(input, out, &info, 0, args.sort, |bytes, events| {
-        if tty {
-            eprint!(
-                "\raegis-replay: {events} events ({} MB) converted",
-                bytes / 1_000_000
-            );
+    let n = if archive::is_archive(input) {
+        if args.sort {
+            fail(no_sort(input));
         }
-    })
-    .unwrap_or_else(|e| fail(e));
-    if tty {
-        eprintln!();
+        let mut a = open_archive(input, !args.no_verify)
+            .unwrap_or_else(|e| fail(e))
+            .0;
+        let bar = Progress::new("converting", a.size(), true);
+        let label = a.label();
+        let events = a.events(&info).unwrap_or_else(|e| fail(e));
+        let n = journal::convert_events(events, &label, out, &info, 0, |b, e| bar.set(b, e));
+        bar.finish();
+        n
+    } else {
+        let size = std::fs::metadata(input).map_or(0, |m| m.len());
+        let bar = Progress::new("converting", size, true);
+        let n = journal::convert_csv_with_progress(input, out, &info, 0, args.sort, |b, e| {
+            bar.set(b, e)
+        });
+        bar.finish();
+        n
     }
+    .unwrap_or_else(|e| fail(e));
     let secs = start.elapsed().as_secs_f64();
     if args.json {
         println!(
