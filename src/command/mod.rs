@@ -6,6 +6,7 @@ pub mod gc;
 pub mod private_daemon;
 pub mod serve;
 pub mod session;
+pub mod table;
 
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
