@@ -144,4 +144,7 @@ pub struct BenchArgs {
     /// Samples for the latency rows.
     #[arg(long, default_value_t = 100_000)]
     pub samples: u64,
+    /// Also draw the latency rows' distributions (p50 to max, log scales) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod demo;
 pub mod gc;
+pub mod plot;
 pub mod private_daemon;
 pub mod serve;
 pub mod session;
