@@ -1,6 +1,7 @@
 //! One module per `aegis-shmctl` verb, and what they share: talking to the daemon.
 
 pub mod bench;
+pub mod completions;
 pub mod demo;
 pub mod gc;
 pub mod plot;
@@ -8,6 +9,7 @@ pub mod private_daemon;
 pub mod serve;
 pub mod session;
 pub mod table;
+pub mod top;
 
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;

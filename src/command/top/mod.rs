@@ -1,0 +1,274 @@
+//! `aegis-shmctl top [SESSION]`: a live view of the daemon (SPEC section 16), like `top` or
+//! AeronStat: the sessions, and one of them in detail: its sources (rate, watermark,
+//! rejected), its consumers by name (rate, lag, overruns, stalled), the sequencer (merged/s,
+//! stalls) and its components. Refreshed every `--interval` (1 s); rates are computed from two
+//! consecutive samples. `q`, Esc or Ctrl-C quits; Up/Down choose the session.
+//!
+//! `top --once` prints one snapshot instead (two samples one interval apart, for the rates)
+//! and needs no terminal: text tables, or with `--json` the [`snapshot::Snapshot`] as JSON.
+//!
+//! Every figure comes from the daemon's `inspect` over the control socket, which reads the
+//! ctl segment's counters and the bus slots with atomic loads: no lock that the sequencer
+//! takes per event, so watching a session does not slow it down.
+
+mod fmt;
+mod snapshot;
+mod terminal;
+mod view;
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+
+use super::table::{Align::Left, Align::Right, TextTable};
+use super::{print_json, CliError};
+use crate::cli::TopArgs;
+use snapshot::{Focus, Sample, Snapshot};
+
+/// The longest the view waits for a key before it looks at the signal flag again.
+const KEY_WAIT: Duration = Duration::from_millis(100);
+
+/// Runs `top`.
+pub fn run(socket: &Path, json_out: bool, a: &TopArgs) -> Result<(), CliError> {
+    let interval = Duration::from_millis(a.interval);
+    if a.once {
+        return once(socket, json_out, a.session.as_deref(), interval);
+    }
+    if json_out {
+        return Err(CliError(
+            "--json prints one snapshot: use `top --once --json`".into(),
+        ));
+    }
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        return Err(CliError(
+            "top needs a terminal; for scripts use `top --once` (with --json for JSON)".into(),
+        ));
+    }
+    live(socket, a.session.clone(), interval)
+}
+
+/// `--once`: two samples one interval apart, printed as text or JSON.
+fn once(
+    socket: &Path,
+    json_out: bool,
+    session: Option<&str>,
+    interval: Duration,
+) -> Result<(), CliError> {
+    let focus = session.map_or(Focus::All, Focus::One);
+    let first = Sample::take(socket, focus)?;
+    std::thread::sleep(interval);
+    let second = Sample::take(socket, focus)?;
+    if let Some(e) = second.errors.first() {
+        return Err(CliError(e.clone()));
+    }
+    let snap = Snapshot::of(Some(&first), &second);
+    if json_out {
+        print_json(&snap);
+    } else {
+        print_text(&snap);
+    }
+    Ok(())
+}
+
+/// The text form of `--once`: the same figures as the live view, as tables.
+fn print_text(s: &Snapshot) {
+    let mut t = TextTable::new(&[
+        ("NAME", Left),
+        ("MODE", Left),
+        ("STATE", Left),
+        ("COMPONENTS", Right),
+        ("SOURCES", Right),
+        ("EVENTS", Right),
+        ("MERGED/S", Right),
+    ]);
+    for r in &s.sessions {
+        t.row([
+            r.name.clone(),
+            r.mode.to_string(),
+            r.state.to_string(),
+            r.components.to_string(),
+            r.sources.to_string(),
+            r.events_merged.to_string(),
+            fmt::rate(r.merged_per_s),
+        ]);
+    }
+    t.print(0);
+    for d in &s.details {
+        let q = &d.sequencer;
+        println!();
+        println!(
+            "session {} · {} · {} · up {}",
+            d.name,
+            d.mode,
+            d.state,
+            fmt::secs(d.elapsed_s)
+        );
+        if let Some(r) = &d.reason {
+            println!("  reason: {r}");
+        }
+        println!(
+            "  sequencer: merged {} ({}/s) · late {} · rejected {} · bus fill {} · source stalls {} ({}/s, {} ms) · consumer stalls {} ({}/s, {} ms)",
+            q.events_merged,
+            fmt::rate(q.merged_per_s),
+            q.late_events,
+            q.rejected_events,
+            fmt::bytes(Some(q.bus_fill_bytes)),
+            q.source_stalls,
+            fmt::rate(q.source_stalls_per_s),
+            q.source_stall_ms,
+            q.consumer_stalls,
+            fmt::rate(q.consumer_stalls_per_s),
+            q.consumer_stall_ms
+        );
+        let mut t = TextTable::new(&[
+            ("SOURCE", Left),
+            ("STATE", Left),
+            ("EVENTS", Right),
+            ("EVENTS/S", Right),
+            ("WATERMARK (UTC)", Left),
+            ("REJECTED", Right),
+            ("COMPONENT", Left),
+        ]);
+        for r in &d.sources {
+            t.row([
+                r.name.clone(),
+                r.state.to_string(),
+                r.events.to_string(),
+                fmt::rate(r.events_per_s),
+                fmt::utc_ns(r.watermark),
+                fmt::opt(r.rejected),
+                fmt::opt(r.component.clone()),
+            ]);
+        }
+        t.print(2);
+        let mut t = TextTable::new(&[
+            ("CONSUMER", Left),
+            ("SLOT", Right),
+            ("STATE", Left),
+            ("READ", Right),
+            ("EVENTS/S", Right),
+            ("LAG", Right),
+            ("OVERRUNS", Right),
+            ("MISSED", Right),
+            ("STALLED", Left),
+        ]);
+        for c in &d.consumers {
+            t.row([
+                c.name.clone(),
+                fmt::opt(c.slot),
+                c.state.to_string(),
+                fmt::opt(c.read),
+                fmt::rate(c.events_per_s),
+                fmt::bytes(c.lag_bytes),
+                fmt::opt(c.overruns),
+                fmt::opt(c.missed),
+                if c.stalled { "STALLED" } else { "no" }.to_string(),
+            ]);
+        }
+        t.print(2);
+    }
+}
+
+/// What a key asks for.
+enum Key {
+    Quit,
+    Previous,
+    Next,
+    Other,
+}
+
+fn key(k: KeyEvent) -> Key {
+    match k.code {
+        KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => Key::Quit,
+        KeyCode::Char('q' | 'Q') | KeyCode::Esc => Key::Quit,
+        KeyCode::Up | KeyCode::Char('k') => Key::Previous,
+        KeyCode::Down | KeyCode::Char('j') => Key::Next,
+        _ => Key::Other,
+    }
+}
+
+/// The live view, until `q`, Ctrl-C or a termination signal.
+fn live(socket: &Path, mut selected: Option<String>, interval: Duration) -> Result<(), CliError> {
+    let mut screen = terminal::Screen::enter()
+        .map_err(|e| CliError(format!("cannot set up the terminal: {e}")))?;
+    let socket_text = socket.display().to_string();
+    let mut previous: Option<Sample> = None;
+    let mut snap: Option<Snapshot> = None;
+    let mut error: Option<String> = None;
+    let mut due = Instant::now();
+    let mut redraw = true;
+    while !terminal::stop_requested() {
+        if Instant::now() >= due {
+            let focus = selected.as_deref().map_or(Focus::Nothing, Focus::One);
+            match Sample::take(socket, focus) {
+                Ok(s) => {
+                    error = s.errors.first().cloned();
+                    // Nothing chosen yet: the first session, inspected at once.
+                    let first = s.sessions.first().map(|x| x.name.clone());
+                    let pick_now = selected.is_none() && first.is_some();
+                    snap = Some(Snapshot::of(previous.as_ref(), &s));
+                    previous = Some(s);
+                    if pick_now {
+                        selected = first;
+                        due = Instant::now();
+                    } else {
+                        due = Instant::now() + interval;
+                    }
+                }
+                Err(e) => {
+                    error = Some(e.0);
+                    due = Instant::now() + interval;
+                }
+            }
+            redraw = true;
+        }
+        if redraw {
+            let shown = view::Shown {
+                snapshot: snap.as_ref(),
+                selected: selected.as_deref(),
+                socket: &socket_text,
+                every_s: interval.as_secs_f64(),
+                error: error.as_deref(),
+            };
+            screen.terminal.draw(|f| view::draw(f, &shown))?;
+            redraw = false;
+        }
+        let wait = due.saturating_duration_since(Instant::now()).min(KEY_WAIT);
+        if !event::poll(wait)? {
+            continue;
+        }
+        match event::read()? {
+            Event::Key(k) if k.kind == KeyEventKind::Press => {
+                let step: isize = match key(k) {
+                    Key::Quit => break,
+                    Key::Previous => -1,
+                    Key::Next => 1,
+                    Key::Other => continue,
+                };
+                let names: Vec<&str> = previous
+                    .as_ref()
+                    .map(|p| p.sessions.iter().map(|s| s.name.as_str()).collect())
+                    .unwrap_or_default();
+                if names.is_empty() {
+                    continue;
+                }
+                let at = selected
+                    .as_deref()
+                    .and_then(|n| names.iter().position(|x| *x == n))
+                    .map_or(0, |i| i as isize + step);
+                let at = at.clamp(0, names.len() as isize - 1) as usize;
+                if selected.as_deref() != Some(names[at]) {
+                    selected = Some(names[at].to_string());
+                    // Inspect the newly chosen session now.
+                    due = Instant::now();
+                }
+            }
+            Event::Resize(..) => redraw = true,
+            _ => {}
+        }
+    }
+    drop(screen);
+    Ok(())
+}
