@@ -93,6 +93,7 @@ pub fn latency_svg(path: &Path, title: &str, series: &[Series]) -> Result<(), Cl
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(16)
+        .margin_right(48)
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(

@@ -102,7 +102,7 @@ fn table<'a>(
 fn rule(title: &str) -> Block<'_> {
     Block::new()
         .borders(Borders::TOP)
-        .title(Span::from(title).bold())
+        .title(Span::from(format!(" {title} ")).bold())
 }
 
 /// Draws the whole screen.
