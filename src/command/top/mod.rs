@@ -168,6 +168,23 @@ fn print_text(s: &Snapshot) {
             ]);
         }
         t.print(2);
+        let mut t = TextTable::new(&[
+            ("COMPONENT", Left),
+            ("ROLE", Left),
+            ("PID", Right),
+            ("STATE", Left),
+            ("REASON", Left),
+        ]);
+        for c in &d.components {
+            t.row([
+                c.name.clone(),
+                c.role.to_string(),
+                c.pid.to_string(),
+                c.state.to_string(),
+                fmt::opt(c.reason.clone()),
+            ]);
+        }
+        t.print(2);
     }
 }
 
