@@ -206,48 +206,109 @@ fn key(k: KeyEvent) -> Key {
     }
 }
 
+/// The live view's state between two frames.
+struct App {
+    /// The session named on the command line: it stays chosen even while it does not exist.
+    pinned: Option<String>,
+    /// The session shown in detail.
+    selected: Option<String>,
+    /// The last sample (the rates of the next snapshot are taken against it).
+    previous: Option<Sample>,
+    /// What the screen shows.
+    snapshot: Option<Snapshot>,
+    /// The last error (no daemon, no such session).
+    error: Option<String>,
+}
+
+impl App {
+    fn new(session: Option<String>) -> App {
+        App {
+            pinned: session.clone(),
+            selected: session,
+            previous: None,
+            snapshot: None,
+            error: None,
+        }
+    }
+
+    /// Takes a sample. Returns whether to take the next one at once: a session was just
+    /// chosen (none was, or the chosen one is gone and was not named on the command line:
+    /// then the first one listed) and its details are still to come.
+    fn refresh(&mut self, socket: &Path) -> bool {
+        let focus = self.selected.as_deref().map_or(Focus::Nothing, Focus::One);
+        let s = match Sample::take(socket, focus) {
+            Ok(s) => s,
+            Err(e) => {
+                self.error = Some(e.0);
+                return false;
+            }
+        };
+        self.error = s.errors.first().cloned();
+        let first = s.sessions.first().map(|x| x.name.clone());
+        let gone = self.selected.as_deref().is_some_and(|n| {
+            Some(n) != self.pinned.as_deref() && !s.sessions.iter().any(|x| x.name == n)
+        });
+        self.snapshot = Some(Snapshot::of(self.previous.as_ref(), &s));
+        self.previous = Some(s);
+        if gone || self.selected.is_none() {
+            if gone {
+                self.error = None;
+            }
+            self.selected = first;
+            return self.selected.is_some();
+        }
+        false
+    }
+
+    /// Moves the choice `step` sessions down the list (up if negative). Returns whether
+    /// another session is chosen.
+    fn choose(&mut self, step: isize) -> bool {
+        let names: Vec<&str> = self
+            .previous
+            .as_ref()
+            .map(|p| p.sessions.iter().map(|s| s.name.as_str()).collect())
+            .unwrap_or_default();
+        if names.is_empty() {
+            return false;
+        }
+        let at = self
+            .selected
+            .as_deref()
+            .and_then(|n| names.iter().position(|x| *x == n))
+            .map_or(0, |i| i as isize + step)
+            .clamp(0, names.len() as isize - 1) as usize;
+        if self.selected.as_deref() == Some(names[at]) {
+            return false;
+        }
+        self.selected = Some(names[at].to_string());
+        true
+    }
+}
+
 /// The live view, until `q`, Ctrl-C or a termination signal.
-fn live(socket: &Path, mut selected: Option<String>, interval: Duration) -> Result<(), CliError> {
+fn live(socket: &Path, session: Option<String>, interval: Duration) -> Result<(), CliError> {
     let mut screen = terminal::Screen::enter()
         .map_err(|e| CliError(format!("cannot set up the terminal: {e}")))?;
     let socket_text = socket.display().to_string();
-    let mut previous: Option<Sample> = None;
-    let mut snap: Option<Snapshot> = None;
-    let mut error: Option<String> = None;
+    let mut app = App::new(session);
     let mut due = Instant::now();
     let mut redraw = true;
     while !terminal::stop_requested() {
         if Instant::now() >= due {
-            let focus = selected.as_deref().map_or(Focus::Nothing, Focus::One);
-            match Sample::take(socket, focus) {
-                Ok(s) => {
-                    error = s.errors.first().cloned();
-                    // Nothing chosen yet: the first session, inspected at once.
-                    let first = s.sessions.first().map(|x| x.name.clone());
-                    let pick_now = selected.is_none() && first.is_some();
-                    snap = Some(Snapshot::of(previous.as_ref(), &s));
-                    previous = Some(s);
-                    if pick_now {
-                        selected = first;
-                        due = Instant::now();
-                    } else {
-                        due = Instant::now() + interval;
-                    }
-                }
-                Err(e) => {
-                    error = Some(e.0);
-                    due = Instant::now() + interval;
-                }
-            }
+            due = if app.refresh(socket) {
+                Instant::now()
+            } else {
+                Instant::now() + interval
+            };
             redraw = true;
         }
         if redraw {
             let shown = view::Shown {
-                snapshot: snap.as_ref(),
-                selected: selected.as_deref(),
+                snapshot: app.snapshot.as_ref(),
+                selected: app.selected.as_deref(),
                 socket: &socket_text,
                 every_s: interval.as_secs_f64(),
-                error: error.as_deref(),
+                error: app.error.as_deref(),
             };
             screen.terminal.draw(|f| view::draw(f, &shown))?;
             redraw = false;
@@ -258,26 +319,13 @@ fn live(socket: &Path, mut selected: Option<String>, interval: Duration) -> Resu
         }
         match event::read()? {
             Event::Key(k) if k.kind == KeyEventKind::Press => {
-                let step: isize = match key(k) {
+                let step = match key(k) {
                     Key::Quit => break,
                     Key::Previous => -1,
                     Key::Next => 1,
                     Key::Other => continue,
                 };
-                let names: Vec<&str> = previous
-                    .as_ref()
-                    .map(|p| p.sessions.iter().map(|s| s.name.as_str()).collect())
-                    .unwrap_or_default();
-                if names.is_empty() {
-                    continue;
-                }
-                let at = selected
-                    .as_deref()
-                    .and_then(|n| names.iter().position(|x| *x == n))
-                    .map_or(0, |i| i as isize + step);
-                let at = at.clamp(0, names.len() as isize - 1) as usize;
-                if selected.as_deref() != Some(names[at]) {
-                    selected = Some(names[at].to_string());
+                if app.choose(step) {
                     // Inspect the newly chosen session now.
                     due = Instant::now();
                 }
@@ -288,4 +336,70 @@ fn live(socket: &Path, mut selected: Option<String>, interval: Duration) -> Resu
     }
     drop(screen);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aegis_shm_client::protocol::SessionInfo;
+
+    fn listed(names: &[&str]) -> Sample {
+        Sample {
+            at: Instant::now(),
+            unix_ms: 0,
+            sessions: names
+                .iter()
+                .map(|n| {
+                    serde_json::from_value::<SessionInfo>(serde_json::json!({
+                        "name": n, "id": n, "sid": "s", "mode": "live", "state": "running",
+                        "components": 0, "sources": 0, "events_merged": 0
+                    }))
+                    .unwrap()
+                })
+                .collect(),
+            inspected: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn up_and_down_choose_among_the_listed_sessions() {
+        let mut app = App::new(None);
+        assert!(!app.choose(1), "nothing listed yet");
+        app.previous = Some(listed(&["a", "b", "c"]));
+        app.selected = Some("a".into());
+        assert!(!app.choose(-1), "already the first");
+        assert!(app.choose(1));
+        assert_eq!(app.selected.as_deref(), Some("b"));
+        assert!(app.choose(1));
+        assert!(!app.choose(1), "already the last");
+        assert_eq!(app.selected.as_deref(), Some("c"));
+        // A chosen session that is not listed: the first one.
+        app.selected = Some("gone".into());
+        assert!(app.choose(1));
+        assert_eq!(app.selected.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn keys() {
+        let k = |code, modifiers| key(KeyEvent::new(code, modifiers));
+        assert!(matches!(
+            k(KeyCode::Char('q'), KeyModifiers::NONE),
+            Key::Quit
+        ));
+        assert!(matches!(k(KeyCode::Esc, KeyModifiers::NONE), Key::Quit));
+        assert!(matches!(
+            k(KeyCode::Char('c'), KeyModifiers::CONTROL),
+            Key::Quit
+        ));
+        assert!(matches!(
+            k(KeyCode::Char('c'), KeyModifiers::NONE),
+            Key::Other
+        ));
+        assert!(matches!(k(KeyCode::Up, KeyModifiers::NONE), Key::Previous));
+        assert!(matches!(
+            k(KeyCode::Char('j'), KeyModifiers::NONE),
+            Key::Next
+        ));
+    }
 }
