@@ -44,12 +44,19 @@ fn catch_signals() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Puts the terminal back: cooked mode, the main screen, a visible cursor. Harmless when the
-/// terminal was not changed. Errors are ignored: there is nothing better to do with them on
-/// the way out.
+/// Whether the terminal is in raw mode on the alternate screen (set by [`Screen::enter`]).
+static ENTERED: AtomicBool = AtomicBool::new(false);
+
+/// Puts the terminal back: cooked mode, the main screen, a visible cursor. Only the first
+/// call after [`Screen::enter`] acts: the panic hook and the drop of the [`Screen`] both
+/// call it, and leaving the alternate screen twice would move the cursor back over what was
+/// printed in between (the panic message). Errors are ignored: there is nothing better to
+/// do with them on the way out.
 pub fn restore() {
-    let _ = disable_raw_mode();
-    let _ = execute!(stdout(), LeaveAlternateScreen, Show);
+    if ENTERED.swap(false, Ordering::SeqCst) {
+        let _ = disable_raw_mode();
+        let _ = execute!(stdout(), LeaveAlternateScreen, Show);
+    }
 }
 
 /// Chains a panic hook that restores the terminal before the previous hook prints the panic
@@ -78,6 +85,7 @@ impl Screen {
     pub fn enter() -> std::io::Result<Screen> {
         catch_signals()?;
         restore_on_panic();
+        ENTERED.store(true, Ordering::SeqCst);
         let entered = enable_raw_mode()
             .and_then(|()| execute!(stdout(), EnterAlternateScreen))
             .and_then(|()| Terminal::new(CrosstermBackend::new(stdout())));
