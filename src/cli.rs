@@ -34,6 +34,14 @@ pub enum Command {
     Demo(DemoArgs),
     /// The cross-process comparison table (latency and throughput against baselines).
     Bench(BenchArgs),
+    /// A live view of the sessions, sources, consumers and sequencer, refreshed every second
+    /// (`q` quits); `--once` prints one snapshot (with `--json` for scripts).
+    Top(TopArgs),
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Settings of a new session.
@@ -135,6 +143,20 @@ pub struct DemoArgs {
     pub consumers: usize,
 }
 
+/// `top`.
+#[derive(Args, Debug, Clone)]
+pub struct TopArgs {
+    /// Show this session in detail (default: the first one listed; Up/Down choose).
+    pub session: Option<String>,
+    /// Print one snapshot and exit, without a terminal (text tables, or JSON with `--json`).
+    /// The rates come from two samples one `--interval` apart.
+    #[arg(long)]
+    pub once: bool,
+    /// Refresh period in milliseconds (the rates are per second whatever it is).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub interval: u64,
+}
+
 /// `bench`.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -150,4 +172,7 @@ pub struct BenchArgs {
     /// Pace of the live real-path feed, events per second.
     #[arg(long, default_value_t = 1_000)]
     pub live_rate: u64,
+    /// Also draw the latency rows' distributions (p50 to max, log scales) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }

@@ -19,6 +19,11 @@ fn main() {
         Command::Gc => command::gc::run(&socket, cli.json).map(|()| true),
         Command::Demo(a) => command::demo::run(&socket, &a),
         Command::Bench(a) => command::bench::run(cli.json, &a).map(|()| true),
+        Command::Top(a) => command::top::run(&socket, cli.json, &a).map(|()| true),
+        Command::Completions { shell } => {
+            command::completions::run(shell);
+            Ok(true)
+        }
     };
     match result {
         Ok(true) => {}

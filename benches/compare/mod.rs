@@ -112,8 +112,17 @@ const CHECK_EVERY: u64 = 256;
 /// Spins before a spinning wait starts yielding (a peer that was preempted).
 const SPINS_BEFORE_YIELD: u32 = 1 << 16;
 
+/// One point of a latency distribution: the value at a quantile.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq)]
+pub struct Percentile {
+    /// The quantile, in `0.5..1` (0.99 is p99).
+    pub quantile: f64,
+    /// The latency at that quantile, ns.
+    pub ns: u64,
+}
+
 /// One latency measurement: a row of the latency table.
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct LatencyRow {
     /// What was measured.
     pub name: String,
@@ -127,6 +136,10 @@ pub struct LatencyRow {
     pub max_ns: u64,
     /// Samples recorded (after the warm-up).
     pub samples: u64,
+    /// The distribution from p50 to the max ([`percentiles`]), for `bench --plot`; not part
+    /// of the JSON rows.
+    #[serde(skip)]
+    pub percentiles: Vec<Percentile>,
 }
 
 /// One throughput measurement: a row of the throughput table.
@@ -320,7 +333,42 @@ fn latency_row(name: &str, h: &Histogram<u64>) -> LatencyRow {
         p999_ns: h.value_at_quantile(0.999),
         max_ns: h.max(),
         samples: h.len(),
+        percentiles: percentiles(h),
     }
+}
+
+/// Steps between two points of [`percentiles`], in nines (0.05: about 20 points per decade
+/// of the tail, from p50 to p90, from p90 to p99, ...).
+const NINES_STEP: f64 = 0.05;
+
+/// The distribution of `h` from p50 to the max, evenly spaced in "nines" (`-log10(1 - q)`:
+/// p90 is 1, p99 is 2, p99.9 is 3), the scale of a percentile plot. The last point is the
+/// largest sample, at the quantile of the last of `h.len()` samples (`1 - 1/len`, at least
+/// 0.5). Empty for an empty histogram.
+fn percentiles(h: &Histogram<u64>) -> Vec<Percentile> {
+    let n = h.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let last = (1.0 - 1.0 / n as f64).max(0.5);
+    let top = -(1.0 - last).log10();
+    let p50 = 2f64.log10();
+    let mut points: Vec<Percentile> = (0..)
+        .map(|k| p50 + k as f64 * NINES_STEP)
+        .take_while(|&nines| nines < top)
+        .map(|nines| {
+            let quantile = 1.0 - 10f64.powf(-nines);
+            Percentile {
+                quantile,
+                ns: h.value_at_quantile(quantile),
+            }
+        })
+        .collect();
+    points.push(Percentile {
+        quantile: last,
+        ns: h.max(),
+    });
+    points
 }
 
 /// Round trips discarded before recording (caches, branch predictors, page faults).
@@ -344,6 +392,36 @@ mod tests {
     fn sane_throughput(r: &ThroughputRow, events: u64) {
         assert_eq!(r.events, events, "{r:?}");
         assert!(r.seconds > 0.0 && r.events_per_s > 0.0, "{r:?}");
+    }
+
+    #[test]
+    fn percentiles_run_from_p50_to_the_max() {
+        let mut h = histogram();
+        for v in 1..=10_000u64 {
+            h.record(v).unwrap();
+        }
+        let p = percentiles(&h);
+        assert!((p[0].quantile - 0.5).abs() < 1e-9, "{:?}", p[0]);
+        assert!(p[0].ns.abs_diff(5_000) <= 5, "{:?}", p[0]);
+        assert!(p
+            .windows(2)
+            .all(|w| w[0].quantile < w[1].quantile && w[0].ns <= w[1].ns));
+        let last = p.last().unwrap();
+        assert!((last.quantile - 0.9999).abs() < 1e-12, "{last:?}");
+        assert_eq!(last.ns, h.max());
+        // p50 to p99.99 in steps of 0.05 nines, and the max.
+        assert!((70..=80).contains(&p.len()), "{}", p.len());
+        let one = histogram();
+        assert!(percentiles(&one).is_empty());
+        let mut one = histogram();
+        one.record(42).unwrap();
+        assert_eq!(
+            percentiles(&one),
+            [Percentile {
+                quantile: 0.5,
+                ns: 42
+            }]
+        );
     }
 
     #[test]

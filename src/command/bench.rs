@@ -16,7 +16,8 @@ use serde_json::json;
 
 use super::bench_live::quote;
 use super::private_daemon::{tool, PrivateDaemon, TempDir};
-use super::CliError;
+use super::table::{Align::Left, Align::Right, TextTable};
+use super::{plot, CliError};
 use crate::cli::{BenchArgs, CreateArgs, RunArgs};
 use aegis::sequencer;
 use aegis_shm_client::protocol::Mode;
@@ -207,6 +208,9 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
         "aegis_over_inproc_throughput": ratio(throughput[0].events_per_s, throughput[1].events_per_s),
         "aegis_over_socket_json_throughput": ratio(throughput[0].events_per_s, throughput[2].events_per_s),
     });
+    if let Some(path) = &a.plot {
+        plot_latency(path, &latency)?;
+    }
     if json_out {
         println!(
             "{}",
@@ -214,54 +218,91 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
         );
         return Ok(());
     }
-    println!(
-        "{:<58} {:>10} {:>10} {:>10} {:>12}",
-        "latency (one way)", "p50_ns", "p99_ns", "p999_ns", "max_ns"
-    );
-    for r in &latency {
-        println!(
-            "{:<58} {:>10} {:>10} {:>10} {:>12}",
-            r.name, r.p50_ns, r.p99_ns, r.p999_ns, r.max_ns
-        );
+    print_tables(&latency, &live, &throughput, &rss, &ratios);
+    Ok(())
+}
+
+/// Draws the latency rows' distributions into the SVG file `path` (`--plot`).
+fn plot_latency(path: &Path, latency: &[LatencyRow]) -> Result<(), CliError> {
+    let series: Vec<plot::Series> = latency
+        .iter()
+        .map(|r| plot::Series {
+            name: &r.name,
+            points: r.percentiles.iter().map(|p| (p.quantile, p.ns)).collect(),
+        })
+        .collect();
+    plot::latency_svg(path, "aegis-shmctl bench: one-way latency", &series)?;
+    eprintln!("aegis bench: latency plot written to {}", path.display());
+    Ok(())
+}
+
+/// The text output: the latency and throughput tables, peak RSS, the ratios and targets.
+fn print_tables(
+    latency: &[LatencyRow],
+    live: &[super::bench_live::LiveRow],
+    throughput: &[ThroughputRow],
+    rss: &PeakRss,
+    ratios: &serde_json::Value,
+) {
+    let mut t = TextTable::new(&[
+        ("latency (one way)", Left),
+        ("p50_ns", Right),
+        ("p99_ns", Right),
+        ("p999_ns", Right),
+        ("max_ns", Right),
+    ]);
+    for r in latency {
+        t.row([
+            r.name.clone(),
+            r.p50_ns.to_string(),
+            r.p99_ns.to_string(),
+            r.p999_ns.to_string(),
+            r.max_ns.to_string(),
+        ]);
     }
+    t.print(0);
     println!();
     if !live.is_empty() {
-        println!(
-            "{:<58} {:>10} {:>10} {:>10} {:>12} {:>8} {:>8} {:>8}",
-            "live real path (processes, paced feed)",
-            "p50_ns",
-            "p99_ns",
-            "p999_ns",
-            "max_ns",
-            "cpu%",
-            "idle%",
-            "daemon%"
-        );
-        for r in &live {
-            println!(
-                "{:<58} {:>10} {:>10} {:>10} {:>12} {:>8.1} {:>8.1} {:>8.1}",
-                r.name,
-                r.p50_ns,
-                r.p99_ns,
-                r.p999_ns,
-                r.max_ns,
-                r.consumer_cpu_pct,
-                r.idle_cpu_pct,
-                r.daemon_cpu_pct
-            );
+        let mut t = TextTable::new(&[
+            ("live real path (processes, paced feed)", Left),
+            ("p50_ns", Right),
+            ("p99_ns", Right),
+            ("p999_ns", Right),
+            ("max_ns", Right),
+            ("cpu%", Right),
+            ("idle cpu%", Right),
+            ("daemon cpu%", Right),
+        ]);
+        for r in live {
+            t.row([
+                r.name.clone(),
+                r.p50_ns.to_string(),
+                r.p99_ns.to_string(),
+                r.p999_ns.to_string(),
+                r.max_ns.to_string(),
+                format!("{:.1}", r.consumer_cpu_pct),
+                format!("{:.1}", r.idle_cpu_pct),
+                format!("{:.1}", r.daemon_cpu_pct),
+            ]);
         }
+        t.print(0);
         println!();
     }
-    println!(
-        "{:<58} {:>12} {:>10} {:>14}",
-        "throughput", "events", "seconds", "events_per_s"
-    );
-    for r in &throughput {
-        println!(
-            "{:<58} {:>12} {:>10.3} {:>14.0}",
-            r.name, r.events, r.seconds, r.events_per_s
-        );
+    let mut t = TextTable::new(&[
+        ("throughput", Left),
+        ("events", Right),
+        ("seconds", Right),
+        ("events_per_s", Right),
+    ]);
+    for r in throughput {
+        t.row([
+            r.name.clone(),
+            r.events.to_string(),
+            format!("{:.3}", r.seconds),
+            format!("{:.0}", r.events_per_s),
+        ]);
     }
+    t.print(0);
     println!();
     let mb =
         |kb: Option<u64>| kb.map_or("?".to_string(), |k| format!("{:.0} MB", k as f64 / 1024.0));
@@ -272,25 +313,31 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
         mb(rss.tap_kb)
     );
     let f = |k: &str| ratios[k].as_f64().unwrap_or(f64::NAN);
-    println!(
-        "aegis p50 / ping-pong p50:          {:.2}x (target <= 2)",
-        f("aegis_p50_over_pingpong_p50")
-    );
-    println!(
-        "aegis p99.9:                         {} ns (target <= 10000)",
-        latency[0].p999_ns
-    );
-    println!(
-        "socket-JSON p50 / aegis p50:         {:.1}x (target >= 10)",
-        f("socket_json_p50_over_aegis_p50")
-    );
-    println!(
-        "aegis / in-process merge throughput: {:.2}x (target >= 0.5)",
-        f("aegis_over_inproc_throughput")
-    );
-    println!(
-        "aegis / socket-JSON throughput:      {:.1}x (target >= 20)",
-        f("aegis_over_socket_json_throughput")
-    );
-    Ok(())
+    let mut t = TextTable::new(&[("ratio", Left), ("measured", Right), ("target", Left)]);
+    t.row([
+        "aegis p50 / ping-pong p50".to_string(),
+        format!("{:.2}x", f("aegis_p50_over_pingpong_p50")),
+        "<= 2".to_string(),
+    ]);
+    t.row([
+        "aegis p99.9".to_string(),
+        format!("{} ns", latency[0].p999_ns),
+        "<= 10000 ns".to_string(),
+    ]);
+    t.row([
+        "socket-JSON p50 / aegis p50".to_string(),
+        format!("{:.1}x", f("socket_json_p50_over_aegis_p50")),
+        ">= 10".to_string(),
+    ]);
+    t.row([
+        "aegis / in-process merge throughput".to_string(),
+        format!("{:.2}x", f("aegis_over_inproc_throughput")),
+        ">= 0.5".to_string(),
+    ]);
+    t.row([
+        "aegis / socket-JSON throughput".to_string(),
+        format!("{:.1}x", f("aegis_over_socket_json_throughput")),
+        ">= 20".to_string(),
+    ]);
+    t.print(0);
 }

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use super::private_daemon::{tool, PrivateDaemon, TempDir};
 use super::session::{Outcome, RunSummary};
+use super::table::{Align::Left, Align::Right, TextTable};
 use super::CliError;
 use crate::cli::{CreateArgs, DemoArgs, RunArgs};
 use aegis_shm_client::protocol::Mode;
@@ -205,11 +206,18 @@ fn run_session(
 /// Prints each consumer's rate, latencies and digest; returns whether every digest is equal
 /// (and present).
 fn report_consumers(dir: &Path, consumers: usize) -> bool {
-    println!(
-        "{:<8} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9}  digest",
-        "consumer", "events", "events/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs"
-    );
+    let mut t = TextTable::new(&[
+        ("consumer", Left),
+        ("events", Right),
+        ("events/s", Right),
+        ("p50 µs", Right),
+        ("p99 µs", Right),
+        ("p99.9 µs", Right),
+        ("max µs", Right),
+        ("digest", Left),
+    ]);
     let mut digests = Vec::new();
+    let mut said = Vec::new();
     for i in 0..consumers {
         let stats = std::fs::read_to_string(dir.join(format!("tap-{i}.stats"))).unwrap_or_default();
         let line = stats
@@ -223,23 +231,30 @@ fn report_consumers(dir: &Path, consumers: usize) -> bool {
             .trim()
             .to_string();
         let l = &v["latency_us"];
-        println!(
-            "{:<8} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9}  {}",
+        t.row([
             format!("tap-{i}"),
-            v["events"],
-            v["events_per_s"],
-            l["p50"],
-            l["p99"],
-            l["p999"],
-            l["max"],
-            if digest.is_empty() { "(none)" } else { &digest }
-        );
+            v["events"].to_string(),
+            v["events_per_s"].to_string(),
+            l["p50"].to_string(),
+            l["p99"].to_string(),
+            l["p999"].to_string(),
+            l["max"].to_string(),
+            if digest.is_empty() {
+                "(none)".to_string()
+            } else {
+                digest.clone()
+            },
+        ]);
         // Show what the tap said besides its stats line (its error, when it failed). The
         // old test, `!line.starts_with('{')`, could never hold: `line` falls back to "{}".
         for l in stats.lines().filter(|l| !l.starts_with('{')) {
-            eprintln!("tap-{i}: {l}");
+            said.push(format!("tap-{i}: {l}"));
         }
         digests.push(digest);
+    }
+    t.print(0);
+    for l in said {
+        eprintln!("{l}");
     }
     let same = !digests[0].is_empty() && digests.iter().all(|d| *d == digests[0]);
     println!("digests equal: {}", if same { "yes" } else { "NO" });

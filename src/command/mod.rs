@@ -2,11 +2,15 @@
 
 pub mod bench;
 pub mod bench_live;
+pub mod completions;
 pub mod demo;
 pub mod gc;
+pub mod plot;
 pub mod private_daemon;
 pub mod serve;
 pub mod session;
+pub mod table;
+pub mod top;
 
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -11,6 +11,7 @@ use aegis_shm_client::protocol::{
 use serde::Serialize;
 use serde_json::Value;
 
+use super::table::{Align::Left, Align::Right, TextTable};
 use super::{print_json, request, CliError};
 use crate::cli::{CreateArgs, RunArgs, SessionCommand};
 
@@ -108,67 +109,95 @@ pub fn run(socket: &Path, json_out: bool, cmd: SessionCommand) -> Result<bool, C
 
 /// Human-readable `list`.
 fn print_list(v: &[SessionInfo]) {
-    println!(
-        "{:<24} {:<9} {:<9} {:>10} {:>7} {:>14}",
-        "NAME", "MODE", "STATE", "COMPONENTS", "SOURCES", "EVENTS"
-    );
+    let mut t = TextTable::new(&[
+        ("NAME", Left),
+        ("MODE", Left),
+        ("STATE", Left),
+        ("COMPONENTS", Right),
+        ("SOURCES", Right),
+        ("EVENTS", Right),
+    ]);
     for s in v {
-        println!(
-            "{:<24} {:<9} {:<9} {:>10} {:>7} {:>14}",
-            s.name,
-            s.mode.name(),
-            s.state.name(),
-            s.components,
-            s.sources,
-            s.events_merged
-        );
+        t.row([
+            s.name.clone(),
+            s.mode.name().to_string(),
+            s.state.name().to_string(),
+            s.components.to_string(),
+            s.sources.to_string(),
+            s.events_merged.to_string(),
+        ]);
     }
+    t.print(0);
 }
 
 /// Human-readable `inspect`.
 pub fn print_inspect(v: &Inspect) {
-    let why = |r: &Option<String>| r.as_ref().map(|r| format!(" ({r})")).unwrap_or_default();
+    let why = |r: &Option<String>| r.clone().unwrap_or_default();
     println!("session {} ({} mode): {}", v.name, v.mode, v.state);
     if let Some(r) = &v.reason {
         println!("  reason: {r}");
     }
     println!("components:");
+    let mut t = TextTable::new(&[
+        ("NAME", Left),
+        ("ROLE", Left),
+        ("PID", Right),
+        ("STATE", Left),
+        ("REASON", Left),
+    ]);
     for c in &v.components {
-        println!(
-            "  {:<28} {:<9} pid {:<8} {}{}",
-            c.name,
-            c.role,
-            c.pid,
-            c.state,
-            why(&c.reason)
-        );
+        t.row([
+            c.name.clone(),
+            c.role.to_string(),
+            c.pid.to_string(),
+            c.state.to_string(),
+            why(&c.reason),
+        ]);
     }
+    t.print(2);
     println!("sources:");
+    let mut t = TextTable::new(&[
+        ("NAME", Left),
+        ("STATE", Left),
+        ("EVENTS", Right),
+        ("REJECTED", Right),
+        ("WATERMARK", Right),
+        ("REASON", Left),
+    ]);
     for c in &v.sources {
         let p = c.progress.as_ref();
-        println!(
-            "  {:<28} {:<8} events {:<10} rejected {:<6} watermark {}{}",
-            c.name,
-            c.state.name(),
-            c.events,
+        t.row([
+            c.name.clone(),
+            c.state.name().to_string(),
+            c.events.to_string(),
             opt(p.map(|p| p.rejected)),
             opt(p.map(|p| p.watermark)),
-            why(&p.and_then(|p| p.reason.clone()))
-        );
+            why(&p.and_then(|p| p.reason.clone())),
+        ]);
     }
+    t.print(2);
     println!("consumers:");
+    let mut t = TextTable::new(&[
+        ("NAME", Left),
+        ("SLOT", Right),
+        ("STATE", Left),
+        ("READ", Right),
+        ("LAG_BYTES", Right),
+        ("OVERRUNS", Right),
+        ("MISSED", Right),
+    ]);
     for c in &v.consumers {
-        println!(
-            "  {:<28} slot {:<3} {:<9} read {:<10} lag {} bytes, overruns {}, missed {}",
-            c.name,
+        t.row([
+            c.name.clone(),
             opt(c.slot),
-            c.state.name(),
+            c.state.name().to_string(),
             opt(c.read),
             opt(c.lag_bytes),
             opt(c.overruns),
-            opt(c.missed)
-        );
+            opt(c.missed),
+        ]);
     }
+    t.print(2);
     let q = &v.sequencer;
     println!(
         "sequencer: {} events merged ({} /s), {} late, {} rejected, {} source stalls ({} ms), {} consumer stalls ({} ms), bus fill {} bytes",
@@ -246,9 +275,11 @@ pub fn run_session(socket: &Path, json_out: bool, a: &RunArgs) -> Result<bool, C
             a.create.name,
             state.map_or("?", SessionState::name)
         );
+        let mut t = TextTable::new(&[("EXIT", Right), ("COMMAND", Left)]);
         for c in &r.components {
-            println!("  exit {:<4} {}", opt(c.exit), c.command);
+            t.row([opt(c.exit), c.command.clone()]);
         }
+        t.print(2);
         println!(
             "  {} events merged in {:.3} s",
             opt(r.session.as_ref().map(|s| s.sequencer.events_merged)),
