@@ -4,10 +4,10 @@
 //! A [`Doorbell`] lives in the control block of a ring or of the bus, in shared memory. It is a
 //! futex word plus a "somebody may be asleep" flag:
 //!
-//! - the **reader** ([`Doorbell::park`]) reads the futex word, raises the flag, and (after a
+//! - the **reader** (`Doorbell::park`) reads the futex word, raises the flag, and (after a
 //!   full fence) looks once more for new data; only if there still is none does it sleep in
 //!   `FUTEX_WAIT` on the word, until woken or a timeout;
-//! - the **writer** ([`Doorbell::ring`]), after the Release store that publishes new data,
+//! - the **writer** (`Doorbell::ring`), after the Release store that publishes new data,
 //!   issues a full fence and loads the flag. Only if the flag is up does it clear it, bump the
 //!   word and call `FUTEX_WAKE`. A writer whose readers all spin pays one fence and one load
 //!   of a line nobody else writes, never a system call.
@@ -123,7 +123,7 @@ impl Doorbell {
 /// A doorbell and the look for new data that goes with it: what a parking wait strategy
 /// ([`crate::wait::Park`]) sleeps on.
 pub trait Bell {
-    /// Sleeps until rung or `timeout`, unless there is new data (see [`Doorbell::park`]).
+    /// Sleeps until rung or `timeout`, unless there is new data (see the module docs).
     fn park(&self, timeout: Duration);
 }
 
