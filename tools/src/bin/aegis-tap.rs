@@ -219,7 +219,7 @@ impl Tap {
                     ),
                 }
             }
-            bus.subscribe(Some(&ids));
+            bus.subscribe(Some(&ids)).unwrap_or_else(|e| fail(e));
         }
         Tap {
             name,
