@@ -167,6 +167,10 @@ impl Store {
         if let Some(e) = held.sessions.get(session).and_then(|s| s.get(component)) {
             return (e.desired(), false);
         }
+        if seed.topics == NameSet::All && seed.symbols == NameSet::All {
+            // Nothing declared: nothing to keep (the file holds only explicit sets).
+            return (Desired::default(), false);
+        }
         held.version += 1;
         let entry = Entry {
             topics: seed.topics,
