@@ -96,8 +96,8 @@ struct Args {
     /// `aegis-shmctl subscribe SESSION NAME --symbols ...` changes it live (pushed at once,
     /// enforced by the reconciliation every --reconcile-s). Journals then go through the ring
     /// (a journal handed to the daemon cannot be filtered).
-    #[arg(long, value_name = "S,...", value_parser = parse_symbol_list)]
-    symbols: Option<Vec<String>>,
+    #[arg(long, value_name = "S,...", value_parser = check_symbol_list)]
+    symbols: Option<String>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -133,7 +133,12 @@ impl Input {
     }
 }
 
-fn parse_symbol_list(s: &str) -> Result<Vec<String>, String> {
+/// Checks a `--symbols` list (clap keeps the text; [`symbol_list`] splits it).
+fn check_symbol_list(s: &str) -> Result<String, String> {
+    symbol_list(s).map(|_| s.to_string())
+}
+
+fn symbol_list(s: &str) -> Result<Vec<String>, String> {
     aegis_shm_client::subscription::parse_symbols(s).map_err(|e| e.to_string())
 }
 
@@ -181,7 +186,11 @@ fn main() {
             sources,
             pid: Some(std::process::id()),
             accepts_symbols: args.symbols.is_some(),
-            supported_symbols: args.symbols.clone().unwrap_or_default(),
+            supported_symbols: args
+                .symbols
+                .as_deref()
+                .map(|s| symbol_list(s).unwrap_or_else(|e| fail(e)))
+                .unwrap_or_default(),
             ..Register::default()
         },
     )

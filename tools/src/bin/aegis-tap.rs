@@ -33,8 +33,8 @@ struct Args {
     /// Only these topics (comma-separated), e.g. trades.BTCUSDT,klines.BTCUSDT.1m: the initial
     /// desired topic set of this consumer, unless the daemon holds one for its name already.
     /// `aegis-shmctl subscribe SESSION NAME --topics ...` changes it live.
-    #[arg(long, value_name = "T,...", value_parser = parse_topic_list)]
-    topics: Option<Vec<String>>,
+    #[arg(long, value_name = "T,...", value_parser = check_topic_list)]
+    topics: Option<String>,
     /// Write to FILE instead of stdout.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -62,7 +62,12 @@ struct Args {
     idle_timeout: u64,
 }
 
-fn parse_topic_list(s: &str) -> Result<Vec<String>, String> {
+/// Checks a `--topics` list (clap keeps the text; [`topic_list`] splits it).
+fn check_topic_list(s: &str) -> Result<String, String> {
+    topic_list(s).map(|_| s.to_string())
+}
+
+fn topic_list(s: &str) -> Result<Vec<String>, String> {
     aegis_shm_client::subscription::parse_topics(s).map_err(|e| e.to_string())
 }
 
@@ -195,7 +200,11 @@ impl Tap {
                 component_name: name.clone(),
                 session_token: token,
                 role: Some(Role::Consumer),
-                topics: args.topics.clone().unwrap_or_default(),
+                topics: args
+                    .topics
+                    .as_deref()
+                    .map(|t| topic_list(t).unwrap_or_else(|e| fail(e)))
+                    .unwrap_or_default(),
                 pid: Some(std::process::id()),
                 ..Register::default()
             },
