@@ -12,7 +12,7 @@
 //! Level-triggered, as a Kubernetes controller: a periodic reconciliation does not trust the
 //! last push, it asks the daemon for the desired set again, then compares. Repairs are
 //! idempotent (storing the same mask twice, applying the same set twice). One thread runs the
-//! periodic ones and the pushes; [`Subs::reconcile`] holds a lock for its whole run, so the
+//! periodic ones and the pushes; `Subs::reconcile` holds a lock for its whole run, so the
 //! application's thread (at attach and at STARTED) never runs one at the same time.
 //!
 //! After a (re-)registration the ACK carries the desired set, and it is applied before the
