@@ -24,7 +24,12 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon in the foreground (SIGINT/SIGTERM: clean shutdown, segments removed).
-    Serve,
+    Serve {
+        /// Where the desired subscription sets are kept (default: SOCKET.state beside the
+        /// socket).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Manage sessions.
     #[command(subcommand)]
     Session(SessionCommand),
@@ -37,6 +42,16 @@ pub enum Command {
     /// A live view of the sessions, sources, consumers and sequencer, refreshed every second
     /// (`q` quits); `--once` prints one snapshot (with `--json` for scripts).
     Top(TopArgs),
+    /// Set a component's desired topics (a consumer) or symbols (a producer that accepts a
+    /// symbol set). Persisted by the daemon and pushed to the component at once; the
+    /// component's reconciliation enforces it from then on.
+    Subscribe(SubscribeArgs),
+    /// Desired vs actual subscription sets of a session's components, drift, last
+    /// reconciliation and errors.
+    Subscriptions {
+        /// Session name.
+        session: String,
+    },
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -67,6 +82,26 @@ pub struct CreateArgs {
     /// Live: how long an idle source may hold the merge back (µs, default 1000).
     #[arg(long)]
     pub max_lateness_us: Option<u64>,
+    /// How often each component compares its subscription with the desired set and repairs
+    /// it, in seconds (default 30).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub reconcile_s: Option<u64>,
+}
+
+/// `subscribe`.
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("set").required(true).args(["topics", "symbols"])))]
+pub struct SubscribeArgs {
+    /// Session name.
+    pub session: String,
+    /// Component name (it need not be registered yet: it gets the set when it registers).
+    pub component: String,
+    /// The topics to deliver, comma-separated (trades.BTCUSDT,klines.BTCUSDT.1m).
+    #[arg(long, value_name = "T,...")]
+    pub topics: Option<String>,
+    /// The symbols to produce, comma-separated (BTCUSDT,ETHUSDT).
+    #[arg(long, value_name = "S,...")]
+    pub symbols: Option<String>,
 }
 
 /// `session` subcommands.

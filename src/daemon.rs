@@ -77,6 +77,9 @@ pub enum ServeError {
     /// The socket directory is unsafe.
     #[error("{0}")]
     UnsafeDir(String),
+    /// The subscription store could not be opened (a corrupt state file among others).
+    #[error(transparent)]
+    State(#[from] crate::subscriptions::StoreError),
     /// I/O.
     #[error("cannot listen at {path}: {source}")]
     Io {
@@ -91,6 +94,8 @@ pub enum ServeError {
 pub(crate) struct Shared {
     /// The sessions.
     pub(crate) sessions: Registry,
+    /// The desired subscription sets (persisted in the state directory).
+    pub(crate) subs: crate::subscriptions::Store,
     shutdown: AtomicBool,
     next_conn: AtomicU64,
     connections: AtomicUsize,
@@ -106,8 +111,10 @@ pub struct Daemon {
 
 impl Daemon {
     /// Binds the socket: creates its directory 0700 if needed, refuses if another daemon
-    /// answers, replaces a stale socket file, and sets the socket to 0600.
-    pub fn bind(socket: &Path) -> Result<Daemon, ServeError> {
+    /// answers, replaces a stale socket file, and sets the socket to 0600. Opens the
+    /// subscription store in `state_dir` first (a corrupt state file is an error).
+    pub fn bind(socket: &Path, state_dir: &Path) -> Result<Daemon, ServeError> {
+        let subs = crate::subscriptions::Store::open(state_dir)?;
         let io = |source| ServeError::Io {
             path: socket.to_path_buf(),
             source,
@@ -145,6 +152,7 @@ impl Daemon {
         Ok(Daemon {
             shared: Arc::new(Shared {
                 sessions: Registry::default(),
+                subs,
                 shutdown: AtomicBool::new(false),
                 next_conn: AtomicU64::new(1),
                 connections: AtomicUsize::new(0),

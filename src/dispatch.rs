@@ -16,6 +16,7 @@ use crate::outbox::Outbox;
 use crate::refusal::Refusal;
 use crate::registry::{SessionCell, SessionGuard};
 use crate::session::{CompState, Session, State};
+use crate::subscriptions;
 
 /// `SESSION_START` waits this long for missing READYs unless the request says otherwise.
 const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,7 +54,7 @@ pub fn handle_line(ctx: &Conn<'_>, peer: &mut Peer, line: &[u8]) -> Option<Reply
     };
     if let Peer::Component(name, cell) = &*peer {
         return match cell.lock() {
-            Some(mut s) => component_request(&mut s, ctx.conn, req),
+            Some(mut s) => component_request(ctx.shared, &mut s, ctx.conn, req),
             None => Some(Reply::error(
                 ErrorCode::SessionGone,
                 format!("session {name} no longer exists"),
@@ -74,7 +75,16 @@ pub fn handle_line(ctx: &Conn<'_>, peer: &mut Peer, line: &[u8]) -> Option<Reply
         Request::SessionStop { name } => stop(ctx.shared, &name),
         Request::SessionDestroy { name } => destroy(ctx.shared, &name),
         Request::SessionEvict { name, component } => evict(ctx.shared, &name, &component),
-        Request::Ready
+        Request::Subscribe {
+            name,
+            component,
+            topics,
+            symbols,
+        } => subscriptions::subscribe(ctx.shared, &name, &component, topics, symbols),
+        Request::SessionSubscriptions { name } => subscriptions::view(ctx.shared, &name),
+        Request::Subscriptions
+        | Request::Reconciled(_)
+        | Request::Ready
         | Request::Finished
         | Request::Heartbeat
         | Request::Ack
@@ -97,7 +107,7 @@ pub fn disconnected(peer: &Peer, conn: u64) {
 }
 
 /// A message from a registered component.
-fn component_request(s: &mut Session, conn: u64, req: Request) -> Option<Reply> {
+fn component_request(shared: &Shared, s: &mut Session, conn: u64, req: Request) -> Option<Reply> {
     if let Some(c) = s.component_mut(conn) {
         c.last_seen = Instant::now();
     }
@@ -113,6 +123,11 @@ fn component_request(s: &mut Session, conn: u64, req: Request) -> Option<Reply> 
             Some(Reply::ack())
         }
         Request::Ack | Request::Wait { .. } => None,
+        Request::Subscriptions => Some(subscriptions::answer(shared, s, conn)),
+        Request::Reconciled(report) => {
+            subscriptions::record(shared, s, conn, report);
+            None
+        }
         Request::Register(_) => Some(Reply::error(
             ErrorCode::AlreadyRegistered,
             "this connection is already registered",
@@ -161,11 +176,26 @@ fn register(ctx: &Conn<'_>, peer: &mut Peer, reg: &Register) -> Result<Reply, Re
     } else {
         reg.pid.unwrap_or(0)
     };
+    let seed = subscriptions::seed_of(reg)?;
     let mut s = cell
         .lock()
         .ok_or_else(|| Refusal::new(ErrorCode::BadToken, "unknown session token"))?;
-    let ack = s.register(reg, pid, ctx.conn, ctx.outbox.clone())?;
+    subscriptions::check_topics(&s, &seed.topics)?;
+    let mut ack = s.register(reg, pid, ctx.conn, ctx.outbox.clone())?;
+    // The store's set wins over the REGISTER's, which only seeds a new entry.
+    let (desired, seeded) = ctx.shared.subs.seed(&s.name, &reg.component_name, seed);
+    ack.desired = desired;
     *peer = Peer::Component(s.name.clone(), cell.clone());
+    drop(s);
+    if seeded {
+        // Written under no session lock. The component runs with the set either way.
+        if let Err(e) = ctx.shared.subs.persist() {
+            eprintln!(
+                "aegis: the desired set of {} is not persisted: {e}",
+                reg.component_name
+            );
+        }
+    }
     Ok(Reply::Ack {
         ack: Some(Box::new(ack)),
         data: None,
@@ -285,6 +315,7 @@ fn destroy(shared: &Shared, name: &str) -> Result<Reply, Refusal> {
         .ok_or_else(|| Refusal::no_session(name))?;
     s.stop(State::Stopped, "session destroyed");
     s.shutdown();
+    shared.subs.forget(&s.id);
     drop(s);
     Ok(Reply::data(&SessionDestroyed {
         name: name.to_string(),

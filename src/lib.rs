@@ -15,3 +15,4 @@ mod registry;
 pub mod sequencer;
 pub mod session;
 pub mod source;
+pub mod subscriptions;

@@ -14,12 +14,20 @@ fn main() {
     let cli = Cli::parse();
     let socket = command::socket(&cli.socket);
     let result = match cli.command {
-        Command::Serve => command::serve::run(&socket).map(|()| true),
+        Command::Serve { state_dir } => {
+            command::serve::run(&socket, state_dir.as_deref()).map(|()| true)
+        }
         Command::Session(cmd) => command::session::run(&socket, cli.json, cmd),
         Command::Gc => command::gc::run(&socket, cli.json).map(|()| true),
         Command::Demo(a) => command::demo::run(&socket, &a),
         Command::Bench(a) => command::bench::run(cli.json, &a).map(|()| true),
         Command::Top(a) => command::top::run(&socket, cli.json, &a).map(|()| true),
+        Command::Subscribe(a) => {
+            command::subscribe::subscribe(&socket, cli.json, &a).map(|()| true)
+        }
+        Command::Subscriptions { session } => {
+            command::subscribe::subscriptions(&socket, cli.json, session).map(|()| true)
+        }
         Command::Completions { shell } => {
             command::completions::run(shell);
             Ok(true)

@@ -115,7 +115,8 @@ impl CompState {
         }
     }
 
-    fn gone(&self) -> bool {
+    /// Whether it is finished, dead or in error.
+    pub fn gone(&self) -> bool {
         matches!(
             self,
             CompState::Finished | CompState::Dead(_) | CompState::Error(_)
@@ -148,6 +149,8 @@ pub struct Component {
     pub outbox: Outbox,
     /// Connection id.
     pub conn: u64,
+    /// A producer that filters by a desired symbol set (`subscribe --symbols`).
+    pub accepts_symbols: bool,
 }
 
 impl Component {
@@ -283,6 +286,13 @@ impl Session {
         };
         let bus_bytes = parse_pow2(spec.bus_bytes, DEFAULT_BUS_BYTES, "--bus-bytes")?;
         parse_pow2(spec.source_bytes, DEFAULT_SOURCE_BYTES, "--source-bytes")?;
+        if let Some(r) = spec.reconcile_s {
+            if !aegis_shm_client::subscription::RECONCILE_S.contains(&r) {
+                return Err(Refusal::bad_request(format!(
+                    "--reconcile-s must be between 1 and 3600 seconds, got {r}"
+                )));
+            }
+        }
         if let Some(core) = spec.sequencer_core {
             let n = core_affinity::get_core_ids().map_or(0, |c| c.len());
             if core >= n {
@@ -391,6 +401,7 @@ impl Session {
             connected: true,
             outbox,
             conn,
+            accepts_symbols: reg.accepts_symbols,
         });
         Ok(Ack {
             session_id: self.id.clone(),
@@ -404,6 +415,9 @@ impl Session {
             sources: ack_sources,
             topics,
             source_names: self.sources.keys().cloned().collect(),
+            // The caller (`dispatch::register`) fills in the store's desired set.
+            desired: Default::default(),
+            reconcile_s: crate::subscriptions::reconcile_s(self),
         })
     }
 
@@ -559,7 +573,7 @@ impl Session {
 
     /// Topic ids: the position of the topic's name among the sorted names, so they never
     /// depend on registration order.
-    fn topic_table(&self) -> BTreeMap<String, u32> {
+    pub fn topic_table(&self) -> BTreeMap<String, u32> {
         let mut names: Vec<&String> = self.sources.values().map(|s| &s.topic).collect();
         names.sort();
         names.dedup();
@@ -949,6 +963,12 @@ impl Session {
                     .collect(),
             },
         }
+    }
+
+    /// The topic mask in bus slot `slot`, if it is attached.
+    pub fn topic_mask(&self, slot: usize) -> Option<aegis_shm_client::spmc::TopicMask> {
+        let stats = self.monitor.slot_stats();
+        stats.iter().find(|s| s.slot == slot).map(|s| s.topics)
     }
 
     /// Every consumer's bus slot figures.

@@ -35,6 +35,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{self, Ack, ErrorCode, Register, Reply, Request, Role, SourceDecl};
+pub use crate::reconcile::{ReconcileStatus, SymbolHandler};
+use crate::reconcile::{Subs, Trigger};
 use crate::segment::{OpenError, ShmRegion};
 use crate::spmc::{AttachError, BusReader};
 use crate::spsc::Producer;
@@ -118,6 +120,8 @@ struct Shared {
 pub struct Component {
     writer: Arc<Mutex<UnixStream>>,
     shared: Arc<Shared>,
+    /// The desired set and its reconciliation (`crate::reconcile`).
+    subs: Arc<Subs>,
     ack: Ack,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -182,10 +186,22 @@ impl Component {
             quit: AtomicBool::new(false),
         });
         let writer = Arc::new(Mutex::new(writer));
+        // The desired set of the ACK is the first thing held: it is applied before the
+        // component reads or writes anything (`consumer`, `ready`, `on_symbols`).
+        let subs = Arc::new(Subs::new(ack.desired.clone(), ack.topics.clone()));
         let mut threads = Vec::new();
         {
-            let shared = shared.clone();
-            threads.push(std::thread::spawn(move || reader_loop(reader, &shared)));
+            let (shared, subs) = (shared.clone(), subs.clone());
+            threads.push(std::thread::spawn(move || {
+                reader_loop(reader, &shared, &subs)
+            }));
+        }
+        {
+            let (shared, subs, writer) = (shared.clone(), subs.clone(), writer.clone());
+            let period = Duration::from_secs(ack.reconcile_s.max(1));
+            threads.push(std::thread::spawn(move || {
+                reconcile_loop(&writer, &shared, &subs, period)
+            }));
         }
         {
             let shared = shared.clone();
@@ -195,9 +211,30 @@ impl Component {
         Ok(Component {
             writer,
             shared,
+            subs,
             ack,
             threads,
         })
+    }
+
+    /// Installs the producer's symbol filter (a producer that registered with
+    /// `accepts_symbols`): it is applied the desired set at once, then on every push and
+    /// whenever the periodic reconciliation finds it differs (counted as drift).
+    pub fn on_symbols(&self, handler: Arc<dyn SymbolHandler>) {
+        self.subs.set_handler(handler);
+        self.reconcile(Trigger::Start);
+    }
+
+    /// The desired set held now, and the reconciliation's figures.
+    pub fn subscriptions(&self) -> ReconcileStatus {
+        self.subs.status()
+    }
+
+    /// Runs one reconciliation (the application's thread) and reports it to the daemon.
+    fn reconcile(&self, trigger: Trigger) {
+        if let Some(report) = self.subs.reconcile(trigger) {
+            let _ = self.send(&Request::Reconciled(report));
+        }
     }
 
     /// The daemon's ACK: segment paths, slot, topic ids.
@@ -251,11 +288,12 @@ impl Component {
             source: e,
         };
         let region = Arc::new(ShmRegion::open(Path::new(&self.ack.bus)).map_err(map)?);
-        Ok(BusReader::attach(
-            region,
-            Some(self.ack.epoch),
-            self.ack.slot,
-        )?)
+        let bus = BusReader::attach(region, Some(self.ack.epoch), self.ack.slot)?;
+        // The slot's topic mask is this consumer's actual set: the desired one goes in
+        // before the first read (again at STARTED, with the final topic table).
+        self.subs.set_mask(bus.topic_handle().map_err(map)?);
+        self.reconcile(Trigger::Start);
+        Ok(bus)
     }
 
     fn send(&self, req: &Request) -> Result<(), ClientError> {
@@ -267,7 +305,12 @@ impl Component {
     /// Sends READY and waits for STARTED (the READY barrier), at most `timeout`.
     pub fn ready(&self, timeout: Duration) -> Result<Started, ClientError> {
         self.send(&Request::Ready)?;
-        self.wait_for(timeout, "STARTED", |s| s.started.clone())
+        let started = self.wait_for(timeout, "STARTED", |s| s.started.clone())?;
+        // The topic table is final now: the consumer's mask is set from it before the
+        // caller's first read.
+        self.subs.set_table(started.topics.clone());
+        self.reconcile(Trigger::Start);
+        Ok(started)
     }
 
     fn wait_for<T>(
@@ -347,6 +390,7 @@ impl Component {
 impl Drop for Component {
     fn drop(&mut self) {
         self.shared.quit.store(true, Ordering::Relaxed);
+        self.subs.wake.notify_all();
         if let Ok(w) = self.writer.lock() {
             let _ = w.shutdown(std::net::Shutdown::Both);
         }
@@ -374,7 +418,7 @@ fn read_reply(r: &mut BufReader<UnixStream>) -> Result<Reply, ClientError> {
     }
 }
 
-fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared) {
+fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared, subs: &Subs) {
     let mut buf = Vec::new();
     while !shared.quit.load(Ordering::Relaxed) {
         let reply = match protocol::read_line(&mut r, &mut buf) {
@@ -392,12 +436,19 @@ fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared) {
             }
             _ => break,
         };
+        if let Reply::Subscriptions(push) = reply {
+            // Not under the status lock: the reconciliation thread takes the two in the
+            // other order.
+            subs.received(push);
+            continue;
+        }
         let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
         match reply {
             Reply::Started {
                 topics,
                 source_names,
             } => {
+                subs.set_table(topics.clone());
                 st.started = Some(Started {
                     topics,
                     source_names,
@@ -411,7 +462,7 @@ fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared) {
                 st.stopped = Some(format!("{code}: {message}"));
             }
             Reply::Ack { .. } => st.finished_ack = true,
-            Reply::Wait { .. } | Reply::Heartbeat => continue,
+            Reply::Wait { .. } | Reply::Heartbeat | Reply::Subscriptions(_) => continue,
         }
         shared.changed.notify_all();
     }
@@ -421,6 +472,48 @@ fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared) {
         .unwrap_or_else(|e| e.into_inner())
         .closed = true;
     shared.changed.notify_all();
+}
+
+/// The periodic reconciliation (and the pushes), until the component is dropped, stopped or
+/// disconnected: every `period`, asks the daemon for the desired set (level-triggered: the
+/// last push is not trusted), waits for the answer (5 s at most), reconciles and reports.
+fn reconcile_loop(w: &Mutex<UnixStream>, shared: &Shared, subs: &Subs, period: Duration) {
+    let stop = || {
+        shared.quit.load(Ordering::Relaxed) || {
+            let st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
+            st.closed || st.stopped.is_some()
+        }
+    };
+    let send = |req: &Request| {
+        let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
+        g.write_all(&protocol::encode(req)).is_ok()
+    };
+    let mut next = Instant::now() + period;
+    while !stop() {
+        if subs.wait_push(next, stop) {
+            if let Some(r) = subs.reconcile(Trigger::Push) {
+                send(&Request::Reconciled(r));
+            }
+            continue;
+        }
+        if Instant::now() < next || stop() {
+            continue;
+        }
+        next = Instant::now() + period;
+        if !subs.has_targets() {
+            continue;
+        }
+        let seen = subs.answers();
+        let answered = send(&Request::Subscriptions) && subs.wait_answer(seen, IO_TIMEOUT, stop);
+        if let Some(mut r) = subs.reconcile(Trigger::Periodic) {
+            if !answered {
+                r.errors.push(format!(
+                    "the daemon did not send the desired set within {IO_TIMEOUT:?}: reconciled with the one held"
+                ));
+            }
+            send(&Request::Reconciled(r));
+        }
+    }
 }
 
 fn heartbeat_loop(w: &Mutex<UnixStream>, shared: &Shared) {

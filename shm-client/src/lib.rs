@@ -60,11 +60,13 @@ pub mod event;
 pub mod frame;
 pub mod journal;
 pub mod protocol;
+pub mod reconcile;
 pub(crate) mod ring;
 pub mod segment;
 pub mod spmc;
 pub mod spsc;
 pub mod stats;
+pub mod subscription;
 pub(crate) mod sync;
 pub mod wait;
 

@@ -173,6 +173,8 @@ pub enum ErrorCode {
     /// Sent to a component that `session evict` evicted: it must stop (a consumer's bus slot
     /// is released; its next read says so).
     Evicted,
+    /// A topic that no source of the (started) session publishes.
+    UnknownTopic,
 }
 
 named_enum!(ErrorCode, "error code", {
@@ -200,6 +202,7 @@ named_enum!(ErrorCode, "error code", {
     NoComponent => "no_component",
     ComponentGone => "component_gone",
     Evicted => "evicted",
+    UnknownTopic => "unknown_topic",
 });
 
 /// Where a session is in its life: `created → running → draining → finished`, or `failed` /
@@ -367,18 +370,24 @@ pub struct Register {
     /// Sources it will produce.
     #[serde(default)]
     pub sources: Vec<SourceDecl>,
-    /// Event kinds it requires (informational).
+    /// Event kinds it requires (`klines`, `orderbook`, `trades`): with `supported_symbols`
+    /// and `supported_timeframes`, a consumer's topics when `topics` is empty (SPEC 14).
     #[serde(default)]
     pub requires: Vec<String>,
-    /// Topics it wants (informational; filtering happens in the consumer).
+    /// Topics it wants: seeds its desired topic set, unless the daemon already holds one for
+    /// this component name (see `crate::subscription`). Empty: every topic.
     #[serde(default)]
     pub topics: Vec<String>,
-    /// Symbols it supports (informational).
+    /// Symbols it supports; for a producer that accepts a symbol set, the initial desired set.
     #[serde(default)]
     pub supported_symbols: Vec<String>,
-    /// Timeframes it supports (informational).
+    /// Timeframes it supports (kline topics of `requires`).
     #[serde(default)]
     pub supported_timeframes: Vec<String>,
+    /// A producer that filters by a desired symbol set (it installs a
+    /// `client::SymbolHandler`): `aegis-shmctl subscribe --symbols` may address it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accepts_symbols: bool,
     /// The component's pid (liveness); the daemon also reads it from SO_PEERCRED.
     #[serde(default)]
     pub pid: Option<u32>,
@@ -407,6 +416,9 @@ pub struct SessionSpec {
     /// Live: max lateness in µs.
     #[serde(default)]
     pub max_lateness_us: Option<u64>,
+    /// Period of the components' subscription reconciliation, in seconds (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile_s: Option<u64>,
 }
 
 /// Component → daemon, and CLI → daemon.
@@ -485,6 +497,32 @@ pub enum Request {
         /// Component name.
         component: String,
     },
+    /// Component: send me my desired set (answered with `SUBSCRIPTIONS`).
+    #[serde(rename = "SUBSCRIPTIONS")]
+    Subscriptions,
+    /// Component: what a reconciliation found (not answered).
+    #[serde(rename = "RECONCILED")]
+    Reconciled(crate::subscription::Report),
+    /// CLI: set a component's desired topics (consumer) or symbols (producer).
+    #[serde(rename = "SUBSCRIBE")]
+    Subscribe {
+        /// Session name.
+        name: String,
+        /// Component name.
+        component: String,
+        /// The topics (one of `topics` and `symbols`).
+        #[serde(default)]
+        topics: Option<Vec<String>>,
+        /// The symbols.
+        #[serde(default)]
+        symbols: Option<Vec<String>>,
+    },
+    /// CLI: desired vs actual sets of a session's components.
+    #[serde(rename = "SESSION_SUBSCRIPTIONS")]
+    SessionSubscriptions {
+        /// Session name.
+        name: String,
+    },
 }
 
 /// A source in an ACK.
@@ -530,6 +568,16 @@ pub struct Ack {
     pub topics: std::collections::BTreeMap<String, u32>,
     /// Source names by rank (source id), for consumers.
     pub source_names: Vec<String>,
+    /// The desired set the daemon holds for this component (applied before anything else).
+    #[serde(default)]
+    pub desired: crate::subscription::Desired,
+    /// The session's reconciliation period, in seconds.
+    #[serde(default = "default_reconcile_s")]
+    pub reconcile_s: u64,
+}
+
+fn default_reconcile_s() -> u64 {
+    crate::subscription::DEFAULT_RECONCILE_S
 }
 
 /// Daemon → component and daemon → CLI.
@@ -569,6 +617,10 @@ pub enum Reply {
         /// Why.
         reason: String,
     },
+    /// The component's desired set: pushed on every change, and the answer to its
+    /// `SUBSCRIPTIONS` request.
+    #[serde(rename = "SUBSCRIPTIONS")]
+    Subscriptions(crate::subscription::Push),
     /// A refusal.
     #[serde(rename = "ERROR")]
     Error {
@@ -638,6 +690,14 @@ pub enum Cmd {
     SessionDestroy,
     /// [`Request::SessionEvict`].
     SessionEvict,
+    /// [`Request::Subscriptions`].
+    Subscriptions,
+    /// [`Request::Reconciled`].
+    Reconciled,
+    /// [`Request::Subscribe`].
+    Subscribe,
+    /// [`Request::SessionSubscriptions`].
+    SessionSubscriptions,
 }
 
 named_enum!(Cmd, "cmd", {
@@ -655,6 +715,10 @@ named_enum!(Cmd, "cmd", {
     SessionStop => "SESSION_STOP",
     SessionDestroy => "SESSION_DESTROY",
     SessionEvict => "SESSION_EVICT",
+    Subscriptions => "SUBSCRIPTIONS",
+    Reconciled => "RECONCILED",
+    Subscribe => "SUBSCRIBE",
+    SessionSubscriptions => "SESSION_SUBSCRIPTIONS",
 });
 
 impl Request {
@@ -675,6 +739,10 @@ impl Request {
             Request::SessionStop { .. } => Cmd::SessionStop,
             Request::SessionDestroy { .. } => Cmd::SessionDestroy,
             Request::SessionEvict { .. } => Cmd::SessionEvict,
+            Request::Subscriptions => Cmd::Subscriptions,
+            Request::Reconciled(_) => Cmd::Reconciled,
+            Request::Subscribe { .. } => Cmd::Subscribe,
+            Request::SessionSubscriptions { .. } => Cmd::SessionSubscriptions,
         }
     }
 }

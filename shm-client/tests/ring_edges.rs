@@ -32,8 +32,8 @@ use aegis_shm_client::segment::{
     INIT_READY, LAYOUT_VERSION, SEGMENT_MAGIC,
 };
 use aegis_shm_client::spmc::{
-    self, AttachError, BusMonitor, BusReader, BusWriter, Policy, ReadError, WriteError,
-    MAX_CONSUMERS,
+    self, AttachError, BusMonitor, BusReader, BusWriter, Policy, ReadError, TopicMask,
+    TopicOutOfRange, WriteError, MAX_CONSUMERS,
 };
 use aegis_shm_client::spsc::{self, ClaimError, Producer, PushError, RingReader};
 use aegis_shm_client::wait::{Backoff, BusySpin, Deadline};
@@ -2128,14 +2128,16 @@ fn bus_topic_subscription_skips_frames() {
     for policy in [Policy::Block, Policy::Overwrite] {
         let cap = 256;
         let (region, mut w) = new_bus(cap, policy);
-        let topics = [3u32, 64, 130];
+        // Ids 64 to 69 exist on this bus (the writer does not check) but no mask can name
+        // them: only the unfiltered consumer gets them.
+        let topics = [3u32, 40, 63];
         let mut some = attach(&region);
-        some.subscribe(Some(&topics));
+        some.subscribe(Some(&topics)).unwrap();
         let mut none = attach(&region);
-        none.subscribe(Some(&[]));
+        none.subscribe(Some(&[])).unwrap();
         let mut all = attach(&region);
-        all.subscribe(Some(&[1]));
-        all.subscribe(None);
+        all.subscribe(Some(&[1])).unwrap();
+        all.subscribe(None).unwrap();
         let mut got: [Vec<(u64, u32, u8)>; 3] = Default::default();
         let total = 700u64;
         let mut seq = 0u64;
@@ -2146,7 +2148,7 @@ fn bus_topic_subscription_skips_frames() {
                 (heartbeat_header(seq), 0)
             } else {
                 (
-                    FrameHeader::event(Kind::Trade, seq, (seq % 140) as u32, 0),
+                    FrameHeader::event(Kind::Trade, seq, (seq % 70) as u32, 0),
                     1 + seq as usize % 40,
                 )
             }
@@ -2194,12 +2196,75 @@ fn bus_topic_subscription_skips_frames() {
         let seqs = |v: &Vec<(u64, u32, u8)>| v.iter().map(|x| x.0).collect::<Vec<_>>();
         assert_eq!(
             seqs(&got[0]),
-            want(&|s| control(s) || topics.contains(&((s % 140) as u32))),
+            want(&|s| control(s) || topics.contains(&((s % 70) as u32))),
             "{policy:?}"
         );
         assert_eq!(seqs(&got[1]), want(&|s| control(s)), "{policy:?}");
         assert_eq!(seqs(&got[2]), want(&|_| true), "{policy:?}");
         assert_eq!(some.delivered(), got[0].len() as u64);
+    }
+}
+
+/// The topic filter is the slot's mask: the daemon's monitor sees it, a change made through
+/// another handle (the client's reconciliation) or straight in shared memory applies from the
+/// reader's next poll, and a handle whose slot was released stores nothing.
+#[test]
+fn bus_topic_mask_lives_in_the_slot() {
+    for policy in [Policy::Block, Policy::Overwrite] {
+        let (region, mut w) = new_bus(4096, policy);
+        let mon = BusMonitor::open(region.clone(), Some(EPOCH)).unwrap();
+        let mut c = attach(&region);
+        assert_eq!(c.topics(), TopicMask::ALL);
+        assert_eq!(mon.slot_stats()[0].topics, TopicMask::ALL);
+        assert_eq!(c.subscribe(Some(&[2, 64])), Err(TopicOutOfRange(64)));
+        assert_eq!(
+            c.topics(),
+            TopicMask::ALL,
+            "a refused subscription changes nothing"
+        );
+        c.subscribe(Some(&[0])).unwrap();
+        assert_eq!(
+            mon.slot_stats()[0].topics,
+            TopicMask::from_ids([0]).unwrap()
+        );
+        let handle = c.topic_handle().unwrap();
+        // Frames 0..6 with topic ids seq % 3.
+        let mut seq = 0;
+        let mut write = |w: &mut BusWriter, n: u64| {
+            for _ in 0..n {
+                let h = FrameHeader::event(Kind::Trade, seq, (seq % 3) as u32, 0);
+                w.try_write(&h, &pattern(seq, 8)).unwrap();
+                seq += 1;
+            }
+            w.publish();
+        };
+        let read = |c: &mut BusReader| {
+            let mut got = Vec::new();
+            while let Some(f) = c.try_next().unwrap() {
+                got.push(f.header.topic_id);
+            }
+            got
+        };
+        write(&mut w, 6);
+        assert_eq!(read(&mut c), [0, 0], "{policy:?}");
+        assert!(handle.set(TopicMask::from_ids([1]).unwrap()));
+        assert_eq!(handle.get(), Some(TopicMask::from_ids([1]).unwrap()));
+        write(&mut w, 6);
+        assert_eq!(
+            read(&mut c),
+            [1, 1],
+            "{policy:?}: the handle's mask applies at once"
+        );
+        // A stray write into shared memory is the filter too (the reconciliation repairs it).
+        mon.overwrite_topics(c.slot(), TopicMask::from_ids([2]).unwrap());
+        write(&mut w, 6);
+        assert_eq!(read(&mut c), [2, 2], "{policy:?}");
+        mon.release_slot(c.slot());
+        assert_eq!(handle.get(), None);
+        assert!(
+            !handle.set(TopicMask::ALL),
+            "a released slot's mask is not ours to set"
+        );
     }
 }
 
@@ -2459,7 +2524,7 @@ fn bus_overwrite_overrun_of_an_unwanted_frame() {
     // reported, and the frame is not delivered.
     let (region, mut w) = new_bus(256, Policy::Overwrite);
     let mut c = attach(&region);
-    c.subscribe(Some(&[0]));
+    c.subscribe(Some(&[0])).unwrap();
     wr(&mut w, 0, 16).unwrap(); // topic 0
     w.publish();
     must_read(&mut c);

@@ -121,6 +121,7 @@ fn real_path_throughput(
             bus_bytes: Some(REAL_PATH_BUS),
             source_bytes: None,
             max_lateness_us: None,
+            reconcile_s: None,
         },
         commands: vec![
             format!("exec {} {}", quote(&replay), files.join(" ")),

@@ -122,6 +122,7 @@ fn live_session(
             bus_bytes: None,
             source_bytes: None,
             max_lateness_us: None,
+            reconcile_s: None,
         },
         commands: vec![
             format!("exec {} --speed 1 {}", quote(&replay), quote(journal)),

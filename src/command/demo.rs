@@ -189,6 +189,7 @@ fn run_session(
             bus_bytes: None,
             source_bytes: None,
             max_lateness_us: None,
+            reconcile_s: None,
         },
         commands,
         timeout: 600,

@@ -9,6 +9,7 @@ pub mod plot;
 pub mod private_daemon;
 pub mod serve;
 pub mod session;
+pub mod subscribe;
 pub mod table;
 pub mod top;
 

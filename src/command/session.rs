@@ -34,6 +34,7 @@ fn spec(a: &CreateArgs, expect: Option<u32>) -> SessionSpec {
         bus_bytes: a.bus_bytes,
         source_bytes: a.source_bytes,
         max_lateness_us: a.max_lateness_us,
+        reconcile_s: a.reconcile_s,
     }
 }
 

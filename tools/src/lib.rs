@@ -12,6 +12,7 @@
 //!   once from CSV and replayed by memory-mapping them;
 //! - [`sort`]: the events of a CSV file in event-time order, stably, in bounded memory (an
 //!   index of times and line offsets, lines re-read by offset);
+//! - [`symbols`]: a producer's symbol filter, driven by the session's desired symbol set;
 //! - [`progress`]: progress bars (indicatif) on stderr, drawn only on a terminal;
 //! - [`ndjson`]: the NDJSON line format of `aegis-tap --format ndjson` (SPEC section 7);
 //! - [`digest`]: the stream digest of `aegis-tap --format digest` and the event counts of
@@ -29,6 +30,7 @@ pub mod names;
 pub mod ndjson;
 pub mod progress;
 pub mod sort;
+pub mod symbols;
 
 pub use names::{FileInfo, FileKind};
 

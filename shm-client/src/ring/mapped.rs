@@ -104,6 +104,11 @@ impl<C: ControlBlock> Mapped<C> {
 }
 
 impl<C> Mapped<C> {
+    /// The region this view maps (to map it once more, for another handle).
+    pub(crate) fn region(&self) -> Arc<dyn Region> {
+        self._region.clone()
+    }
+
     /// The control block.
     #[inline]
     pub(crate) fn ctrl(&self) -> &C {

@@ -102,6 +102,11 @@ pub struct Slot {
     pub(super) overruns: AtomicU64,
     /// Frames the consumer missed in all.
     pub(super) missed: AtomicU64,
+    /// The consumer's topic filter, a [`super::TopicMask`] (see `mask.rs`): set to
+    /// [`super::TopicMask::ALL`] at attach, then written by the consumer's process (its
+    /// subscription or its reconciliation), read by the consumer once per poll and by the
+    /// daemon (`aegis-shmctl subscriptions`). Relaxed everywhere: it guards no other data.
+    pub(super) topics: AtomicU64,
 }
 
 /// What the writer publishes: the tail, and the bus sequence that goes with it, under a
@@ -206,6 +211,7 @@ impl ControlBlock for BusControl {
                     read: AtomicU64::new(0),
                     overruns: AtomicU64::new(0),
                     missed: AtomicU64::new(0),
+                    topics: AtomicU64::new(0),
                 })
             }),
         }

@@ -14,14 +14,19 @@
 //!   It resumes at the head and reports `Overrun { missed }`, where `missed` is the exact
 //!   number of bus frames it skipped (computed from the bus sequence of the frame it resumes
 //!   at).
+//!
+//! Each slot also holds its consumer's topic filter ([`TopicMask`], one word), so that the
+//! daemon can show it and the client library can reconcile it with the desired set.
 
 mod layout;
+mod mask;
 mod monitor;
 mod reader;
 mod writer;
 
 pub use layout::MAX_CONSUMERS;
 pub use layout::{create_shm, geometry, init_region, region_len, BusControl, Policy, Slot};
+pub use mask::{TopicMask, TopicOutOfRange, MAX_TOPICS};
 pub use monitor::{BusMonitor, SlotStats};
-pub use reader::{AttachError, BusFrame, BusReader, ReadError};
+pub use reader::{AttachError, BusFrame, BusReader, ReadError, SlotTopics};
 pub use writer::{BusWriter, WriteError};

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::layout::{self, cursor_of, is_attached, BusControl, Mapped, ATTACHED};
+use super::mask::TopicMask;
 use crate::segment::{OpenError, Region};
 use crate::sync::Ordering;
 
@@ -27,6 +28,8 @@ pub struct SlotStats {
     pub overruns: u64,
     /// Frames missed.
     pub missed: u64,
+    /// The consumer's topic filter.
+    pub topics: TopicMask,
 }
 
 /// Statistics of every attached slot of `ctrl`, with lags against `tail`.
@@ -50,6 +53,7 @@ pub(super) fn slot_stats(ctrl: &BusControl, tail: u64) -> Vec<SlotStats> {
                 read: s.read.load(Ordering::Relaxed),
                 overruns: s.overruns.load(Ordering::Relaxed),
                 missed: s.missed.load(Ordering::Relaxed),
+                topics: TopicMask(s.topics.load(Ordering::Relaxed)),
             })
         })
         .collect()
@@ -118,6 +122,16 @@ impl BusMonitor {
     /// successor that took the slot since. Returns whether the slot was freed.
     pub fn release_slot_owned(&self, i: usize, owner: u64) -> bool {
         release_slot(self.m.ctrl(), i, Some(owner))
+    }
+    /// Overwrites slot `i`'s topic filter, whoever holds it, as a bug or a stray write
+    /// would: for tests and tools that check the reconciliation repairs it. A consumer's
+    /// client library sets its own filter; the daemon never calls this. Out-of-range slots
+    /// are ignored.
+    pub fn overwrite_topics(&self, i: usize, mask: TopicMask) {
+        if let Some(s) = self.m.ctrl().slots.get(i) {
+            // Relaxed: the mask guards no other data (`mask.rs`).
+            s.topics.store(mask.0, Ordering::Relaxed);
+        }
     }
     /// The published tail.
     pub fn tail(&self) -> u64 {

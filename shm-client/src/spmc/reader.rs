@@ -5,6 +5,7 @@ use std::sync::Arc;
 use super::layout::{
     self, cursor_word, is_attached, owner_word, Mapped, Policy, MAX_CONSUMERS, NO_EOF,
 };
+use super::mask::{TopicMask, TopicOutOfRange};
 use super::monitor::release_slot;
 use crate::doorbell::Bell;
 use crate::event::{self, DecodeError, EventRef};
@@ -111,7 +112,9 @@ pub struct BusReader {
     unpublished: u32,
     cached_tail: u64,
     checked: bool,
-    topics: Option<Vec<u64>>,
+    /// The slot's topic filter as loaded at the start of the current poll (the slot's word is
+    /// the filter; this is the copy one poll works with).
+    topics: TopicMask,
     /// Overwrite policy: the bus sequence expected next (from attach on: the bus sequence that
     /// went with the tail we started at).
     expected: Seq,
@@ -182,6 +185,8 @@ impl BusReader {
         s.read.store(0, Ordering::Relaxed);
         s.overruns.store(0, Ordering::Relaxed);
         s.missed.store(0, Ordering::Relaxed);
+        // Every topic until the consumer subscribes (Relaxed: see `mask.rs`).
+        s.topics.store(TopicMask::ALL.0, Ordering::Relaxed);
         // Release: pairs with the Acquire load in `BusWriter::min_cursor`. A swap, not a plain
         // store: read-modify-writes of one word are totally ordered, so a stale consumer's CAS
         // (expecting its own generation's tag) either comes before this one and is overwritten,
@@ -197,7 +202,7 @@ impl BusReader {
             unpublished: 0,
             cached_tail: tail,
             checked: true,
-            topics: None,
+            topics: TopicMask::ALL,
             expected: seq,
             lapped: false,
             pending: None,
@@ -231,30 +236,48 @@ impl BusReader {
         self.checked = false;
     }
 
-    /// Deliver only these topics (plus control frames). `None` delivers everything. Skipping a
-    /// frame reads only its header.
-    pub fn subscribe(&mut self, topics: Option<&[u32]>) {
-        self.topics = topics.map(|ts| {
-            let max = ts.iter().copied().max().unwrap_or(0) as usize;
-            let mut bits = vec![0u64; max / 64 + 1];
-            for &t in ts {
-                bits[t as usize / 64] |= 1 << (t % 64);
-            }
-            bits
-        });
+    /// Deliver only these topic ids (plus control frames); `None` delivers everything.
+    /// Skipping a frame reads only its header. The filter is the slot's topic mask (see
+    /// [`TopicMask`]), so the daemon sees it; it applies from the next poll on. Fails for an id
+    /// of 64 or more (a session has at most 64 topics), leaving the filter as it was.
+    pub fn subscribe(&mut self, topics: Option<&[u32]>) -> Result<(), TopicOutOfRange> {
+        let mask = match topics {
+            None => TopicMask::ALL,
+            Some(ids) => TopicMask::from_ids(ids.iter().copied())?,
+        };
+        self.set_topics(mask);
+        Ok(())
+    }
+
+    /// Stores `mask` as this consumer's topic filter (from the next poll on). Returns false,
+    /// storing nothing, if the slot is no longer ours.
+    pub fn set_topics(&self, mask: TopicMask) -> bool {
+        store_topics(&self.m, self.slot, self.owner, mask)
+    }
+
+    /// The topic filter in the slot now.
+    pub fn topics(&self) -> TopicMask {
+        TopicMask(
+            self.m.ctrl().slots[self.slot]
+                .topics
+                .load(Ordering::Relaxed),
+        )
+    }
+
+    /// A handle on this consumer's topic filter for another thread of the process (the
+    /// client library's reconciliation): it reads and repairs the slot's mask while the
+    /// reader is in use. Maps the bus once more.
+    pub fn topic_handle(&self) -> Result<SlotTopics, OpenError> {
+        Ok(SlotTopics {
+            m: layout::open(self.m.region(), None)?.0,
+            slot: self.slot,
+            owner: self.owner,
+        })
     }
 
     #[inline]
     fn wanted(&self, h: &FrameHeader) -> bool {
-        match &self.topics {
-            None => true,
-            Some(bits) => {
-                h.kind == Kind::Control as u8
-                    || bits
-                        .get(h.topic_id as usize / 64)
-                        .is_some_and(|w| w & (1 << (h.topic_id % 64)) != 0)
-            }
-        }
+        self.topics.wants(h)
     }
 
     /// Stores our cursor, by CAS from the word we stored last: a consumer whose slot was
@@ -331,6 +354,12 @@ impl BusReader {
     }
 
     fn poll(&mut self) -> Result<Option<(FrameHeader, At)>, ReadError> {
+        // The filter for this poll: one load of our own slot's line (Relaxed: see `mask.rs`).
+        self.topics = TopicMask(
+            self.m.ctrl().slots[self.slot]
+                .topics
+                .load(Ordering::Relaxed),
+        );
         let got = match self.policy {
             Policy::Block => self.poll_block()?,
             Policy::Overwrite => self.poll_overwrite()?,
@@ -570,5 +599,51 @@ impl Drop for BusReader {
         // declared dead whose slot went to another consumer must not free its successor's.
         self.publish_cursor();
         release_slot(self.m.ctrl(), self.slot, Some(self.owner));
+    }
+}
+
+/// Stores `mask` into slot `slot` if it is still held in owner word `owner` (see `mask.rs`,
+/// "Ownership", for the window between the check and the store).
+fn store_topics(m: &Mapped, slot: usize, owner: u64, mask: TopicMask) -> bool {
+    let s = &m.ctrl().slots[slot];
+    if s.owner.load(Ordering::Relaxed) != owner {
+        return false;
+    }
+    // Relaxed: the mask guards no other data (`mask.rs`); the reader's next poll loads it.
+    s.topics.store(mask.0, Ordering::Relaxed);
+    true
+}
+
+/// Another thread's handle on a consumer's topic filter (from [`BusReader::topic_handle`]):
+/// what the client library's reconciliation reads as the consumer's actual set and repairs.
+pub struct SlotTopics {
+    m: Mapped,
+    slot: usize,
+    owner: u64,
+}
+
+// SAFETY: the handle only loads and stores atomics of one slot of the control block; it
+// never touches ring data.
+unsafe impl Send for SlotTopics {}
+// SAFETY: as above.
+unsafe impl Sync for SlotTopics {}
+
+impl SlotTopics {
+    /// The slot's filter now; `None` if the slot is no longer the consumer's.
+    pub fn get(&self) -> Option<TopicMask> {
+        let s = &self.m.ctrl().slots[self.slot];
+        let mask = TopicMask(s.topics.load(Ordering::Relaxed));
+        (s.owner.load(Ordering::Relaxed) == self.owner).then_some(mask)
+    }
+
+    /// Stores `mask` as the consumer's filter (the reader applies it from its next poll).
+    /// Returns false, storing nothing, if the slot is no longer the consumer's.
+    pub fn set(&self, mask: TopicMask) -> bool {
+        store_topics(&self.m, self.slot, self.owner, mask)
+    }
+
+    /// The slot.
+    pub fn slot(&self) -> usize {
+        self.slot
     }
 }

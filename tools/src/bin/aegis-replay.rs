@@ -25,6 +25,7 @@ use aegis_tools::journal::{self, JournalError, JournalReader};
 use aegis_tools::names::{self, FileInfo, FileKind};
 use aegis_tools::progress::Progress;
 use aegis_tools::sort::{CsvEvents, OrderCheck};
+use aegis_tools::symbols::{Gate, SymbolFilter};
 use clap::Parser;
 use serde_json::json;
 
@@ -90,6 +91,13 @@ struct Args {
     /// the source's progress. `--speed` always pushes through the ring.
     #[arg(long)]
     via_ring: bool,
+    /// Produce only these symbols, comma-separated (BTCUSDT,ETHUSDT): the initial desired
+    /// symbol set of this producer. The session's desired set rules from then on:
+    /// `aegis-shmctl subscribe SESSION NAME --symbols ...` changes it live (pushed at once,
+    /// enforced by the reconciliation every --reconcile-s). Journals then go through the ring
+    /// (a journal handed to the daemon cannot be filtered).
+    #[arg(long, value_name = "S,...", value_parser = check_symbol_list)]
+    symbols: Option<String>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -123,6 +131,15 @@ impl Input {
         }
         (self.size as u128 * events.min(self.frames) as u128 / self.frames as u128) as u64
     }
+}
+
+/// Checks a `--symbols` list (clap keeps the text; [`symbol_list`] splits it).
+fn check_symbol_list(s: &str) -> Result<String, String> {
+    symbol_list(s).map(|_| s.to_string())
+}
+
+fn symbol_list(s: &str) -> Result<Vec<String>, String> {
+    aegis_shm_client::subscription::parse_symbols(s).map_err(|e| e.to_string())
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -168,10 +185,23 @@ fn main() {
             role: Some(Role::Producer),
             sources,
             pid: Some(std::process::id()),
+            accepts_symbols: args.symbols.is_some(),
+            supported_symbols: args
+                .symbols
+                .as_deref()
+                .map(|s| symbol_list(s).unwrap_or_else(|e| fail(e)))
+                .unwrap_or_default(),
             ..Register::default()
         },
     )
     .unwrap_or_else(|e| fail(e));
+    // With --symbols, the desired set of the ACK (the session's, which may differ from ours)
+    // is applied before the first event.
+    let filter = args.symbols.as_ref().map(|_| {
+        let f = SymbolFilter::new(aegis_shm_client::subscription::NameSet::All);
+        comp.on_symbols(f.clone());
+        f
+    });
     let (handed, inputs): (Vec<Input>, Vec<Input>) = inputs
         .into_iter()
         .partition(|i| comp.is_journal_backed(&i.name));
@@ -203,10 +233,11 @@ fn main() {
     for (input, (producer, topic)) in inputs.into_iter().zip(producers) {
         let (stop, done, comp) = (stop.clone(), done.clone(), comp.clone());
         let (speed, sort) = (args.speed, args.sort);
+        let gate = filter.as_ref().map(|f| f.gate(&input.info.symbol));
         let stall = Duration::from_secs(args.stall_timeout);
         handles.push(std::thread::spawn(move || {
             let r = replay(
-                input, producer, topic, speed, sort, stall, &stop, &done, &comp,
+                input, producer, topic, speed, sort, stall, &stop, &done, &comp, gate,
             );
             if r.is_err() {
                 // Tell the others (and `follow`) at once, not after a stall timeout.
@@ -315,7 +346,7 @@ fn open_input(args: &Args, p: &Path) -> Input {
         info,
         archive,
         journal,
-        offer: journal && args.speed.is_none() && !args.via_ring,
+        offer: journal && args.speed.is_none() && !args.via_ring && args.symbols.is_none(),
         size,
         frames,
     }
@@ -524,6 +555,7 @@ fn replay(
     stop: &AtomicBool,
     counts: &Counts,
     comp: &Component,
+    gate: Option<Gate>,
 ) -> Result<u64, String> {
     p.set_batch(if speed.is_some() { 1 } else { 64 });
     let mut out = Out {
@@ -535,6 +567,7 @@ fn replay(
         stop,
         counts,
         comp,
+        gate,
         n: 0,
         published: 0,
         bytes: 0,
@@ -557,6 +590,9 @@ fn replay(
                 )
             })?;
             out.pacer.wait(f.header.ts);
+            if !out.gate_open() {
+                return Ok(());
+            }
             let mut h = f.header;
             h.topic_id = topic;
             // The clock (for the deadline) is read only when the ring is full.
@@ -604,6 +640,8 @@ struct Out<'a> {
     stop: &'a AtomicBool,
     counts: &'a Counts,
     comp: &'a Component,
+    /// `--symbols`: whether this source's symbol is in the desired set now.
+    gate: Option<Gate>,
     /// Events pushed.
     n: u64,
     /// Events pushed, as last added to `counts`.
@@ -615,6 +653,13 @@ struct Out<'a> {
 }
 
 impl Out<'_> {
+    /// Whether the desired symbol set lets this source's events out now (always, without
+    /// `--symbols`).
+    #[inline]
+    fn gate_open(&mut self) -> bool {
+        self.gate.as_mut().is_none_or(Gate::open)
+    }
+
     /// Counts one more event pushed. Every 4096 events: publishes the counts (with `bytes()`
     /// of input so far), and fails if another input failed or the daemon stopped the session.
     #[inline]
@@ -660,6 +705,9 @@ impl Out<'_> {
                 .to_string()
             })?;
             self.pacer.wait(ts);
+            if !self.gate_open() {
+                continue;
+            }
             let (p, wait, stall) = (&mut self.p, &mut self.wait, self.stall);
             let r = match ev {
                 AnyEvent::Trade(e) => push_event(p, ts, self.topic, e, wait, stall),

@@ -30,9 +30,11 @@ struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Ndjson)]
     format: Format,
-    /// Only these topics (comma-separated), e.g. trades.BTCUSDT,klines.BTCUSDT.1m.
-    #[arg(long, value_delimiter = ',')]
-    topics: Vec<String>,
+    /// Only these topics (comma-separated), e.g. trades.BTCUSDT,klines.BTCUSDT.1m: the initial
+    /// desired topic set of this consumer, unless the daemon holds one for its name already.
+    /// `aegis-shmctl subscribe SESSION NAME --topics ...` changes it live.
+    #[arg(long, value_name = "T,...", value_parser = check_topic_list)]
+    topics: Option<String>,
     /// Write to FILE instead of stdout.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -58,6 +60,15 @@ struct Args {
     /// Give up when nothing arrives for this long, in seconds.
     #[arg(long, default_value_t = 120)]
     idle_timeout: u64,
+}
+
+/// Checks a `--topics` list (clap keeps the text; [`topic_list`] splits it).
+fn check_topic_list(s: &str) -> Result<String, String> {
+    topic_list(s).map(|_| s.to_string())
+}
+
+fn topic_list(s: &str) -> Result<Vec<String>, String> {
+    aegis_shm_client::subscription::parse_topics(s).map_err(|e| e.to_string())
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
@@ -189,7 +200,11 @@ impl Tap {
                 component_name: name.clone(),
                 session_token: token,
                 role: Some(Role::Consumer),
-                topics: args.topics.clone(),
+                topics: args
+                    .topics
+                    .as_deref()
+                    .map(|t| topic_list(t).unwrap_or_else(|e| fail(e)))
+                    .unwrap_or_default(),
                 pid: Some(std::process::id()),
                 ..Register::default()
             },
@@ -209,17 +224,11 @@ impl Tap {
             .iter()
             .map(|(n, id)| (*id, n.clone()))
             .collect();
-        if !args.topics.is_empty() {
-            let mut ids = Vec::new();
-            for t in &args.topics {
-                match started.topics.get(t) {
-                    Some(id) => ids.push(*id),
-                    None => eprintln!(
-                        "aegis-tap: warning: no source publishes topic {t:?} in this session"
-                    ),
-                }
-            }
-            bus.subscribe(Some(&ids));
+        // The client library set the bus slot's topic mask from the session's desired set
+        // (seeded by --topics, changed by `aegis-shmctl subscribe`, repaired by its
+        // reconciliation); what it could not apply is said here.
+        for e in comp.subscriptions().errors {
+            eprintln!("aegis-tap: warning: {e}");
         }
         Tap {
             name,
