@@ -37,6 +37,9 @@ pub enum Command {
     /// A live view of the sessions, sources, consumers and sequencer, refreshed every second
     /// (`q` quits); `--once` prints one snapshot (with `--json` for scripts).
     Top(TopArgs),
+    /// Recordings made with `--record`.
+    #[command(subcommand)]
+    Record(RecordCommand),
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -67,6 +70,23 @@ pub struct CreateArgs {
     /// Live: how long an idle source may hold the merge back (µs, default 1000).
     #[arg(long)]
     pub max_lateness_us: Option<u64>,
+    /// Record the session's bus into DIR (created; must hold no recording yet).
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
+    /// Roll recording segments at this size (bytes, a multiple of 4096; default 256 MiB).
+    #[arg(long, value_name = "BYTES", requires = "record")]
+    pub record_segment_bytes: Option<u64>,
+}
+
+/// `record` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum RecordCommand {
+    /// Read a whole recording and report its frames, bus-seq range, gaps and torn tail;
+    /// exits non-zero if it is unreadable (bad or future manifest, corrupt segment).
+    Verify {
+        /// The recording's directory.
+        dir: PathBuf,
+    },
 }
 
 /// `session` subcommands.

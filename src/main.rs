@@ -20,6 +20,7 @@ fn main() {
         Command::Demo(a) => command::demo::run(&socket, &a),
         Command::Bench(a) => command::bench::run(cli.json, &a).map(|()| true),
         Command::Top(a) => command::top::run(&socket, cli.json, &a).map(|()| true),
+        Command::Record(cmd) => command::record::run(cli.json, cmd),
         Command::Completions { shell } => {
             command::completions::run(shell);
             Ok(true)

@@ -32,8 +32,11 @@ pub mod flags {
     pub const PADDING: u8 = 8;
     /// With EOF on the bus: the session failed; the stream is incomplete.
     pub const ABORT: u8 = 16;
+    /// Recordings only, never on the bus: a control frame saying the recorder missed the
+    /// frames with bus seqs `bus_seq .. bus_seq + source_seq` (see `crate::recording`).
+    pub const GAP: u8 = 32;
     /// Every flag this build knows.
-    pub const KNOWN: u8 = EOF | LATE | HEARTBEAT | PADDING | ABORT;
+    pub const KNOWN: u8 = EOF | LATE | HEARTBEAT | PADDING | ABORT | GAP;
 }
 
 /// What a frame carries.
@@ -202,7 +205,7 @@ impl FrameHeader {
                 available,
             });
         }
-        let control = self.has(flags::EOF | flags::HEARTBEAT | flags::PADDING);
+        let control = self.has(flags::EOF | flags::HEARTBEAT | flags::PADDING | flags::GAP);
         match kind {
             Kind::Control if !control => {
                 Err(FrameError::Inconsistent("control frame without flag"))

@@ -60,6 +60,7 @@ pub mod event;
 pub mod frame;
 pub mod journal;
 pub mod protocol;
+pub mod recording;
 pub(crate) mod ring;
 pub mod segment;
 pub mod spmc;

@@ -121,6 +121,8 @@ fn real_path_throughput(
             bus_bytes: Some(REAL_PATH_BUS),
             source_bytes: None,
             max_lateness_us: None,
+            record: None,
+            record_segment_bytes: None,
         },
         commands: vec![
             format!("exec {} {}", quote(&replay), files.join(" ")),

@@ -122,6 +122,8 @@ fn live_session(
             bus_bytes: None,
             source_bytes: None,
             max_lateness_us: None,
+            record: None,
+            record_segment_bytes: None,
         },
         commands: vec![
             format!("exec {} --speed 1 {}", quote(&replay), quote(journal)),

@@ -189,6 +189,8 @@ fn run_session(
             bus_bytes: None,
             source_bytes: None,
             max_lateness_us: None,
+            record: None,
+            record_segment_bytes: None,
         },
         commands,
         timeout: 600,
