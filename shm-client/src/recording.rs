@@ -729,6 +729,13 @@ pub fn verify(dir: &Path) -> Result<Verified, RecordingError> {
         match next {
             Seen::End => break,
             Seen::Pending => {
+                if c.file.is_none() && (c.segment as usize) < manifest.segments.len() {
+                    return Err(RecordingError::Corrupt {
+                        path: dir.join(segment_file(c.segment)),
+                        offset: 0,
+                        reason: "listed in the manifest, but missing or without a header".into(),
+                    });
+                }
                 v.torn_tail = c.torn_tail()?;
                 if c.file.is_some() {
                     let s = seg_report(&mut v.segments, c.segment);
