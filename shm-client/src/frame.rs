@@ -32,11 +32,12 @@ pub mod flags {
     pub const PADDING: u8 = 8;
     /// With EOF on the bus: the session failed; the stream is incomplete.
     pub const ABORT: u8 = 16;
-    /// Recordings only, never on the bus: a control frame saying the recorder missed the
-    /// frames with bus seqs `bus_seq .. bus_seq + source_seq` (see `crate::recording`).
+    /// Recordings only: a control frame saying the recorder missed the frames with bus seqs
+    /// `bus_seq .. bus_seq + source_seq` (see `crate::recording`). Not in [`KNOWN`]: a ring
+    /// or bus frame carrying it is refused as any unknown flag is.
     pub const GAP: u8 = 32;
-    /// Every flag this build knows.
-    pub const KNOWN: u8 = EOF | LATE | HEARTBEAT | PADDING | ABORT | GAP;
+    /// Every flag this build knows on rings and the bus.
+    pub const KNOWN: u8 = EOF | LATE | HEARTBEAT | PADDING | ABORT;
 }
 
 /// What a frame carries.
@@ -205,7 +206,7 @@ impl FrameHeader {
                 available,
             });
         }
-        let control = self.has(flags::EOF | flags::HEARTBEAT | flags::PADDING | flags::GAP);
+        let control = self.has(flags::EOF | flags::HEARTBEAT | flags::PADDING);
         match kind {
             Kind::Control if !control => {
                 Err(FrameError::Inconsistent("control frame without flag"))
