@@ -52,6 +52,9 @@ pub enum Command {
         /// Session name.
         session: String,
     },
+    /// Recordings made with `--record`.
+    #[command(subcommand)]
+    Record(RecordCommand),
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -86,6 +89,12 @@ pub struct CreateArgs {
     /// it, in seconds (default 30).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub reconcile_s: Option<u64>,
+    /// Record the session's bus into DIR (created; must hold no recording yet).
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
+    /// Roll recording segments at this size (bytes, a multiple of 4096; default 256 MiB).
+    #[arg(long, value_name = "BYTES", requires = "record")]
+    pub record_segment_bytes: Option<u64>,
 }
 
 /// `subscribe`.
@@ -102,6 +111,17 @@ pub struct SubscribeArgs {
     /// The symbols to produce, comma-separated (BTCUSDT,ETHUSDT).
     #[arg(long, value_name = "S,...")]
     pub symbols: Option<String>,
+}
+
+/// `record` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum RecordCommand {
+    /// Read a whole recording and report its frames, bus-seq range, gaps and torn tail;
+    /// exits non-zero if it is unreadable (bad or future manifest, corrupt segment).
+    Verify {
+        /// The recording's directory.
+        dir: PathBuf,
+    },
 }
 
 /// `session` subcommands.

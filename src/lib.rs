@@ -10,6 +10,7 @@
 pub mod daemon;
 mod dispatch;
 pub mod outbox;
+pub mod recorder;
 pub mod refusal;
 mod registry;
 pub mod sequencer;

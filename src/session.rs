@@ -21,6 +21,7 @@ use aegis_shm_client::spsc::{self, RingReader};
 use aegis_shm_client::stats::{StatsWriter, MAX_SOURCES};
 
 use crate::outbox::Outbox;
+use crate::recorder::{self, Prepared, RecordError};
 pub use crate::refusal::Refusal;
 use crate::sequencer::{self, Config, Input, Mode, SequencerError, Summary};
 use crate::source::{JournalSource, SourceReader};
@@ -195,6 +196,15 @@ enum Backing {
     },
 }
 
+/// The recorder (`--record`): prepared at creation (its bus slot held from the first frame),
+/// running from the start.
+struct Recording {
+    dir: std::path::PathBuf,
+    prepared: Option<Prepared>,
+    handle: Option<JoinHandle<Result<recorder::Outcome, RecordError>>>,
+    stop: Arc<AtomicBool>,
+}
+
 struct Running {
     handle: Option<JoinHandle<Result<Summary, SequencerError>>>,
     stop: Arc<AtomicBool>,
@@ -228,6 +238,7 @@ pub struct Session {
     sources: BTreeMap<String, SourceRec>,
     running: Option<Running>,
     summary: Option<Summary>,
+    recording: Option<Recording>,
     created: SystemTime,
     started: Option<Instant>,
     finished: Option<Instant>,
@@ -316,6 +327,22 @@ impl Session {
         let (control, ctl) = StatsWriter::create_shm(&segment_path(&sid, "ctl"), epoch)
             .map_err(Refusal::internal)?;
         let monitor = BusMonitor::open(bus.clone(), Some(epoch)).map_err(Refusal::internal)?;
+        let recording = match &spec.record {
+            None => None,
+            Some(dir) => {
+                // Attached before anything flows: the recorder sees the bus from seq 0.
+                let reader = spmc::BusReader::attach(bus.clone(), Some(epoch), None)
+                    .map_err(Refusal::internal)?;
+                let prepared = recorder::prepare(dir, spec.record_segment_bytes, reader)
+                    .map_err(|e| Refusal::bad_request(e.to_string()))?;
+                Some(Recording {
+                    dir: dir.clone(),
+                    prepared: Some(prepared),
+                    handle: None,
+                    stop: Arc::new(AtomicBool::new(false)),
+                })
+            }
+        };
         Ok(Session {
             name: spec.name.clone(),
             id,
@@ -333,6 +360,7 @@ impl Session {
             sources: BTreeMap::new(),
             running: None,
             summary: None,
+            recording,
             created: SystemTime::now(),
             started: None,
             finished: None,
@@ -655,6 +683,22 @@ impl Session {
             .map_err(Refusal::internal)?;
         let removals = seq.removals();
         let ranks = seq.ranks().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        if let Some(rec) = &mut self.recording {
+            let facts = recorder::SessionFacts {
+                session: self.name.clone(),
+                session_id: self.id.clone(),
+                mode: self.spec.mode,
+                sources: ranks.clone(),
+                topics: topics.clone(),
+            };
+            let prepared = rec
+                .prepared
+                .take()
+                .ok_or_else(|| Refusal::internal("the recorder was already started"))?;
+            let handle = recorder::spawn(prepared, facts, self.control.clone(), rec.stop.clone())
+                .map_err(Refusal::internal)?;
+            rec.handle = Some(handle);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let handle = sequencer::spawn(&self.name, seq, stop.clone()).map_err(Refusal::internal)?;
         self.running = Some(Running {
@@ -703,6 +747,9 @@ impl Session {
     /// Stops the sequencer and tells every component to stop.
     pub fn stop(&mut self, state: State, reason: &str) {
         if let Some(r) = &self.running {
+            r.stop.store(true, Ordering::Relaxed);
+        }
+        if let Some(r) = &self.recording {
             r.stop.store(true, Ordering::Relaxed);
         }
         if !self.state.is_final() {
@@ -810,6 +857,7 @@ impl Session {
     pub fn tick(&mut self) {
         self.check_liveness();
         self.reap_sequencer();
+        self.reap_recorder();
         self.advance_state();
     }
 
@@ -867,6 +915,33 @@ impl Session {
         }
     }
 
+    /// Collects the recorder's result once its thread ended; a backtest whose recording
+    /// failed fails (live sessions go on: the recording is marked incomplete).
+    fn reap_recorder(&mut self) {
+        let Some(rec) = &mut self.recording else {
+            return;
+        };
+        if !rec.handle.as_ref().is_some_and(|h| h.is_finished()) {
+            return;
+        }
+        let result = rec.handle.take().expect("checked").join();
+        let why = match result {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the recorder panicked".to_string(),
+        };
+        if !self.state.is_final() {
+            self.stop(State::Failed(why.clone()), &why);
+        }
+    }
+
+    /// Whether the recorder (if any) has finished.
+    fn recorder_done(&self) -> bool {
+        self.recording
+            .as_ref()
+            .is_none_or(|r| r.handle.is_none() && r.prepared.is_none())
+    }
+
     /// `running → draining` once every producer finished; `→ finished` once the sequencer
     /// is done and every consumer is gone.
     fn advance_state(&mut self) {
@@ -886,6 +961,7 @@ impl Session {
         if matches!(self.state, State::Running | State::Draining)
             && self.summary.is_some()
             && consumers_done
+            && self.recorder_done()
         {
             self.state = State::Finished;
             self.finished = Some(Instant::now());
@@ -962,6 +1038,20 @@ impl Session {
                     })
                     .collect(),
             },
+            recording: self.recording.as_ref().map(|r| {
+                let snap = self.control.view().recording();
+                protocol::RecordingInfo {
+                    dir: r.dir.clone(),
+                    state: snap.as_ref().map(|s| s.state),
+                    segment: snap.as_ref().map_or(0, |s| s.segment),
+                    frames: snap.as_ref().map_or(0, |s| s.frames),
+                    bytes: snap.as_ref().map_or(0, |s| s.bytes),
+                    next_seq: snap.as_ref().map_or(0, |s| s.next_seq),
+                    gaps: snap.as_ref().map_or(0, |s| s.gaps),
+                    missed: snap.as_ref().map_or(0, |s| s.missed),
+                    reason: snap.and_then(|s| s.reason),
+                }
+            }),
         }
     }
 
@@ -1072,6 +1162,14 @@ impl Session {
     pub fn shutdown(&mut self) {
         if let Some(r) = &mut self.running {
             r.stop.store(true, Ordering::Relaxed);
+            if let Some(h) = r.handle.take() {
+                let _ = h.join();
+            }
+        }
+        // After the sequencer: the recorder marks what it has as incomplete and lets go.
+        if let Some(r) = &mut self.recording {
+            r.stop.store(true, Ordering::Relaxed);
+            r.prepared = None;
             if let Some(h) = r.handle.take() {
                 let _ = h.join();
             }

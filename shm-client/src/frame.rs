@@ -32,7 +32,11 @@ pub mod flags {
     pub const PADDING: u8 = 8;
     /// With EOF on the bus: the session failed; the stream is incomplete.
     pub const ABORT: u8 = 16;
-    /// Every flag this build knows.
+    /// Recordings only: a control frame saying the recorder missed the frames with bus seqs
+    /// `bus_seq .. bus_seq + source_seq` (see `crate::recording`). Not in [`KNOWN`]: a ring
+    /// or bus frame carrying it is refused as any unknown flag is.
+    pub const GAP: u8 = 32;
+    /// Every flag this build knows on rings and the bus.
     pub const KNOWN: u8 = EOF | LATE | HEARTBEAT | PADDING | ABORT;
 }
 

@@ -22,9 +22,15 @@
 //! `bus_seq` and `publish_ns`. A journal holds events of one kind only, every one of the fixed
 //! payload size of that kind, and nothing else (no control frames). A journal is untrusted
 //! input: [`JournalHeader::parse`] and [`check_frame`] are the checks every reader applies.
+//!
+//! A **recording segment** (SPEC section 11, [`crate::recording`]) is a journal of another
+//! kind, [`RECORDING_KIND`]: the same magic, version, flags, frame count and data length, but
+//! bytes 32..64 hold the segment's place in its recording instead of names, and its frames are
+//! bus frames of any kind, as the bus carried them (see [`RecordingHeader`] and
+//! [`check_recorded_frame`]).
 
 use crate::event::{Book, Event, Kline, Trade};
-use crate::frame::{flags, FrameHeader, Kind, FRAME_ALIGN};
+use crate::frame::{flags, FrameHeader, Kind, FRAME_ALIGN, FRAME_HEADER_LEN};
 
 /// The first 8 bytes of every journal.
 pub const MAGIC: [u8; 8] = *b"AEGISJNL";
@@ -108,6 +114,154 @@ pub enum HeaderError {
     /// A field is invalid.
     #[error("bad journal header: {0}")]
     Bad(String),
+    /// A recording segment where an event journal was expected.
+    #[error("a recording segment, not an event journal (replay the recording's directory)")]
+    Recording,
+}
+
+/// The kind byte of a recording segment (no [`JournalKind`]: its frames are of every kind).
+pub const RECORDING_KIND: u8 = 0x52;
+
+/// Checks magic and version, and returns the header's bytes.
+fn header_bytes(bytes: &[u8]) -> Result<&[u8; HEADER_LEN], HeaderError> {
+    if bytes.len() >= MAGIC.len() && bytes[..MAGIC.len()] != MAGIC {
+        return Err(HeaderError::BadMagic);
+    }
+    let h: &[u8; HEADER_LEN] = bytes
+        .get(..HEADER_LEN)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(HeaderError::Short)?;
+    let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(HeaderError::Version(version));
+    }
+    Ok(h)
+}
+
+fn u64_at(h: &[u8; HEADER_LEN], o: usize) -> u64 {
+    u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"))
+}
+
+/// The header of a recording segment.
+///
+/// ```text
+/// offset  size  field
+///      0    16  as a journal: magic, version, kind = RECORDING_KIND, flags (bit 0 complete), 0
+///     16     8  frame count (u64 LE; written when the segment is closed)
+///     24     8  data length (u64 LE; written when the segment is closed)
+///     32     8  bus seq of the segment's first frame (u64 LE)
+///     40     4  the segment's index in its recording (u32 LE)
+///     44    20  reserved, zero
+/// ```
+///
+/// A segment whose writer did not finish (a crash) has `complete == false` and zero counts:
+/// its frames are found by scanning (see [`crate::recording`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordingHeader {
+    /// Whether the recorder closed the segment.
+    pub complete: bool,
+    /// Frames after the header (0 until closed).
+    pub frame_count: u64,
+    /// Bytes of frames after the header (0 until closed).
+    pub data_len: u64,
+    /// Bus seq of the first frame.
+    pub first_seq: u64,
+    /// The segment's index.
+    pub index: u32,
+}
+
+impl RecordingHeader {
+    /// Parses and checks a recording segment's header (magic, version, kind, flags, reserved
+    /// bytes, alignment). An incomplete segment is not an error here.
+    pub fn parse(bytes: &[u8]) -> Result<RecordingHeader, HeaderError> {
+        let h = header_bytes(bytes)?;
+        if h[12] != RECORDING_KIND {
+            return Err(HeaderError::Bad(format!(
+                "kind {} is not a recording segment",
+                h[12]
+            )));
+        }
+        if h[13] & !FLAG_COMPLETE != 0
+            || h[14] != 0
+            || h[15] != 0
+            || h[44..].iter().any(|&b| b != 0)
+        {
+            return Err(HeaderError::Bad(format!(
+                "unknown flags {:#04x} or reserved bytes set",
+                h[13]
+            )));
+        }
+        let data_len = u64_at(h, 24);
+        if !data_len.is_multiple_of(FRAME_ALIGN as u64) {
+            return Err(HeaderError::Bad(format!(
+                "data length {data_len} is not a multiple of {FRAME_ALIGN}"
+            )));
+        }
+        Ok(RecordingHeader {
+            complete: h[13] & FLAG_COMPLETE != 0,
+            frame_count: u64_at(h, 16),
+            data_len,
+            first_seq: u64_at(h, 32),
+            index: u32::from_le_bytes(h[40..44].try_into().expect("4 bytes")),
+        })
+    }
+
+    /// The header's bytes.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..8].copy_from_slice(&MAGIC);
+        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        h[12] = RECORDING_KIND;
+        h[13] = if self.complete { FLAG_COMPLETE } else { 0 };
+        h[16..24].copy_from_slice(&self.frame_count.to_le_bytes());
+        h[24..32].copy_from_slice(&self.data_len.to_le_bytes());
+        h[32..40].copy_from_slice(&self.first_seq.to_le_bytes());
+        h[40..44].copy_from_slice(&self.index.to_le_bytes());
+        h
+    }
+}
+
+/// Checks a recorded bus frame, given that at most `available` bytes (from the frame's start)
+/// may belong to it: a valid frame header, and either an event of its kind's fixed payload
+/// size with no flag but LATE, END-OF-STREAM (EOF, maybe ABORT) or a gap record (GAP), both
+/// without payload. Returns its stride.
+pub fn check_recorded_frame(h: &FrameHeader, available: usize) -> Result<usize, String> {
+    if h.kind == Kind::Control as u8 && h.flags == flags::GAP && h.len == 0 {
+        // A gap record: a recording's own frame, which `validate` (ring and bus rules)
+        // refuses.
+        return if available >= FRAME_HEADER_LEN {
+            Ok(FRAME_HEADER_LEN)
+        } else {
+            Err(format!("gap record cut short ({available} bytes)"))
+        };
+    }
+    let stride = h.validate(available).map_err(|e| e.to_string())?;
+    match h.kind() {
+        Some(Kind::Control) => {
+            let ok = h.len == 0 && (h.flags == flags::EOF || h.flags == flags::EOF | flags::ABORT);
+            if !ok {
+                return Err(format!(
+                    "control frame with flags {:#04x} and {} payload bytes in a recording",
+                    h.flags, h.len
+                ));
+            }
+        }
+        Some(k) => {
+            if h.flags & !flags::LATE != 0 {
+                return Err(format!("unexpected flags {:#04x} on an event", h.flags));
+            }
+            let len = archived_len(k).expect("an event kind");
+            if h.len as usize != len {
+                return Err(format!(
+                    "payload of {} bytes, a {} is {len} bytes",
+                    h.len,
+                    k.name()
+                ));
+            }
+        }
+        None => unreachable!("validate checked the kind"),
+    }
+    Ok(stride)
 }
 
 impl JournalHeader {
@@ -115,17 +269,10 @@ impl JournalHeader {
     /// kind, names, and the data length's alignment. The file size is the caller's to check
     /// against [`JournalHeader::file_len`].
     pub fn parse(bytes: &[u8]) -> Result<JournalHeader, HeaderError> {
-        if bytes.len() >= MAGIC.len() && bytes[..MAGIC.len()] != MAGIC {
-            return Err(HeaderError::BadMagic);
-        }
-        let h: &[u8; HEADER_LEN] = bytes
-            .get(..HEADER_LEN)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(HeaderError::Short)?;
-        let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
-        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
-            return Err(HeaderError::Version(version));
+        let h = header_bytes(bytes)?;
+        let u64_at = |o: usize| u64_at(h, o);
+        if h[12] == RECORDING_KIND {
+            return Err(HeaderError::Recording);
         }
         if h[13] & FLAG_COMPLETE == 0 {
             return Err(HeaderError::Incomplete);
@@ -307,5 +454,49 @@ mod tests {
         let mut flagged = ok;
         flagged.flags = flags::HEARTBEAT;
         assert!(check_frame(&flagged, stride, JournalKind::Trade).is_err());
+    }
+
+    #[test]
+    fn recording_header_round_trips_and_is_no_event_journal() {
+        let h = RecordingHeader {
+            complete: false,
+            frame_count: 0,
+            data_len: 0,
+            first_seq: 42,
+            index: 3,
+        };
+        let b = h.encode();
+        assert_eq!(RecordingHeader::parse(&b), Ok(h));
+        assert_eq!(JournalHeader::parse(&b), Err(HeaderError::Recording));
+        assert!(RecordingHeader::parse(&header().encode()).is_err());
+        let mut future = b;
+        future[8] = 2;
+        assert_eq!(
+            RecordingHeader::parse(&future),
+            Err(HeaderError::Version(2))
+        );
+    }
+
+    #[test]
+    fn recorded_frame_rules() {
+        let len = Trade::ARCHIVED_LEN;
+        let stride = crate::frame::stride(len);
+        let mut late = FrameHeader::event(Kind::Trade, 10, 0, len);
+        late.flags = flags::LATE;
+        assert_eq!(check_recorded_frame(&late, stride), Ok(stride));
+        let gap = FrameHeader {
+            kind: Kind::Control as u8,
+            flags: flags::GAP,
+            ..FrameHeader::default()
+        };
+        assert_eq!(check_recorded_frame(&gap, 48), Ok(48));
+        let hb = FrameHeader {
+            flags: flags::HEARTBEAT,
+            ..gap
+        };
+        assert!(check_recorded_frame(&hb, 48).is_err());
+        let mut short = late;
+        short.len = 16;
+        assert!(check_recorded_frame(&short, stride).is_err());
     }
 }

@@ -61,6 +61,7 @@ pub mod frame;
 pub mod journal;
 pub mod protocol;
 pub mod reconcile;
+pub mod recording;
 pub(crate) mod ring;
 pub mod segment;
 pub mod spmc;

@@ -419,6 +419,12 @@ pub struct SessionSpec {
     /// Period of the components' subscription reconciliation, in seconds (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconcile_s: Option<u64>,
+    /// Record the bus into this directory (absolute; SPEC section 11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<std::path::PathBuf>,
+    /// Recording segment size in bytes (default 256 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_segment_bytes: Option<u64>,
 }
 
 /// Component → daemon, and CLI → daemon.
@@ -858,6 +864,32 @@ pub struct Inspect {
     pub sequencer: SequencerStats,
     /// The session's segments.
     pub segments: Segments,
+    /// The recorder, if the session records (`--record`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<RecordingInfo>,
+}
+
+/// The recorder in [`Inspect`]: where it records and how far it has got.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RecordingInfo {
+    /// The recording's directory.
+    pub dir: std::path::PathBuf,
+    /// State (`None` until the session starts).
+    pub state: Option<crate::stats::RecordingState>,
+    /// The segment being written.
+    pub segment: u32,
+    /// Frames written (gap records included).
+    pub frames: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// The recorded position: the bus seq after the last frame recorded.
+    pub next_seq: u64,
+    /// Gap records (live: the bus lapped the recorder).
+    pub gaps: u64,
+    /// Frames lost to gaps.
+    pub missed: u64,
+    /// Why the recording is incomplete.
+    pub reason: Option<String>,
 }
 
 /// A component in [`Inspect`].

@@ -22,7 +22,7 @@ use crate::sync::{AtomicU32, Ordering};
 /// `b"AEGISSEG"` read as a little-endian u64.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"AEGISSEG");
 /// Bumped on every incompatible change of a header, a control block or the frame format.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// Size reserved for [`SegmentHeader`] at the start of every segment.
 pub const HEADER_LEN: usize = 128;
 /// Value of [`SegmentHeader::init`] once the creator has finished.

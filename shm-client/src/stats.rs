@@ -125,12 +125,89 @@ pub struct CountersSnapshot {
     pub bus_bytes: u64,
 }
 
+/// The recorder's position (SPEC section 11, Aeron's `RecordingPos`): written by the
+/// recorder thread alone (never by the sequencer), on its own cache lines.
+#[repr(C)]
+pub struct RecordingCounters {
+    /// A [`RecordingState`] as u32 (0: no recorder).
+    state: AtomicU32,
+    /// The segment being written.
+    segment: AtomicU32,
+    /// Frames written (events, END-OF-STREAM, gap records).
+    frames: AtomicU64,
+    /// Bytes of frames written, over every segment.
+    bytes: AtomicU64,
+    /// The bus seq after the last frame written (or skipped by a gap): the recorded position.
+    next_seq: AtomicU64,
+    /// Gap records written (live: the recorder was lapped).
+    gaps: AtomicU64,
+    /// Frames lost to those gaps.
+    missed: AtomicU64,
+    reason: [AtomicU8; REASON_LEN],
+}
+
+/// What the recorder is doing, as published in the ctl segment and the manifest.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingState {
+    /// Writing.
+    Recording = 1,
+    /// Ended at END-OF-STREAM with every frame recorded.
+    Complete = 2,
+    /// Ended, but not every frame is in it (gaps, a stop before the end, an error in a live
+    /// session): the reason says why.
+    Incomplete = 3,
+}
+
+impl RecordingState {
+    fn from_u32(v: u32) -> Option<RecordingState> {
+        Some(match v {
+            1 => RecordingState::Recording,
+            2 => RecordingState::Complete,
+            3 => RecordingState::Incomplete,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name for output.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordingState::Recording => "recording",
+            RecordingState::Complete => "complete",
+            RecordingState::Incomplete => "incomplete",
+        }
+    }
+}
+
+/// A snapshot of [`RecordingCounters`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordingSnapshot {
+    /// State.
+    pub state: RecordingState,
+    /// The segment being written.
+    pub segment: u32,
+    /// Frames written.
+    pub frames: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// The recorded position: the bus seq after the last frame recorded.
+    pub next_seq: u64,
+    /// Gap records.
+    pub gaps: u64,
+    /// Frames missed.
+    pub missed: u64,
+    /// Why it is incomplete.
+    pub reason: Option<String>,
+}
+
 /// The statistics block of the session ctl segment, after the segment header.
 #[repr(C)]
 pub struct StatsBlock {
     /// Sequencer counters, on their own cache lines.
     pub counters: CachePadded<SequencerCounters>,
     sources: [SourceCounters; MAX_SOURCES],
+    recording: CachePadded<RecordingCounters>,
 }
 
 /// A snapshot of one source.
@@ -252,6 +329,46 @@ impl StatsView {
         }
         out
     }
+
+    /// The recorder's position, if the session records.
+    pub fn recording(&self) -> Option<RecordingSnapshot> {
+        let r = &self.block().recording;
+        // Acquire: pairs with the Release store of the state in `StatsWriter::set_recording`;
+        // the counters and reason stored before it are visible.
+        let raw = r.state.load(Ordering::Acquire);
+        let state = match RecordingState::from_u32(raw) {
+            Some(s) => s,
+            None if raw == 0 => return None,
+            None => {
+                return Some(RecordingSnapshot {
+                    state: RecordingState::Incomplete,
+                    segment: 0,
+                    frames: 0,
+                    bytes: 0,
+                    next_seq: 0,
+                    gaps: 0,
+                    missed: 0,
+                    reason: Some(format!("corrupt statistics: unknown recording state {raw}")),
+                })
+            }
+        };
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let reason = (state == RecordingState::Incomplete).then(|| {
+            let text = load_bytes(&r.reason);
+            let end = text.iter().position(|&b| b == 0).unwrap_or(REASON_LEN);
+            String::from_utf8_lossy(&text[..end]).into_owned()
+        });
+        Some(RecordingSnapshot {
+            state,
+            segment: r.segment.load(Ordering::Relaxed),
+            frames: ld(&r.frames),
+            bytes: ld(&r.bytes),
+            next_seq: ld(&r.next_seq),
+            gaps: ld(&r.gaps),
+            missed: ld(&r.missed),
+            reason,
+        })
+    }
 }
 impl StatsWriter {
     /// Initialises a fresh, zeroed region as a ctl segment.
@@ -339,6 +456,45 @@ impl StatsWriter {
     }
 }
 
+/// The recorder's progress, as [`StatsWriter::set_recording`] publishes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordingProgress {
+    /// The segment being written.
+    pub segment: u32,
+    /// Frames written.
+    pub frames: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// The bus seq after the last frame recorded.
+    pub next_seq: u64,
+    /// Gap records.
+    pub gaps: u64,
+    /// Frames missed.
+    pub missed: u64,
+}
+
+impl StatsWriter {
+    /// Publishes the recorder's position (the recorder thread only: it is the one writer of
+    /// these fields, the sequencer never touches them), with a reason once incomplete.
+    pub fn set_recording(&self, state: RecordingState, p: RecordingProgress, reason: Option<&str>) {
+        let r = &self.view.block().recording;
+        r.segment.store(p.segment, Ordering::Relaxed);
+        r.frames.store(p.frames, Ordering::Relaxed);
+        r.bytes.store(p.bytes, Ordering::Relaxed);
+        r.next_seq.store(p.next_seq, Ordering::Relaxed);
+        r.gaps.store(p.gaps, Ordering::Relaxed);
+        r.missed.store(p.missed, Ordering::Relaxed);
+        if let Some(text) = reason {
+            let n = text.len().min(REASON_LEN - 1);
+            store_text(&r.reason, &text.as_bytes()[..n]);
+            r.reason[n].store(0, Ordering::Relaxed);
+        }
+        // Release: pairs with the Acquire load in `StatsView::recording`; the counters and
+        // the reason are stored first.
+        r.state.store(state as u32, Ordering::Release);
+    }
+}
+
 /// Stores `text` into the first bytes of `dst` (Relaxed: published by a later Release store
 /// of the source's state).
 fn store_text(dst: &[AtomicU8], text: &[u8]) {
@@ -385,6 +541,25 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("unknown source state 99"));
+    }
+
+    #[test]
+    fn recording_position_round_trips() {
+        let w = writer();
+        assert_eq!(w.view().recording(), None);
+        let p = RecordingProgress {
+            segment: 2,
+            frames: 10,
+            bytes: 1280,
+            next_seq: 12,
+            gaps: 1,
+            missed: 2,
+        };
+        w.set_recording(RecordingState::Incomplete, p, Some("disk full"));
+        let r = w.view().recording().unwrap();
+        assert_eq!(r.state, RecordingState::Incomplete);
+        assert_eq!((r.segment, r.frames, r.next_seq, r.missed), (2, 10, 12, 2));
+        assert_eq!(r.reason.as_deref(), Some("disk full"));
     }
 
     /// A view hands out values, not atomics it could store into.

@@ -122,6 +122,8 @@ fn real_path_throughput(
             source_bytes: None,
             max_lateness_us: None,
             reconcile_s: None,
+            record: None,
+            record_segment_bytes: None,
         },
         commands: vec![
             format!("exec {} {}", quote(&replay), files.join(" ")),

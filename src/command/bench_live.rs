@@ -123,6 +123,8 @@ fn live_session(
             source_bytes: None,
             max_lateness_us: None,
             reconcile_s: None,
+            record: None,
+            record_segment_bytes: None,
         },
         commands: vec![
             format!("exec {} --speed 1 {}", quote(&replay), quote(journal)),

@@ -190,6 +190,8 @@ fn run_session(
             source_bytes: None,
             max_lateness_us: None,
             reconcile_s: None,
+            record: None,
+            record_segment_bytes: None,
         },
         commands,
         timeout: 600,

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod gc;
 pub mod plot;
 pub mod private_daemon;
+pub mod record;
 pub mod serve;
 pub mod session;
 pub mod subscribe;

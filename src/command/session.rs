@@ -35,6 +35,12 @@ fn spec(a: &CreateArgs, expect: Option<u32>) -> SessionSpec {
         source_bytes: a.source_bytes,
         max_lateness_us: a.max_lateness_us,
         reconcile_s: a.reconcile_s,
+        // The daemon's working directory is not ours: the path goes absolute.
+        record: a
+            .record
+            .as_ref()
+            .map(|d| std::path::absolute(d).unwrap_or(d.clone())),
+        record_segment_bytes: a.record_segment_bytes,
     }
 }
 
@@ -205,6 +211,20 @@ pub fn print_inspect(v: &Inspect) {
         q.events_merged, opt(q.events_per_s), q.late_events, q.rejected_events, q.source_stalls, q.source_stall_ms,
         q.consumer_stalls, q.consumer_stall_ms, q.bus_fill_bytes
     );
+    if let Some(r) = &v.recording {
+        println!(
+            "recording: {} into {}: {} frames, {} bytes, recorded up to bus seq {} (segment {}), {} gaps ({} frames missed){}",
+            r.state.map_or("not started", |s| s.name()),
+            r.dir.display(),
+            r.frames,
+            r.bytes,
+            r.next_seq,
+            r.segment,
+            r.gaps,
+            r.missed,
+            r.reason.as_ref().map(|x| format!(": {x}")).unwrap_or_default()
+        );
+    }
 }
 
 /// Kills a child we started, by pid, and reaps it. The child is `sh -c CMD`, and a shell may

@@ -488,6 +488,10 @@ impl JournalReader {
             HeaderError::Version(found) => JournalError::Version { path: p(), found },
             HeaderError::Incomplete => JournalError::Incomplete { path: p() },
             HeaderError::Bad(reason) => JournalError::BadHeader { path: p(), reason },
+            e @ HeaderError::Recording => JournalError::BadHeader {
+                path: p(),
+                reason: e.to_string(),
+            },
         })?;
         let bad = |reason: String| JournalError::BadHeader { path: p(), reason };
         let kind = FileKind::from_u8(header.kind as u8).expect("every journal kind is a file kind");
