@@ -69,6 +69,8 @@ pub struct Summary {
 const STALL: Duration = Duration::from_secs(60);
 /// Longest wait of either half before it looks at the daemon and the other half again.
 const POLL: Duration = Duration::from_millis(200);
+/// The stream reader's error when the ring pusher stopped first (with its own reason).
+const PUSHER_STOPPED: &str = "the ring pusher stopped";
 /// Frames queued between the two halves.
 const CHANNEL: usize = 4096;
 
@@ -160,8 +162,9 @@ pub fn run(args: &Import) -> Result<Summary, String> {
                 Ok(s)
             }
         }
-        // The pusher's reason is the root cause when the reader only saw it stop.
-        (_, Err(e)) | (Err(e), _) => Err(e),
+        // When one half stops, the other sees it stop: report the half that had a reason.
+        (Err(e), Err(p)) if e == PUSHER_STOPPED => Err(p),
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
     };
     match outcome {
         Ok(s) => {
@@ -239,7 +242,7 @@ async fn read_stream(
             let m = match tokio::time::timeout(POLL, messages.next()).await {
                 Err(_) => {
                     if stop.load(Ordering::Relaxed) {
-                        return Err("the ring pusher stopped".into());
+                        return Err(PUSHER_STOPPED.into());
                     }
                     if !args.follow && idle_since.elapsed() > Duration::from_secs(args.idle_timeout)
                     {
@@ -360,13 +363,13 @@ async fn send(tx: &SyncSender<Push>, item: Push, stop: &AtomicBool) -> Result<()
             Ok(()) => return Ok(()),
             Err(TrySendError::Full(i)) => {
                 if stop.load(Ordering::Relaxed) {
-                    return Err("the ring pusher stopped".into());
+                    return Err(PUSHER_STOPPED.into());
                 }
                 item = i;
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(5));
             }
-            Err(TrySendError::Disconnected(_)) => return Err("the ring pusher stopped".into()),
+            Err(TrySendError::Disconnected(_)) => return Err(PUSHER_STOPPED.into()),
         }
     }
 }
