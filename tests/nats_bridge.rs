@@ -258,7 +258,7 @@ fn inputs(dir: &Path, n: u64) -> Vec<PathBuf> {
         let mut v: Vec<u64> = (0..n)
             .map(|i| {
                 let t = day + i * span / n.max(1);
-                if rng.next() % 8 == 0 {
+                if rng.next().is_multiple_of(8) {
                     (t / 60_000) * 60_000 + 59_999
                 } else {
                     t
@@ -279,7 +279,11 @@ fn inputs(dir: &Path, n: u64) -> Vec<PathBuf> {
             1_000_000 + i,
             rng.next() % 100,
             qty % 100_000,
-            if rng.next() % 2 == 0 { "True" } else { "False" }
+            if rng.next().is_multiple_of(2) {
+                "True"
+            } else {
+                "False"
+            }
         )
         .unwrap();
     }
