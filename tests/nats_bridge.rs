@@ -656,6 +656,16 @@ fn the_bridge_recovers_when_the_server_restarts_with_the_same_store() {
         assert!(st.success(), "{name} failed ({st}):\n{out}\n{err}");
         assert!(out.contains("\"state\": \"finished\""), "{name}:\n{out}");
     }
+    let err = fs::read_to_string(s.local.dir.join("day3.err")).unwrap_or_default();
+    assert!(
+        err.contains("re-reading the stream"),
+        "the exporter saw the server go and resynchronised:\n{err}"
+    );
+    let err = fs::read_to_string(s.remote.dir.join("remote.err")).unwrap_or_default();
+    assert!(
+        err.contains("re-creating the consumer") || err.contains("re-creating it"),
+        "the importer saw the server go and re-created its consumer:\n{err}"
+    );
     assert_eq!(s.server.messages("day3"), events(n) as u64 + 2);
     assert_same_ndjson(&lo, &ro, events(n));
 }
