@@ -121,6 +121,12 @@ pub fn run(args: &Export) -> Result<Summary, String> {
     )
     .map_err(|e| e.to_string())?;
     let mut bus = comp.consumer().map_err(|e| e.to_string())?;
+    // Registered before the start: the bus will hand us every frame from bus seq 0, so the
+    // first message accounts for everything before it (with --topics, the frames left out).
+    // A late consumer of a live session starts at the head: what came before is not ours to
+    // vouch for.
+    let before_start = daemon::inspect(c.socket.as_deref(), &comp.ack().session)?.state
+        == aegis_shm_client::protocol::SessionState::Created;
     let started = comp
         .ready(Duration::from_secs(c.start_timeout))
         .map_err(|e| e.to_string())?;
@@ -182,7 +188,7 @@ pub fn run(args: &Export) -> Result<Summary, String> {
         let idle = Duration::from_secs(args.idle_timeout);
         std::thread::Builder::new()
             .name("aegis-nats-bus".into())
-            .spawn(move || read_bus(bus, &comp, stats, &topic_names, &tx, idle))
+            .spawn(move || read_bus(bus, &comp, stats, &topic_names, &tx, idle, before_start))
             .map_err(|e| format!("cannot start the bus reader: {e}"))?
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -227,10 +233,12 @@ fn read_bus(
     topics: &BTreeMap<u32, String>,
     tx: &mpsc::Sender<Item>,
     idle_timeout: Duration,
+    from_zero: bool,
 ) -> (u64, u64) {
     let mut wait = Park::default();
-    // The bus seq the next frame must have for the chain to be unbroken, once one was read.
-    let mut next: Option<Seq> = None;
+    // The bus seq the next frame must have for the chain to be unbroken: 0 for a consumer
+    // that was there from the start, else known once a frame was read.
+    let mut next: Option<Seq> = from_zero.then_some(0);
     let mut ended = stats
         .as_ref()
         .map_or(Vec::new(), |s| vec![false; s.sources().len()]);
