@@ -1,0 +1,4 @@
+//! One module per `aegis-nats` verb.
+
+pub mod export;
+pub mod import;
