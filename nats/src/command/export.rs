@@ -169,7 +169,7 @@ pub fn run(args: &Export) -> Result<Summary, String> {
                 ),
             }
         }
-        bus.subscribe(Some(&ids));
+        bus.subscribe(Some(&ids)).map_err(|e| e.to_string())?;
     }
     let topic_names: BTreeMap<u32, String> = started
         .topics
