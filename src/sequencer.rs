@@ -153,6 +153,9 @@ struct Source {
     staged_bytes: usize,
     /// Live: a backwards timestamp of this source has been logged (logged once per source).
     backwards_logged: bool,
+    /// A pre-sequenced stream (a recording replayed, the session's only source): its frames
+    /// go to the bus as they are, see [`SourceReader::presequenced`].
+    presequenced: bool,
 }
 
 /// The longest the sequencer sleeps on its sources' doorbells while bounded lateness holds a
@@ -259,6 +262,11 @@ impl Sequencer {
                 inputs.len()
             )));
         }
+        if inputs.len() > 1 && inputs.iter().any(|i| i.reader.presequenced()) {
+            return Err(SequencerError::Config(
+                "a pre-sequenced stream (a recording) must be the only source".into(),
+            ));
+        }
         inputs.sort_by(|a, b| a.name.cmp(&b.name));
         if let Some(w) = inputs.windows(2).find(|w| w[0].name == w[1].name) {
             return Err(SequencerError::Config(format!(
@@ -270,6 +278,7 @@ impl Sequencer {
             .into_iter()
             .enumerate()
             .map(|(rank, input)| Source {
+                presequenced: input.reader.presequenced(),
                 name: input.name,
                 rank: rank as u16,
                 topic_id: input.topic_id,
@@ -510,7 +519,7 @@ impl Sequencer {
                 continue;
             }
             s.dry_since = None;
-            if h.ts < s.last_ts {
+            if h.ts < s.last_ts && !s.presequenced {
                 // A producer bug. Backtest: exactness cannot hold, the session fails. Live: the
                 // event is refused, counted and logged once per source; the stream stays in
                 // order.
@@ -538,7 +547,7 @@ impl Sequencer {
             }
             s.last_ts = h.ts;
             s.watermark = s.watermark.max(h.ts);
-            if !live {
+            if !live && !s.presequenced {
                 match self.check_run(i, &h) {
                     Ok(Run::Ordered) => {}
                     Ok(Run::Unordered) => {
@@ -768,10 +777,18 @@ impl Sequencer {
             return self.fail(i, reason);
         }
         s.events += 1;
-        h.source_id = s.rank;
-        if let Some(t) = s.topic_id {
-            h.topic_id = t;
-        }
+        let recorded_late = if s.presequenced {
+            // A recorded bus frame: source id, topic id, source seq and LATE stay as the
+            // recorded bus had them (the recording's own ranks and topic table are the
+            // session's); any other flag is dropped as below.
+            h.flags & flags::LATE != 0
+        } else {
+            h.source_id = s.rank;
+            if let Some(t) = s.topic_id {
+                h.topic_id = t;
+            }
+            false
+        };
         // Flags on the bus are the sequencer's: whatever a producer set on an event frame
         // (EOF, HEARTBEAT, ABORT, PADDING, LATE) never reaches a consumer.
         h.flags = 0;
@@ -781,7 +798,7 @@ impl Sequencer {
             }
             h.publish_ns = self.pass_ns;
         }
-        if h.ts < self.emitted_ts {
+        if recorded_late || (h.ts < self.emitted_ts && !self.sources[i].presequenced) {
             h.flags |= flags::LATE;
             self.late += 1;
         }

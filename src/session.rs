@@ -24,7 +24,7 @@ use crate::outbox::Outbox;
 use crate::recorder::{self, Prepared, RecordError};
 pub use crate::refusal::Refusal;
 use crate::sequencer::{self, Config, Input, Mode, SequencerError, Summary};
-use crate::source::{JournalSource, SourceReader};
+use crate::source::{JournalSource, RecordingSource, SourceReader};
 
 /// Default bus size.
 pub const DEFAULT_BUS_BYTES: usize = 1 << 22;
@@ -194,6 +194,14 @@ enum Backing {
         path: std::path::PathBuf,
         source: Option<JournalSource>,
     },
+    /// A recording the daemon reads (backtest, `aegis-replay DIR`): the session's only
+    /// source, whose recorded source names (by rank) and topic table are the session's.
+    Recording {
+        path: std::path::PathBuf,
+        source: Option<Box<RecordingSource>>,
+        names: Vec<String>,
+        topics: BTreeMap<String, u32>,
+    },
 }
 
 /// The recorder (`--record`): prepared at creation (its bus slot held from the first frame),
@@ -209,7 +217,10 @@ struct Running {
     handle: Option<JoinHandle<Result<Summary, SequencerError>>>,
     stop: Arc<AtomicBool>,
     removals: Arc<AtomicU64>,
+    /// Source names by the sequencer's ranks.
     ranks: Vec<String>,
+    /// Source names by bus `source_id`: the ranks, or a replayed recording's names.
+    bus_names: Vec<String>,
 }
 
 /// One session.
@@ -415,7 +426,11 @@ impl Session {
         let mut ack_sources = self.create_sources(reg)?;
         let topics = self.topic_table();
         for a in &mut ack_sources {
-            a.topic_id = topics[&self.sources[&a.name].topic];
+            // A recording's frames keep their recorded topic ids: none to stamp.
+            a.topic_id = topics
+                .get(&self.sources[&a.name].topic)
+                .copied()
+                .unwrap_or(0);
         }
         self.components.push(Component {
             name: reg.component_name.clone(),
@@ -442,7 +457,7 @@ impl Session {
             slot,
             sources: ack_sources,
             topics,
-            source_names: self.sources.keys().cloned().collect(),
+            source_names: self.bus_source_names(),
             // The caller (`dispatch::register`) fills in the store's desired set.
             desired: Default::default(),
             reconcile_s: crate::subscriptions::reconcile_s(self),
@@ -498,6 +513,30 @@ impl Session {
         if !role.produces() && !reg.sources.is_empty() {
             return Err(Refusal::bad_request("only producers declare sources"));
         }
+        if self.replays_recording() && !reg.sources.is_empty() {
+            return Err(Refusal::bad_request(format!(
+                "session {} replays a recording as its only source: it takes no other source",
+                self.name
+            )));
+        }
+        if reg.sources.iter().any(|s| s.recording.is_some()) {
+            if self.mode != Mode::Backtest {
+                return Err(Refusal::bad_request(
+                    "a recording replays into a backtest session, not a live one",
+                ));
+            }
+            if reg.sources.len() > 1 || !self.sources.is_empty() {
+                return Err(Refusal::bad_request(format!(
+                    "a recording is replayed as the only source of a session, and session {} {}",
+                    self.name,
+                    if self.sources.is_empty() {
+                        "would get other sources from the same REGISTER"
+                    } else {
+                        "already has sources"
+                    }
+                )));
+            }
+        }
         for (i, s) in reg.sources.iter().enumerate() {
             if !protocol::valid_name(&s.name) {
                 return Err(Refusal::bad_name("source name", &s.name));
@@ -550,9 +589,10 @@ impl Session {
         for s in &reg.sources {
             // On failure `created` drops: its ring files are removed, its journals unmapped.
             let handover = s.journal.as_deref().filter(|_| self.mode == Mode::Backtest);
-            created.push(match handover {
-                Some(journal) => self.open_journal(journal, s.kind)?,
-                None => {
+            created.push(match (&s.recording, handover) {
+                (Some(r), _) => self.open_recording(r)?,
+                (None, Some(journal)) => self.open_journal(journal, s.kind)?,
+                (None, None) => {
                     let path = segment_path(&self.sid, &format!("src-{}", s.name));
                     let region = spsc::create_shm(&path, ring_bytes, self.epoch)
                         .map_err(Refusal::internal)?;
@@ -567,7 +607,8 @@ impl Session {
                 path: backing.path().display().to_string(),
                 topic_id: 0,
                 kind: s.kind,
-                journal: matches!(backing, Backing::Journal { .. }),
+                // A recording is read by the daemon too: the producer pushes nothing.
+                journal: matches!(backing, Backing::Journal { .. } | Backing::Recording { .. }),
             });
             self.sources.insert(
                 s.name.clone(),
@@ -599,9 +640,64 @@ impl Session {
         })
     }
 
+    /// Opens a recording to replay (backtest only, checked by the caller): its manifest and
+    /// index now, so that a bad recording is refused at REGISTER with the reason.
+    fn open_recording(&self, r: &protocol::RecordingDecl) -> Result<Backing, Refusal> {
+        let path = std::path::PathBuf::from(&r.dir);
+        if !path.is_absolute() {
+            return Err(Refusal::bad_request(format!(
+                "the recording path {:?} must be absolute",
+                r.dir
+            )));
+        }
+        let source = RecordingSource::open(&path, r.from_ts, r.to_ts)
+            .map_err(|e| Refusal::bad_request(e.to_string()))?;
+        let m = source.manifest();
+        if m.sources.len() > MAX_SOURCES {
+            return Err(Refusal::bad_request(format!(
+                "{}: the recording names {} sources, at most {MAX_SOURCES}",
+                path.display(),
+                m.sources.len()
+            )));
+        }
+        let (names, topics) = (m.sources.clone(), m.topics.clone());
+        Ok(Backing::Recording {
+            path,
+            source: Some(Box::new(source)),
+            names,
+            topics,
+        })
+    }
+
+    /// The recording this session replays, if it does: its source names and topic table.
+    fn recording_source(&self) -> Option<(&Vec<String>, &BTreeMap<String, u32>)> {
+        self.sources.values().find_map(|s| match &s.backing {
+            Backing::Recording { names, topics, .. } => Some((names, topics)),
+            _ => None,
+        })
+    }
+
+    /// Whether the session replays a recording (`aegis-replay DIR`).
+    fn replays_recording(&self) -> bool {
+        self.recording_source().is_some()
+    }
+
+    /// The source names consumers see, by rank (the `source_id` of bus frames): the
+    /// sources' own, or the recorded ones when the session replays a recording.
+    fn bus_source_names(&self) -> Vec<String> {
+        match self.recording_source() {
+            Some((names, _)) => names.clone(),
+            None => self.sources.keys().cloned().collect(),
+        }
+    }
+
     /// Topic ids: the position of the topic's name among the sorted names, so they never
-    /// depend on registration order.
+    /// depend on registration order. A session replaying a recording has the recorded
+    /// table.
     pub fn topic_table(&self) -> BTreeMap<String, u32> {
+        if let Some((_, topics)) = self.recording_source() {
+            return topics.clone();
+        }
         let mut names: Vec<&String> = self.sources.values().map(|s| &s.topic).collect();
         names.sort();
         names.dedup();
@@ -655,10 +751,10 @@ impl Session {
                     RingReader::open(region.clone(), Some(self.epoch))
                         .map_err(Refusal::internal)?,
                 ),
-                Backing::Journal { source: None, .. } => {
+                Backing::Journal { source: None, .. } | Backing::Recording { source: None, .. } => {
                     return Err(Refusal::internal("the journal was already handed over"))
                 }
-                Backing::Journal { .. } => None,
+                Backing::Journal { .. } | Backing::Recording { .. } => None,
             });
         }
         let bus = BusWriter::open(self.bus.clone(), Some(self.epoch)).map_err(Refusal::internal)?;
@@ -669,11 +765,18 @@ impl Session {
                 (Backing::Journal { source, .. }, None) => {
                     source.take().expect("checked above").into()
                 }
+                (Backing::Recording { source, .. }, None) => {
+                    source.take().expect("checked above").into()
+                }
                 (Backing::Ring(_), None) => unreachable!("every ring was opened above"),
+            };
+            let topic_id = match &s.backing {
+                Backing::Recording { .. } => None,
+                _ => Some(topics[&s.topic]),
             };
             inputs.push(Input {
                 name: name.clone(),
-                topic_id: Some(topics[&s.topic]),
+                topic_id,
                 reader,
             });
         }
@@ -683,12 +786,18 @@ impl Session {
             .map_err(Refusal::internal)?;
         let removals = seq.removals();
         let ranks = seq.ranks().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        // What consumers (and the recorder) name sources by: the sequencer's ranks, or a
+        // replayed recording's own.
+        let bus_names = match self.recording_source() {
+            Some((names, _)) => names.clone(),
+            None => ranks.clone(),
+        };
         if let Some(rec) = &mut self.recording {
             let facts = recorder::SessionFacts {
                 session: self.name.clone(),
                 session_id: self.id.clone(),
                 mode: self.spec.mode,
-                sources: ranks.clone(),
+                sources: bus_names.clone(),
                 topics: topics.clone(),
             };
             let prepared = rec
@@ -705,13 +814,14 @@ impl Session {
             handle: Some(handle),
             stop,
             removals,
-            ranks: ranks.clone(),
+            ranks,
+            bus_names: bus_names.clone(),
         });
         self.state = State::Running;
         self.started = Some(Instant::now());
         let started = Reply::Started {
             topics,
-            source_names: ranks,
+            source_names: bus_names,
         };
         for c in &self.components {
             if c.state == CompState::Ready {
@@ -739,7 +849,7 @@ impl Session {
             source_names: self
                 .running
                 .as_ref()
-                .map(|r| r.ranks.clone())
+                .map(|r| r.bus_names.clone())
                 .unwrap_or_default(),
         }
     }
@@ -1034,7 +1144,7 @@ impl Session {
                     .values()
                     .filter_map(|s| match &s.backing {
                         Backing::Ring(region) => Some(region.path().to_path_buf()),
-                        Backing::Journal { .. } => None,
+                        Backing::Journal { .. } | Backing::Recording { .. } => None,
                     })
                     .collect(),
             },
@@ -1197,7 +1307,7 @@ impl Backing {
     fn path(&self) -> &std::path::Path {
         match self {
             Backing::Ring(region) => region.path(),
-            Backing::Journal { path, .. } => path,
+            Backing::Journal { path, .. } | Backing::Recording { path, .. } => path,
         }
     }
 }

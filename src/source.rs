@@ -10,6 +10,7 @@ use aegis_shm_client::frame::{flags, stride, FrameError, FrameHeader, Kind, FRAM
 use aegis_shm_client::journal::{
     archived_len, check_frame, HeaderError, JournalHeader, JournalKind, HEADER_LEN,
 };
+use aegis_shm_client::recording::{RecordingError, Replay, ReplayNext};
 use aegis_shm_client::spsc::{FrameRef, RingReader};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 
@@ -31,6 +32,14 @@ pub enum SourceError {
         /// What is wrong.
         reason: String,
     },
+    /// A recording cannot be read on (corrupt, cut short, an I/O error).
+    #[error("recording {dir}: {reason}")]
+    Recording {
+        /// The recording's directory.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// A source's frames, for the sequencer.
@@ -39,6 +48,14 @@ pub enum SourceReader {
     Ring(RingReader),
     /// A journal mapped by the daemon.
     Journal(JournalSource),
+    /// A recording read by the daemon: one pre-sequenced stream (`aegis-replay DIR`).
+    Recording(Box<RecordingSource>),
+}
+
+impl From<Box<RecordingSource>> for SourceReader {
+    fn from(r: Box<RecordingSource>) -> SourceReader {
+        SourceReader::Recording(r)
+    }
 }
 
 impl From<RingReader> for SourceReader {
@@ -58,7 +75,7 @@ impl SourceReader {
     pub fn ring(&self) -> Option<&RingReader> {
         match self {
             SourceReader::Ring(r) => Some(r),
-            SourceReader::Journal(_) => None,
+            SourceReader::Journal(_) | SourceReader::Recording(_) => None,
         }
     }
 
@@ -68,6 +85,7 @@ impl SourceReader {
         match self {
             SourceReader::Ring(r) => Ok(r.peek()?),
             SourceReader::Journal(j) => j.peek(),
+            SourceReader::Recording(r) => r.peek(),
         }
     }
 
@@ -77,6 +95,7 @@ impl SourceReader {
         match self {
             SourceReader::Ring(r) => Ok(r.peek_header()?),
             SourceReader::Journal(j) => j.peek_header(),
+            SourceReader::Recording(r) => r.peek_header(),
         }
     }
 
@@ -86,6 +105,8 @@ impl SourceReader {
         match self {
             SourceReader::Ring(r) => Ok(r.header_at(pos)?),
             SourceReader::Journal(j) => j.header_at(pos),
+            // Never asked: a pre-sequenced stream is not reordered.
+            SourceReader::Recording(_) => Ok(None),
         }
     }
 
@@ -95,6 +116,7 @@ impl SourceReader {
         match self {
             SourceReader::Ring(r) => r.peeked_end(),
             SourceReader::Journal(j) => j.peeked.map(|(_, stride)| j.head + stride),
+            SourceReader::Recording(_) => None,
         }
     }
 
@@ -104,6 +126,7 @@ impl SourceReader {
         match self {
             SourceReader::Ring(r) => r.consume(),
             SourceReader::Journal(j) => j.consume(),
+            SourceReader::Recording(r) => r.consume(),
         }
     }
 
@@ -114,6 +137,7 @@ impl SourceReader {
         match self {
             SourceReader::Ring(r) => r.release(),
             SourceReader::Journal(j) => j.release(),
+            SourceReader::Recording(_) => {}
         }
     }
 
@@ -125,11 +149,18 @@ impl SourceReader {
         matches!(self, SourceReader::Journal(_))
     }
 
+    /// Whether the source is a pre-sequenced stream (a recording): the sequencer passes its
+    /// frames through as they are (source and topic ids, LATE flags), without the
+    /// backwards-ts check or the reordering of runs of equal timestamps.
+    pub fn presequenced(&self) -> bool {
+        matches!(self, SourceReader::Recording(_))
+    }
+
     /// Ring capacity in bytes (0 for a journal, which is not a ring).
     pub fn capacity(&self) -> usize {
         match self {
             SourceReader::Ring(r) => r.capacity(),
-            SourceReader::Journal(_) => 0,
+            SourceReader::Journal(_) | SourceReader::Recording(_) => 0,
         }
     }
 }
@@ -414,6 +445,97 @@ impl JournalSource {
                 )
             };
             self.released = upto;
+        }
+    }
+}
+
+/// A recording replayed by the daemon (`aegis-replay DIR`, SPEC section 11): the bus frames
+/// of a window of it ([`Replay`]), read with `pread` (a file truncated under it is an error,
+/// never a SIGBUS), handed to the sequencer one at a time and then END-OF-STREAM. Headers
+/// keep what the recorded bus carried (source and topic ids, source seq, LATE); only
+/// `publish_ns`, a clock reading of the recording run, is cleared, so that the sequencer
+/// stamps its own.
+pub struct RecordingSource {
+    dir: PathBuf,
+    replay: Replay,
+    /// The frame under the read position: header and payload, copied out of the reader's
+    /// buffer (the sequencer peeks, then consumes).
+    head: Option<FrameHeader>,
+    payload: Vec<u8>,
+    /// END-OF-STREAM was handed out (peeked); `ended` once consumed.
+    at_end: bool,
+    ended: bool,
+}
+
+impl RecordingSource {
+    /// Opens the recording in `dir` for the window `from..=to` of event times.
+    pub fn open(
+        dir: &Path,
+        from: Option<u64>,
+        to: Option<u64>,
+    ) -> Result<RecordingSource, RecordingError> {
+        Ok(RecordingSource {
+            dir: dir.to_path_buf(),
+            replay: Replay::open(dir, from, to)?,
+            head: None,
+            payload: Vec::new(),
+            at_end: false,
+            ended: false,
+        })
+    }
+
+    /// The recording's manifest.
+    pub fn manifest(&self) -> &aegis_shm_client::recording::Manifest {
+        self.replay.manifest()
+    }
+
+    fn peek_header(&mut self) -> Result<Option<FrameHeader>, SourceError> {
+        if self.ended {
+            return Ok(None);
+        }
+        if self.head.is_none() && !self.at_end {
+            match self.replay.read() {
+                Ok(ReplayNext::Frame(h, payload)) => {
+                    let mut h = h;
+                    h.publish_ns = 0;
+                    self.payload.clear();
+                    self.payload.extend_from_slice(payload);
+                    self.head = Some(h);
+                }
+                Ok(ReplayNext::End) => self.at_end = true,
+                Err(e) => {
+                    return Err(SourceError::Recording {
+                        dir: self.dir.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        if self.at_end {
+            return Ok(Some(FrameHeader {
+                kind: Kind::Control as u8,
+                flags: flags::EOF,
+                ..FrameHeader::default()
+            }));
+        }
+        Ok(self.head)
+    }
+
+    fn peek(&mut self) -> Result<Option<FrameRef<'_>>, SourceError> {
+        let Some(header) = self.peek_header()? else {
+            return Ok(None);
+        };
+        let payload = if self.at_end {
+            &[][..]
+        } else {
+            &self.payload[..]
+        };
+        Ok(Some(FrameRef { header, payload }))
+    }
+
+    fn consume(&mut self) {
+        if self.head.take().is_none() && self.at_end {
+            self.ended = true;
         }
     }
 }

@@ -692,6 +692,7 @@ fn role_producer() {
             kind: SourceKind::Trade,
             topic: "trades.BTCUSDT".into(),
             journal: None,
+            recording: None,
         }],
     )
     .expect("register");
@@ -958,6 +959,7 @@ fn protocol_refusals_keep_the_daemon_serving() {
                 kind: SourceKind::Trade,
                 topic: "trades.BTCUSDT".into(),
                 journal: None,
+                recording: None,
             }],
             pid: Some(std::process::id()),
             ..Register::default()
@@ -1751,6 +1753,7 @@ fn gc_cleans_up_after_a_killed_daemon() {
                 kind: SourceKind::Book,
                 topic: "book.BTCUSDT".into(),
                 journal: None,
+                recording: None,
             }],
             pid: Some(std::process::id()),
             ..Register::default()

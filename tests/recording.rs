@@ -389,6 +389,17 @@ fn kill_9_of_the_daemon_leaves_a_recording_readable_to_its_last_complete_frame()
     assert_eq!(v["frames"], frames, "{v}");
     assert_eq!(v["torn_tail"]["offset"], at, "{v}");
     assert_eq!(v["torn_tail"]["bytes"], 11, "{v}");
+    // What was complete replays (a new daemon: the old one is gone), torn tail ignored.
+    let socket = h.start_daemon(&b);
+    let (r, _, nd) = replay_recording(&mut h, &b, &socket, "after-crash", &rec, "");
+    assert_run_ok(&h, &r, frames as usize);
+    let (seqs, _) = unseq(&read(&nd));
+    assert_eq!(seqs, (0..frames).collect::<Vec<_>>());
+    assert!(
+        r.stderr.contains("the recording was not closed"),
+        "no warning: {}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -478,4 +489,393 @@ fn corrupt_truncated_and_future_recordings_are_refused_clearly() {
 fn patch(path: &Path, at: u64, bytes: &[u8]) {
     let f = fs::OpenOptions::new().write(true).open(path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, bytes, at).unwrap();
+}
+
+/// Two taps for a run: a digest and NDJSON, each to a file under the harness named after
+/// `tag`. Returns the commands and the two paths.
+fn taps(h: &Harness, b: &Bins, tag: &str) -> (Vec<String>, PathBuf, PathBuf) {
+    let (dg, nd) = (
+        h.dir.join(format!("{tag}.digest")),
+        h.dir.join(format!("{tag}.ndjson")),
+    );
+    let cmds = vec![
+        format!(
+            "exec {} --name {tag}-digest --format digest --out {}",
+            q(&b.tap),
+            q(&dg)
+        ),
+        format!(
+            "exec {} --name {tag}-ndjson --format ndjson --out {}",
+            q(&b.tap),
+            q(&nd)
+        ),
+    ];
+    (cmds, dg, nd)
+}
+
+fn read(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The NDJSON lines of a tap without their `"seq":N,` prefix, and the seqs.
+fn unseq(ndjson: &str) -> (Vec<u64>, Vec<String>) {
+    ndjson
+        .lines()
+        .map(|l| {
+            let rest = l.strip_prefix("{\"seq\":").expect("a line starts with seq");
+            let comma = rest.find(',').expect("seq is followed by a field");
+            (
+                rest[..comma].parse::<u64>().expect("seq is a number"),
+                rest[comma + 1..].to_string(),
+            )
+        })
+        .unzip()
+}
+
+/// `aegis-replay DIR [EXTRA]` into a backtest session with the two taps of [`taps`]:
+/// (the run, the digest file, the NDJSON file).
+fn replay_recording(
+    h: &mut Harness,
+    b: &Bins,
+    socket: &Path,
+    name: &str,
+    rec: &Path,
+    extra: &str,
+) -> (RunOutput, PathBuf, PathBuf) {
+    let (mut cmds, dg, nd) = taps(h, b, name);
+    cmds.insert(0, format!("exec {} {extra} {}", q(&b.replay), q(rec)));
+    let r = session_run(h, b, socket, name, "backtest", &[], &cmds);
+    (r, dg, nd)
+}
+
+#[test]
+fn replay_of_a_recording_equals_the_recorded_bus_and_windows_slice_it() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("rec-replay");
+    let socket = h.start_daemon(&b);
+    let rec = h.dir.join("rec");
+    // Four sources (the 1m file three times under other names), so that the recording
+    // spans several index entries (one per MiB).
+    let (mut cmds, dg, nd) = taps(&h, &b, "orig");
+    for s in ["a", "b", "c"] {
+        cmds.push(format!(
+            "exec {} --source {s} {}",
+            q(&b.replay),
+            q(&data(KLINES_1M))
+        ));
+    }
+    cmds.push(format!("exec {} {}", q(&b.replay), q(&data(KLINES_1H))));
+    let events = 3 * 1440 + 744;
+    let r = session_run(
+        &mut h,
+        &b,
+        &socket,
+        "orig",
+        "backtest",
+        &[
+            "--record",
+            rec.to_str().unwrap(),
+            "--record-segment-bytes",
+            "262144",
+        ],
+        &cmds,
+    );
+    assert_run_ok(&h, &r, events);
+    let v = verify(&mut h, &b, &rec).expect("verifies");
+    assert!(v["index_entries"].as_u64().unwrap() >= 2, "{v}");
+    let (orig_digest, orig_nd) = (read(&dg), read(&nd));
+    assert!(is_digest(orig_digest.trim()), "{orig_digest}");
+    assert_eq!(orig_nd.lines().count(), events);
+
+    // The whole recording, replayed: the same bus.
+    let (r, dg, nd) = replay_recording(&mut h, &b, &socket, "whole", &rec, "");
+    assert_run_ok(&h, &r, events);
+    assert_eq!(read(&dg), orig_digest, "the replay's digest differs");
+    assert!(read(&nd) == orig_nd, "the replay's NDJSON differs");
+    // The session has the recorded names and topics.
+    let s = &r.summary["session"];
+    assert_eq!(
+        s["topics"],
+        serde_json::json!({"klines.BTCUSDT.1h": 0, "klines.BTCUSDT.1m": 1}),
+        "{s}"
+    );
+
+    // A window: from the ts of one event to the ts of a later one. The replay is the slice
+    // of the recorded bus from the first event at or after FROM to the last before the
+    // first event after TO, with bus seqs from 0.
+    let (seqs, lines) = unseq(&orig_nd);
+    assert_eq!(seqs, (0..events as u64).collect::<Vec<_>>());
+    let ts = |l: &str| -> u64 {
+        let v: Value = serde_json::from_str(&format!("{{{l}")).unwrap();
+        v["ts"].as_u64().unwrap()
+    };
+    let (from, to) = (ts(&lines[1000]), ts(&lines[4000]));
+    let start = lines.iter().position(|l| ts(l) >= from).unwrap();
+    let end = lines.iter().position(|l| ts(l) > to).unwrap_or(lines.len());
+    let want = &lines[start..end];
+    assert!(want.len() > 2000, "a window of {} events", want.len());
+    let extra = format!("--from {from} --to {to}");
+    let (r, _, nd) = replay_recording(&mut h, &b, &socket, "window", &rec, &extra);
+    assert_run_ok(&h, &r, want.len());
+    let (seqs, got) = unseq(&read(&nd));
+    assert_eq!(seqs, (0..want.len() as u64).collect::<Vec<_>>());
+    assert!(
+        got == want,
+        "the window is not the slice of the recorded bus"
+    );
+
+    // A recording replays into a backtest only, alone, and a bad one is refused up front.
+    let (ok, out, err) = shmctl(
+        &mut h,
+        &b,
+        &["--json", "session", "create", "lv", "--mode", "live"],
+    );
+    assert!(ok, "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let log = h.dir.join("replay-live.log");
+    let i = h.spawn(
+        Command::new(&b.replay)
+            .arg(&rec)
+            .env("AEGIS_SOCKET", &socket)
+            .env("AEGIS_SESSION_TOKEN", created["token"].as_str().unwrap())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap()),
+        "aegis-replay into a live session",
+    );
+    let st = h.wait(i, DEADLINE, "aegis-replay into a live session", || {});
+    assert!(!st.success());
+    let err = read(&log);
+    assert!(
+        err.contains("into a backtest session, not a live one"),
+        "{err}"
+    );
+    let mut cmds = vec![
+        format!("exec {} {}", q(&b.replay), q(&rec)),
+        format!("exec {} {}", q(&b.replay), q(&data(KLINES_1H))),
+    ];
+    cmds.extend(taps(&h, &b, "mixed").0);
+    let r = session_run(&mut h, &b, &socket, "mixed", "backtest", &[], &cmds);
+    assert!(!r.status.success());
+    assert!(r.stderr.contains("only source"), "{}", r.stderr);
+    let bad = h.dir.join("not-a-recording");
+    fs::create_dir(&bad).unwrap();
+    let (r, _, _) = replay_recording(&mut h, &b, &socket, "bad", &bad, "");
+    assert!(!r.status.success());
+    assert!(
+        r.stderr.contains("not an Aegis recording")
+            || r.summary.to_string().contains("not an Aegis recording"),
+        "{}\n{}",
+        r.summary,
+        r.stderr
+    );
+}
+
+/// A tap process under the guard, its output in a file: (guard index, output path).
+fn spawn_tap(
+    h: &mut Harness,
+    b: &Bins,
+    socket: &Path,
+    token: &str,
+    name: &str,
+    format: &str,
+    extra: &[&str],
+) -> (usize, PathBuf) {
+    let out = h.dir.join(format!("{name}.{format}"));
+    let log = fs::File::create(h.dir.join(format!("{name}.log"))).unwrap();
+    let i = h.spawn(
+        Command::new(&b.tap)
+            .args(["--name", name, "--format", format, "--out"])
+            .arg(&out)
+            .args(extra)
+            .env("AEGIS_SOCKET", socket)
+            .env("AEGIS_SESSION_TOKEN", token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log),
+        name,
+    );
+    (i, out)
+}
+
+/// `session inspect NAME --json`, and the session's segments taken into the guard's care.
+fn inspect(h: &mut Harness, b: &Bins, name: &str) -> Value {
+    let (_, out, _) = shmctl(h, b, &["--json", "session", "inspect", name]);
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    if let Some(sid) = v["segments"]["bus"]
+        .as_str()
+        .and_then(|p| Path::new(p).file_name()?.to_str().map(str::to_string))
+        .as_deref()
+        .and_then(sid_of)
+    {
+        h.sids.insert(sid.to_string());
+    }
+    v
+}
+
+/// What a recorded live run left: the recording, the early taps' digest and NDJSON, and
+/// those of the late taps (with `--catch-up`), if any.
+struct LiveRun {
+    rec: PathBuf,
+    digest: String,
+    ndjson: String,
+    late: Option<(String, String, Value)>,
+}
+
+/// A live session recorded into DIR/rec-live: three producers paced with `--speed` (two
+/// files of different months, so that bounded lateness lets LATE events through), two taps
+/// from the start (digest, NDJSON). With `catch_up`, two `--catch-up` taps start once a
+/// third of the stream is recorded.
+fn live_recorded(h: &mut Harness, b: &Bins, catch_up: bool) -> LiveRun {
+    let socket = h.start_daemon(b);
+    let rec = h.dir.join("rec-live");
+    let (ok, out, err) = shmctl(
+        h,
+        b,
+        &[
+            "--json",
+            "session",
+            "create",
+            "live",
+            "--mode",
+            "live",
+            "--expect",
+            "5",
+            "--record",
+            rec.to_str().unwrap(),
+            "--record-segment-bytes",
+            "65536",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let token = created["token"].as_str().unwrap().to_string();
+    inspect(h, b, "live");
+    let mut producers = Vec::new();
+    // About 4 s each.
+    for (name, speed, file) in [
+        ("a", "20000", KLINES_1M),
+        ("b", "25000", KLINES_1M),
+        ("c", "600000", KLINES_1H),
+    ] {
+        let log = fs::File::create(h.dir.join(format!("feed-{name}.log"))).unwrap();
+        producers.push(
+            h.spawn(
+                Command::new(&b.replay)
+                    .args(["--source", name, "--name", &format!("feed-{name}")])
+                    .args(["--speed", speed])
+                    .arg(data(file))
+                    .env("AEGIS_SOCKET", &socket)
+                    .env("AEGIS_SESSION_TOKEN", &token)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log),
+                name,
+            ),
+        );
+    }
+    let (t1, digest) = spawn_tap(h, b, &socket, &token, "early-d", "digest", &[]);
+    let (t2, ndjson) = spawn_tap(h, b, &socket, &token, "early-n", "ndjson", &[]);
+    let total = 2 * 1440 + 744;
+    let mut late = Vec::new();
+    if catch_up {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let v = inspect(h, b, "live");
+            if v["recording"]["frames"].as_u64().unwrap_or(0) > total / 3 {
+                break;
+            }
+            assert!(Instant::now() < end, "nothing recorded: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        late.push(spawn_tap(
+            h,
+            b,
+            &socket,
+            &token,
+            "late-d",
+            "digest",
+            &["--catch-up", "--json"],
+        ));
+        late.push(spawn_tap(
+            h,
+            b,
+            &socket,
+            &token,
+            "late-n",
+            "ndjson",
+            &["--catch-up"],
+        ));
+    }
+    for i in producers
+        .into_iter()
+        .chain([t1, t2])
+        .chain(late.iter().map(|l| l.0))
+    {
+        let st = h.wait(i, DEADLINE, "a component of the live session", || {});
+        assert!(
+            st.success(),
+            "a component failed ({st}); logs in {}:\n{}",
+            h.dir.display(),
+            tail(&h.dir.join("daemon.log"), 2000)
+        );
+    }
+    let v = inspect(h, b, "live");
+    assert_eq!(v["state"], "finished", "{v}");
+    assert_eq!(v["recording"]["state"], "complete", "{v}");
+    assert_eq!(v["recording"]["missed"], 0, "{v}");
+    let late = match late.as_slice() {
+        [(_, d), (_, n)] => Some((
+            read(d),
+            read(n),
+            serde_json::from_str(
+                tail(&h.dir.join("late-d.log"), 4000)
+                    .lines()
+                    .rfind(|l| l.starts_with('{'))
+                    .unwrap_or("null"),
+            )
+            .unwrap_or(Value::Null),
+        )),
+        _ => None,
+    };
+    LiveRun {
+        rec,
+        digest: read(&digest),
+        ndjson: read(&ndjson),
+        late,
+    }
+}
+
+#[test]
+fn replay_of_a_live_recording_equals_the_live_bus_late_flags_included() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("rec-live");
+    let run = live_recorded(&mut h, &b, false);
+    assert!(run.late.is_none());
+    let total = 2 * 1440 + 744;
+    assert_eq!(run.ndjson.lines().count(), total);
+    let late = run.ndjson.matches("\"late\":true").count();
+    assert!(
+        late > 0,
+        "no LATE event in the live run: the test shows nothing"
+    );
+    let socket = h.socket();
+    let (r, dg, nd) = replay_recording(&mut h, &b, &socket, "replay", &run.rec, "");
+    assert_run_ok(&h, &r, total);
+    assert_eq!(
+        read(&dg),
+        run.digest,
+        "the replay's digest differs from the live tap's"
+    );
+    assert!(
+        read(&nd) == run.ndjson,
+        "the replay's NDJSON differs from the live tap's"
+    );
+    assert_eq!(
+        r.summary["session"]["sequencer"]["late_events"], late as u64,
+        "{}",
+        r.summary
+    );
 }

@@ -187,6 +187,7 @@ fn main() -> Result<(), Error> {
         kind: SourceKind::Kline,
         topic: format!("klines.{symbol_name}.{interval_name}"),
         journal: None,
+        recording: None,
     };
     let c = Component::from_env("bar-builder", Role::Both, vec![decl])?;
     let (producer, topic) = c.producer(&source)?;

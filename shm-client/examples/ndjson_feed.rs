@@ -71,6 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kind: SourceKind::Trade,
         topic: format!("trades.{symbol}"),
         journal: None,
+        recording: None,
     };
     let c = Component::from_env(&format!("{source}-handler"), Role::Producer, vec![decl])?;
     let (mut producer, topic) = c.producer(&source)?;

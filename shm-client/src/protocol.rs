@@ -355,6 +355,27 @@ pub struct SourceDecl {
     /// progress in the ctl segment). A live session creates a ring as usual.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal: Option<String>,
+    /// A recording (SPEC section 11) replayed as one pre-sequenced stream (`aegis-replay
+    /// DIR`), backtest only. The daemon reads it itself and copies its bus frames to the bus
+    /// unchanged (source and topic ids, source seqs, LATE flags); the session takes its
+    /// source names and topic table from the recording's manifest (`kind` and `topic` of
+    /// this declaration are not used on the bus), and refuses any other source beside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<RecordingDecl>,
+}
+
+/// The recording a [`SourceDecl`] replays, and the window of it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingDecl {
+    /// The recording's directory (absolute).
+    pub dir: String,
+    /// Start at the first event whose ts is at least this (ns; `None`: the first frame).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_ts: Option<u64>,
+    /// End before the first event whose ts is greater than this (ns; `None`: the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_ts: Option<u64>,
 }
 
 /// The REGISTER payload.

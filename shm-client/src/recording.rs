@@ -598,6 +598,14 @@ impl Cursor {
         }
     }
 
+    /// The payload of the frame the last [`Cursor::read`] returned (header `h`): still in
+    /// the read buffer, which only the next read changes.
+    fn last_payload(&self, h: &FrameHeader) -> &[u8] {
+        let start = self.pos - h.stride() as u64;
+        let at = (start - self.buf_off) as usize + FRAME_HEADER_LEN;
+        &self.buf[at..at + h.len as usize]
+    }
+
     /// After [`Next::Pending`]: the torn tail, if any: the offset of the first byte that is
     /// not a complete frame and the span up to the last non-zero byte of the segment file.
     fn torn_tail(&mut self) -> Result<Option<TornTail>, RecordingError> {
@@ -796,4 +804,154 @@ fn seg_report(list: &mut Vec<SegmentReport>, index: u32) -> &mut SegmentReport {
         });
     }
     &mut list[index as usize]
+}
+
+/// What [`Replay::read`] found.
+#[derive(Debug)]
+pub enum ReplayNext<'a> {
+    /// The next bus frame of the window (an event; the recorded END-OF-STREAM is not handed
+    /// out), its header as it was on the bus.
+    Frame(FrameHeader, &'a [u8]),
+    /// The window is over: END-OF-STREAM, the `--to` bound, or the end of what is complete
+    /// (a crash, or a recording still being written).
+    End,
+}
+
+/// A recording read for a replay (`aegis-replay DIR`): the bus frames of a time window, in
+/// bus order, with gap records skipped and counted.
+///
+/// The window is a contiguous run of the recorded bus: it starts at the first event whose
+/// `ts` is at least `from` (placed through the sparse index, then read forward) and ends
+/// before the first event whose `ts` is greater than `to`. Events inside it keep their
+/// headers, LATE ones included, even when their `ts` lies outside the bounds: the replay is
+/// a slice of the recorded bus, never a re-filtered stream.
+///
+/// Where the complete frames stop short of END-OF-STREAM (a crash, a recording still being
+/// written), the window ends there. A segment that the manifest lists but that is missing
+/// or has no header before the last listed one is an error, as in [`verify`].
+pub struct Replay {
+    manifest: Manifest,
+    cursor: Cursor,
+    from: Option<u64>,
+    to: Option<u64>,
+    /// The window's first event was reached.
+    started: bool,
+    done: bool,
+    gaps: Vec<Gap>,
+    ended: bool,
+    aborted: bool,
+}
+
+impl Replay {
+    /// Opens the recording in `dir` (its manifest and index checked) for the window
+    /// `from..=to` of event times (`None`: unbounded). The first segment is read at the
+    /// first [`Replay::read`].
+    pub fn open(dir: &Path, from: Option<u64>, to: Option<u64>) -> Result<Replay, RecordingError> {
+        let manifest = Manifest::load(dir)?;
+        let index = read_index(dir)?;
+        if let (Some(f), Some(t)) = (from, to) {
+            if f > t {
+                return Err(RecordingError::Manifest {
+                    path: dir.to_path_buf(),
+                    reason: format!("an empty window: from {f} is after to {t}"),
+                });
+            }
+        }
+        // The last entry before which every frame is older than `from`: the window's first
+        // event lies at or after it.
+        let entry = from.and_then(|f| index.iter().rev().find(|e| e.max_ts_before < f));
+        let cursor = match entry {
+            Some(e) => Cursor::at(dir, e.segment, e.offset, Some(e.seq)),
+            None => Cursor::new(dir),
+        };
+        Ok(Replay {
+            manifest,
+            cursor,
+            from,
+            to,
+            started: from.is_none(),
+            done: false,
+            gaps: Vec::new(),
+            ended: false,
+            aborted: false,
+        })
+    }
+
+    /// The recording's manifest, as it was when opened.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Gaps met inside the window so far (frames the recorder missed).
+    pub fn gaps(&self) -> &[Gap] {
+        &self.gaps
+    }
+
+    /// Whether the recorded END-OF-STREAM was reached, and whether it was flagged ABORT.
+    pub fn end_of_stream(&self) -> Option<bool> {
+        self.ended.then_some(self.aborted)
+    }
+
+    /// The next frame of the window. A corrupt frame inside a closed segment, or a bus seq
+    /// out of sequence, is an error (never skipped).
+    pub fn read(&mut self) -> Result<ReplayNext<'_>, RecordingError> {
+        loop {
+            if self.done {
+                return Ok(ReplayNext::End);
+            }
+            // The borrow checker cannot see that the `Frame` arm below returns the cursor's
+            // borrow only on its own path, so the header is checked first and the frame read
+            // again through `last_payload`.
+            let header = match self.cursor.read()? {
+                Next::End => {
+                    self.done = true;
+                    continue;
+                }
+                Next::Pending => {
+                    let seg = self.cursor.segment as usize;
+                    let listed = self.manifest.segments.len();
+                    let missing = self.cursor.file.is_none() && seg < listed;
+                    if missing || seg + 1 < listed {
+                        return Err(RecordingError::Corrupt {
+                            path: self.cursor.dir.join(segment_file(seg as u32)),
+                            offset: self.cursor.pos,
+                            reason: format!(
+                                "the recording stops here, but its manifest lists {listed} segments"
+                            ),
+                        });
+                    }
+                    self.done = true;
+                    continue;
+                }
+                Next::Record(Record::Gap { from, count }) => {
+                    if self.started {
+                        self.gaps.push(Gap {
+                            from,
+                            to: from + count - 1,
+                        });
+                    }
+                    continue;
+                }
+                Next::Record(Record::Frame(h, _)) => h,
+            };
+            if header.kind == crate::frame::Kind::Control as u8 {
+                // The recorded END-OF-STREAM: the session's own ends the replay's bus.
+                self.ended = true;
+                self.aborted = header.has(flags::ABORT);
+                self.done = true;
+                continue;
+            }
+            if !self.started {
+                if self.from.is_some_and(|f| header.ts < f) {
+                    continue;
+                }
+                self.started = true;
+            }
+            if self.to.is_some_and(|t| header.ts > t) {
+                self.done = true;
+                continue;
+            }
+            return Ok(ReplayNext::Frame(header, self.cursor.last_payload(&header)));
+        }
+    }
 }

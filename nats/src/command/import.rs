@@ -110,6 +110,7 @@ pub fn run(args: &Import) -> Result<Summary, String> {
                     kind: s.kind,
                     topic: s.topic.clone(),
                     journal: None,
+                    recording: None,
                 })
                 .collect(),
             pid: Some(std::process::id()),

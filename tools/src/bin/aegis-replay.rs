@@ -98,11 +98,20 @@ struct Args {
     /// (a journal handed to the daemon cannot be filtered).
     #[arg(long, value_name = "S,...", value_parser = check_symbol_list)]
     symbols: Option<String>,
+    /// With a recording DIR: start at the first event whose ts (ns since the Unix epoch) is
+    /// at least TS, found through the recording's index. Bus seqs of the replay start at 0.
+    #[arg(long, value_name = "TS")]
+    from: Option<u64>,
+    /// With a recording DIR: end before the first event whose ts (ns) is greater than TS.
+    #[arg(long, value_name = "TS")]
+    to: Option<u64>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
     /// Input files: CSV, Binance zip archives (NAME.zip holding NAME.csv), or journals made
-    /// with --convert.
+    /// with --convert. Or one recording directory (`session create|run --record DIR`),
+    /// replayed into a backtest session as one pre-sequenced stream: the replay's bus
+    /// equals the recorded bus frame for frame.
     #[arg(required = true)]
     files: Vec<PathBuf>,
 }
@@ -155,6 +164,12 @@ fn main() {
     if args.source.is_some() && args.files.len() > 1 {
         fail("--source names one source: give one FILE per process, or let names default to file stems");
     }
+    if let Some(dir) = args.files.iter().find(|p| p.is_dir()) {
+        replay_recording(&args, dir);
+    }
+    if args.from.is_some() || args.to.is_some() {
+        fail("--from and --to give the window of a recording DIR: no FILE here is a directory");
+    }
     if let Some(out) = &args.convert {
         convert(&args, out);
         return;
@@ -169,6 +184,7 @@ fn main() {
                 .expect("a file kind is an event kind"),
             topic: i.info.topic(),
             journal: i.offer.then(|| absolute(&i.path)),
+            recording: None,
         })
         .collect();
     let token = std::env::var("AEGIS_SESSION_TOKEN").unwrap_or_else(|_| {
@@ -826,4 +842,157 @@ fn convert(args: &Args, out: &Path) {
             n as f64 / secs
         );
     }
+}
+
+/// `aegis-replay DIR`: hands the recording in `dir` to the daemon, which reads it and copies
+/// its bus frames to the session's bus unchanged (one pre-sequenced stream; backtest only),
+/// then follows its progress until it has ended. Exits.
+fn replay_recording(args: &Args, dir: &Path) -> ! {
+    use aegis_shm_client::protocol::RecordingDecl;
+    use aegis_shm_client::recording::{Manifest, RecordingState};
+    if args.files.len() != 1 {
+        fail(format!(
+            "{}: a recording directory is replayed alone: give it as the only FILE",
+            dir.display()
+        ));
+    }
+    let refused = [
+        (args.speed.is_some(), "--speed"),
+        (args.convert.is_some(), "--convert"),
+        (args.sort, "--sort"),
+        (args.via_ring, "--via-ring"),
+        (args.symbols.is_some(), "--symbols"),
+        (args.kind.is_some(), "--kind"),
+        (args.symbol.is_some(), "--symbol"),
+        (args.interval.is_some(), "--interval"),
+    ];
+    if let Some((_, flag)) = refused.iter().find(|(on, _)| *on) {
+        fail(format!(
+            "{flag} does not apply to a recording DIR: the daemon reads the recording itself \
+             and replays its bus as it was, as fast as the session takes it"
+        ));
+    }
+    if let (Some(f), Some(t)) = (args.from, args.to) {
+        if f > t {
+            fail(format!("--from {f} is after --to {t}: an empty window"));
+        }
+    }
+    // Checked here first, so that a bad recording is said before the session hears of us
+    // (the daemon checks it again at REGISTER).
+    let manifest = Manifest::load(dir).unwrap_or_else(|e| fail(e));
+    match manifest.state {
+        RecordingState::Complete => {}
+        RecordingState::Incomplete => eprintln!(
+            "aegis-replay: warning: {}: the recording is incomplete ({}): the replay has what it holds",
+            dir.display(),
+            manifest.reason.as_deref().unwrap_or("no reason given")
+        ),
+        RecordingState::Recording => eprintln!(
+            "aegis-replay: warning: {}: the recording was not closed (still being written, or its daemon died): the replay ends at its last complete frame",
+            dir.display()
+        ),
+    }
+    for g in &manifest.gaps {
+        eprintln!(
+            "aegis-replay: warning: {}: the recorder missed bus seqs {}..={}: the replay's bus seqs are renumbered past them",
+            dir.display(),
+            g.from,
+            g.to
+        );
+    }
+    let name = args
+        .source
+        .clone()
+        .unwrap_or_else(|| "recording".to_string());
+    let token = std::env::var("AEGIS_SESSION_TOKEN").unwrap_or_else(|_| {
+        fail("AEGIS_SESSION_TOKEN is not set: run under `aegis-shmctl session run`, or export the token printed by `session create`")
+    });
+    let comp = Component::connect(
+        args.socket.as_deref(),
+        Register {
+            component_name: args
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("replay-{}", std::process::id())),
+            session_token: token,
+            role: Some(Role::Producer),
+            sources: vec![SourceDecl {
+                name: name.clone(),
+                // Not used on the bus: the recorded frames keep their kinds and topics.
+                kind: aegis_shm_client::protocol::SourceKind::Trade,
+                topic: "recording".into(),
+                journal: None,
+                recording: Some(RecordingDecl {
+                    dir: absolute(dir),
+                    from_ts: args.from,
+                    to_ts: args.to,
+                }),
+            }],
+            pid: Some(std::process::id()),
+            ..Register::default()
+        },
+    )
+    .unwrap_or_else(|e| fail(e));
+    if !comp.is_journal_backed(&name) {
+        fail("the daemon did not take the recording (a daemon without recording replay?)");
+    }
+    let stats = comp.stats().unwrap_or_else(|e| fail(e));
+    comp.ready(Duration::from_secs(args.start_timeout))
+        .unwrap_or_else(|e| fail(e));
+    let start = Instant::now();
+    let total_bytes: u64 = manifest.segments.iter().map(|s| s.bytes).sum();
+    let bar = Progress::new("replaying", total_bytes, true);
+    let stall = Duration::from_secs(args.stall_timeout);
+    let mut last = (0u64, Instant::now());
+    let events = loop {
+        if let Some(r) = comp.stop_requested() {
+            fail(format!("the daemon stopped the session: {r}"));
+        }
+        let s = stats.sources().into_iter().find(|s| s.name == name);
+        let events = s.as_ref().map_or(0, |s| s.events);
+        if manifest.frames > 0 {
+            let done = (total_bytes as u128 * events.min(manifest.frames) as u128
+                / manifest.frames as u128) as u64;
+            bar.set(done, events);
+        }
+        match s.as_ref().map(|s| s.state) {
+            Some(SourceState::Ended) => break events,
+            Some(SourceState::Failed | SourceState::Removed) => {
+                let why = s
+                    .and_then(|s| s.reason)
+                    .unwrap_or_else(|| "no reason given".into());
+                let msg = format!("{}: the daemon's replay of it failed: {why}", dir.display());
+                let _ = comp.error("replay_failed", &msg);
+                fail(msg);
+            }
+            _ => {}
+        }
+        if events != last.0 {
+            last = (events, Instant::now());
+        } else if last.1.elapsed() > stall {
+            let msg = format!(
+                "the daemon replayed nothing from {} for {stall:?} (is the session stuck?)",
+                dir.display()
+            );
+            let _ = comp.error("replay_failed", &msg);
+            fail(msg);
+        }
+        std::thread::sleep(FOLLOW_POLL);
+    };
+    bar.finish();
+    let secs = start.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{{\"events\":{events},\"seconds\":{secs:.6},\"events_per_s\":{:.0}}}",
+            events as f64 / secs
+        );
+    } else {
+        eprintln!(
+            "aegis-replay: {events} events from recording {} in {secs:.3} s ({:.0} events/s)",
+            dir.display(),
+            events as f64 / secs
+        );
+    }
+    comp.finished().unwrap_or_else(|e| fail(e));
+    std::process::exit(0);
 }
