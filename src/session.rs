@@ -461,6 +461,7 @@ impl Session {
             // The caller (`dispatch::register`) fills in the store's desired set.
             desired: Default::default(),
             reconcile_s: crate::subscriptions::reconcile_s(self),
+            recording: self.recording.as_ref().map(|r| r.dir.clone()),
         })
     }
 

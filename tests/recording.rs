@@ -879,3 +879,33 @@ fn replay_of_a_live_recording_equals_the_live_bus_late_flags_included() {
         r.summary
     );
 }
+
+#[test]
+fn a_catch_up_tap_started_mid_way_equals_an_early_tap_and_the_replay() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("rec-catch-up");
+    let run = live_recorded(&mut h, &b, true);
+    let total = 2 * 1440 + 744;
+    assert_eq!(run.ndjson.lines().count(), total);
+    let (late_digest, late_ndjson, stats) = run.late.expect("late taps ran");
+    assert_eq!(
+        late_digest, run.digest,
+        "the catch-up tap's digest differs: {stats}"
+    );
+    assert!(
+        late_ndjson == run.ndjson,
+        "the catch-up tap's NDJSON differs"
+    );
+    let recorded = stats["catch_up"]["recorded_events"].as_u64().unwrap_or(0);
+    assert!(
+        recorded > 0 && recorded < total as u64,
+        "the catch-up tap read {recorded} events from the recording: {stats}"
+    );
+    eprintln!("catch-up tap: {stats}");
+    let socket = h.socket();
+    let (r, dg, nd) = replay_recording(&mut h, &b, &socket, "replay", &run.rec, "");
+    assert_run_ok(&h, &r, total);
+    assert_eq!(read(&dg), run.digest);
+    assert!(read(&nd) == run.ndjson);
+}

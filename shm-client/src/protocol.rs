@@ -601,6 +601,10 @@ pub struct Ack {
     /// The session's reconciliation period, in seconds.
     #[serde(default = "default_reconcile_s")]
     pub reconcile_s: u64,
+    /// The directory the session records into (`--record`), for readers that catch up from
+    /// the recording (`aegis-tap --catch-up`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<std::path::PathBuf>,
 }
 
 fn default_reconcile_s() -> u64 {

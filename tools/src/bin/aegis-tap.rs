@@ -8,8 +8,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aegis_shm_client::client::{Component, Started};
-use aegis_shm_client::frame::{flags, monotonic_ns};
+use aegis_shm_client::event;
+use aegis_shm_client::frame::{flags, monotonic_ns, FrameHeader, Kind, Seq};
+use aegis_shm_client::protocol::Mode;
 use aegis_shm_client::protocol::{Register, Role};
+use aegis_shm_client::recording::RecordingState;
 use aegis_shm_client::spmc::{BusReader, ReadError};
 use aegis_shm_client::wait::{self, Deadline, WaitKind, WaitStrategy};
 use aegis_tools::digest::{Counts, StreamDigest};
@@ -60,6 +63,11 @@ struct Args {
     /// Give up when nothing arrives for this long, in seconds.
     #[arg(long, default_value_t = 120)]
     idle_timeout: u64,
+    /// In a live session that records (`--record`): start at the first recorded frame, read
+    /// the recording, then switch to the live bus with no gap and no duplicate (bus seqs
+    /// stay contiguous), as if the tap had been there from the start. Not with --topics.
+    #[arg(long, conflicts_with = "topics")]
+    catch_up: bool,
 }
 
 /// Checks a `--topics` list (clap keeps the text; [`topic_list`] splits it).
@@ -135,7 +143,11 @@ fn main() {
     let mut out = open_output(&args);
     let mut totals = Totals::new();
     let start = Instant::now();
-    let aborted = tap.consume(&args, &mut out, &mut totals);
+    let aborted = if args.catch_up {
+        tap.catch_up(&args, &mut out, &mut totals)
+    } else {
+        tap.consume(&args, &mut out, &mut totals)
+    };
     let names = &tap.topic_names;
     totals
         .counts
@@ -167,6 +179,9 @@ struct Totals {
     events: u64,
     overruns: u64,
     missed: u64,
+    /// `--catch-up`: events read from the recording, and the seconds it took until the
+    /// switch to the live bus.
+    recorded: Option<(u64, f64)>,
 }
 
 /// Where the output goes: `--out FILE`, or stdout.
@@ -323,6 +338,7 @@ impl Totals {
             events: 0,
             overruns: 0,
             missed: 0,
+            recorded: None,
         }
     }
 
@@ -335,7 +351,15 @@ impl Totals {
             events,
             overruns,
             missed,
+            recorded,
         } = self;
+        let catch_up = match recorded {
+            Some((n, s)) => format!(
+                ",\"catch_up\":{{\"recorded_events\":{n},\"seconds\":{s:.6},\"events_per_s\":{:.0}}}",
+                n as f64 / s.max(1e-9)
+            ),
+            None => String::new(),
+        };
         let digest_hex = digest.finish();
         match args.format {
             Format::Digest => writeln!(out, "{digest_hex}"),
@@ -363,7 +387,7 @@ impl Totals {
         if args.json {
             let ns = |p: f64| hist.value_at_quantile(p);
             eprintln!(
-                "{{\"name\":{:?},\"events\":{events},\"seconds\":{secs:.6},\"events_per_s\":{:.0},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"latency_ns\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"cpu_s\":{},\"overruns\":{overruns},\"missed\":{missed},\"digest\":{:?}}}",
+                "{{\"name\":{:?},\"events\":{events}{catch_up},\"seconds\":{secs:.6},\"events_per_s\":{:.0},\"latency_us\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"latency_ns\":{{\"p50\":{},\"p99\":{},\"p999\":{},\"max\":{}}},\"cpu_s\":{},\"overruns\":{overruns},\"missed\":{missed},\"digest\":{:?}}}",
                 name,
                 events as f64 / secs,
                 q(0.5),
@@ -387,6 +411,259 @@ impl Totals {
                 if hist.is_empty() { "n/a".into() } else { (hist.max() / 1000).to_string() },
                 if overruns > 0 { format!("; {overruns} overruns, {missed} missed") } else { String::new() }
             );
+        }
+    }
+}
+
+/// How long a catch-up waits between looks at a recording that has not got further yet.
+const CATCH_UP_POLL: Duration = Duration::from_millis(1);
+
+/// A frame copied out (a live frame parked while the recording catches up, or a recorded
+/// one), its payload 16-byte aligned so that the archive can be read in place.
+struct Owned {
+    header: FrameHeader,
+    words: Vec<u128>,
+}
+
+impl Owned {
+    fn new(header: FrameHeader, payload: &[u8]) -> Owned {
+        let mut words = vec![0u128; payload.len().div_ceil(16)];
+        // SAFETY: `words` holds at least `payload.len()` bytes; u128 has no invalid bit
+        // patterns, and the two buffers do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                payload.as_ptr(),
+                words.as_mut_ptr() as *mut u8,
+                payload.len(),
+            )
+        };
+        Owned { header, words }
+    }
+
+    fn payload(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `header.len` initialised bytes (copied in `new`),
+        // and u8 has no alignment requirement.
+        unsafe {
+            std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.header.len as usize)
+        }
+    }
+}
+
+impl Tap {
+    /// Writes one event frame (not the end of stream) in `args.format`. `latency`: record
+    /// its end-to-end latency (live frames only: a recorded frame's stamp is from the past).
+    #[allow(clippy::too_many_arguments)]
+    fn write_event(
+        &self,
+        args: &Args,
+        out: &mut Box<dyn Write>,
+        totals: &mut Totals,
+        h: &FrameHeader,
+        payload: &[u8],
+        latency: bool,
+    ) {
+        let unknown = String::from("?");
+        if latency && h.publish_ns != 0 {
+            let _ = totals
+                .hist
+                .record(monotonic_ns().saturating_sub(h.publish_ns).max(1));
+        }
+        let kind = Kind::from_u8(h.kind).unwrap_or(Kind::Control);
+        let res = match args.format {
+            Format::Ndjson => {
+                let topic = self.topic_names.get(&h.topic_id).unwrap_or(&unknown);
+                let ev = event::decode(kind, payload)
+                    .unwrap_or_else(|e| fail(format!("bus frame {}: {e}", h.bus_seq)));
+                let source = self
+                    .started
+                    .source_names
+                    .get(h.source_id as usize)
+                    .unwrap_or(&unknown);
+                ndjson::write_line(out, h.bus_seq, h, source, topic, ev)
+            }
+            Format::Digest => {
+                if let Err(e) = event::decode(kind, payload) {
+                    fail(format!("bus frame {}: {e}", h.bus_seq));
+                }
+                totals.digest.update(h, payload);
+                Ok(())
+            }
+            Format::Count => {
+                totals.counts.add_by_id(h, &unknown);
+                Ok(())
+            }
+        };
+        res.unwrap_or_else(|e| fail(format!("write: {e}")));
+        totals.events += 1;
+    }
+
+    /// `--catch-up`: the recording from its first frame, then the live bus, with bus seqs
+    /// contiguous. The bus reader is attached (at the head) before the recording is opened,
+    /// so every frame is in one or the other:
+    ///
+    /// - **Catching up:** records come from the recording. When it has nothing more yet, one
+    ///   live frame is read: one already written is dropped, the next one expected is written
+    ///   and the tap is live; a later one is *parked* (copied out) and the recording is read
+    ///   on until it reaches it. The bus is not read meanwhile, so it may lap the parked
+    ///   reader; that costs nothing: the recording has the frames, and the next live frame
+    ///   read is parked again.
+    /// - **Live:** frames come from the bus. If it laps the tap, the tap goes back to the
+    ///   recording (which has the frames missed) and catches up again. Never skips: a frame
+    ///   that neither has (a gap the recorder itself recorded) is counted as missed and said.
+    ///
+    /// Returns whether the stream ended aborted.
+    fn catch_up(&mut self, args: &Args, out: &mut Box<dyn Write>, totals: &mut Totals) -> bool {
+        use aegis_shm_client::recording::{Cursor, Next, Record};
+        if self.comp.ack().mode != Mode::Live {
+            fail("--catch-up is for a live session (a backtest consumer sees the whole stream anyway)");
+        }
+        let Some(dir) = self.comp.ack().recording.clone() else {
+            fail("--catch-up needs a session that records (session create|run --record DIR)");
+        };
+        let stats = self.comp.stats().unwrap_or_else(|e| fail(e));
+        let mut cursor = Cursor::new(&dir);
+        let mut w = wait::strategy(args.wait);
+        let mut idle = Idle::default();
+        let mut expected: Seq = 0;
+        let mut parked: Option<Owned> = None;
+        let mut live = false;
+        let mut recorded = 0u64;
+        let start = Instant::now();
+        loop {
+            if live {
+                let f = match self.bus.try_next() {
+                    Ok(Some(f)) => Owned::new(f.header, f.payload),
+                    Ok(None) => {
+                        idle.wait(args, &self.comp, &self.bus, &mut w);
+                        continue;
+                    }
+                    Err(ReadError::Overrun { missed }) => {
+                        // The recording has what the bus overwrote: catch up again.
+                        eprintln!(
+                            "aegis-tap: lapped by the live bus ({missed} frames): reading them from the recording"
+                        );
+                        live = false;
+                        continue;
+                    }
+                    Err(e) => fail(e),
+                };
+                if idle.since.take().is_some() {
+                    w.reset();
+                }
+                match f.header.bus_seq.cmp(&expected) {
+                    std::cmp::Ordering::Less => continue,
+                    std::cmp::Ordering::Greater => {
+                        parked = Some(f);
+                        live = false;
+                        continue;
+                    }
+                    std::cmp::Ordering::Equal => {}
+                }
+                if f.header.kind == Kind::Control as u8 {
+                    return f.header.has(flags::ABORT);
+                }
+                self.write_event(args, out, totals, &f.header, f.payload(), true);
+                expected += 1;
+                continue;
+            }
+            // Catching up.
+            if let Some(p) = parked.take_if(|p| p.header.bus_seq <= expected) {
+                if p.header.bus_seq == expected {
+                    if totals.recorded.is_none() {
+                        totals.recorded = Some((recorded, start.elapsed().as_secs_f64()));
+                    }
+                    if p.header.kind == Kind::Control as u8 {
+                        return p.header.has(flags::ABORT);
+                    }
+                    self.write_event(args, out, totals, &p.header, p.payload(), true);
+                    expected += 1;
+                    live = true;
+                    continue;
+                }
+            }
+            match cursor
+                .read()
+                .unwrap_or_else(|e| fail(format!("catching up: {e}")))
+            {
+                Next::Record(Record::Frame(h, payload)) => {
+                    idle.since = None;
+                    if h.bus_seq < expected {
+                        continue;
+                    }
+                    if h.kind == Kind::Control as u8 {
+                        return h.has(flags::ABORT);
+                    }
+                    let payload = Owned::new(h, payload);
+                    self.write_event(args, out, totals, &h, payload.payload(), false);
+                    recorded += 1;
+                    expected = h.bus_seq + 1;
+                }
+                Next::Record(Record::Gap { from, count }) => {
+                    let to = from + count;
+                    if to > expected {
+                        // Neither the recording nor (long since) the bus has them.
+                        let missed = to - expected.max(from);
+                        totals.overruns += 1;
+                        totals.missed += missed;
+                        eprintln!(
+                            "aegis-tap: the recording misses bus seqs {}..={}: {missed} events missed",
+                            expected.max(from),
+                            to - 1
+                        );
+                        expected = to;
+                    }
+                }
+                Next::End => return false,
+                Next::Pending => {
+                    if parked.is_none() {
+                        match self.bus.try_next() {
+                            Ok(Some(f)) => {
+                                idle.since = None;
+                                if f.header.bus_seq >= expected {
+                                    parked = Some(Owned::new(f.header, f.payload));
+                                }
+                                continue;
+                            }
+                            Ok(None) => {}
+                            // The next read is at the head.
+                            Err(ReadError::Overrun { .. }) => continue,
+                            Err(e) => fail(e),
+                        }
+                    }
+                    if let Some(r) = stats.recording() {
+                        if r.state == RecordingState::Incomplete {
+                            fail(format!(
+                                "catching up: the recording in {} stopped at bus seq {} ({}): the live bus cannot be reached without a gap",
+                                dir.display(),
+                                r.next_seq,
+                                r.reason.unwrap_or_else(|| "no reason given".into())
+                            ));
+                        }
+                    }
+                    idle.tick(args, &self.comp);
+                    std::thread::sleep(CATCH_UP_POLL);
+                }
+            }
+        }
+    }
+}
+
+impl Idle {
+    /// One look at the daemon and the idle timeout while catching up (every [`POLL`]).
+    fn tick(&mut self, args: &Args, comp: &Component) {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if self.checked.is_none_or(|c| now.duration_since(c) >= POLL) {
+            self.checked = Some(now);
+            if let Some(r) = comp.stop_requested() {
+                fail(format!("the daemon stopped the session: {r}"));
+            }
+            if now.duration_since(since) > Duration::from_secs(args.idle_timeout) {
+                fail(format!(
+                    "catching up: neither the recording nor the bus moved for {} s",
+                    args.idle_timeout
+                ));
+            }
         }
     }
 }
