@@ -10,6 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 const KLINES_1M: &str = "data/binance/BTCUSDT-1m-2024-09-21.csv";
@@ -726,8 +728,10 @@ struct LiveRun {
 /// A live session recorded into DIR/rec-live: three producers paced with `--speed` (two
 /// files of different months, so that bounded lateness lets LATE events through), two taps
 /// from the start (digest, NDJSON). With `catch_up`, two `--catch-up` taps start once a
-/// third of the stream is recorded.
-fn live_recorded(h: &mut Harness, b: &Bins, catch_up: bool) -> LiveRun {
+/// third of the stream is recorded. With `lap`, the bus is 64 KiB (about 300 klines) and the
+/// catch-up taps are stopped (SIGSTOP) for 1.5 s soon after they start, so that the live bus
+/// laps them (about 1400 events go by).
+fn live_recorded(h: &mut Harness, b: &Bins, catch_up: bool, lap: bool) -> LiveRun {
     let socket = h.start_daemon(b);
     let rec = h.dir.join("rec-live");
     let (ok, out, err) = shmctl(
@@ -746,6 +750,8 @@ fn live_recorded(h: &mut Harness, b: &Bins, catch_up: bool) -> LiveRun {
             rec.to_str().unwrap(),
             "--record-segment-bytes",
             "65536",
+            "--bus-bytes",
+            if lap { "65536" } else { "4194304" },
         ],
     );
     assert!(ok, "{out}{err}");
@@ -807,6 +813,20 @@ fn live_recorded(h: &mut Harness, b: &Bins, catch_up: bool) -> LiveRun {
             "ndjson",
             &["--catch-up"],
         ));
+        if lap {
+            std::thread::sleep(Duration::from_millis(300));
+            let pids: Vec<_> = late
+                .iter()
+                .map(|l| Pid::from_raw(h.pid(l.0) as i32))
+                .collect();
+            for p in &pids {
+                kill(*p, Signal::SIGSTOP).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+            for p in &pids {
+                kill(*p, Signal::SIGCONT).unwrap();
+            }
+        }
     }
     for i in producers
         .into_iter()
@@ -852,7 +872,7 @@ fn replay_of_a_live_recording_equals_the_live_bus_late_flags_included() {
     let _g = serial();
     let b = bins();
     let mut h = Harness::new("rec-live");
-    let run = live_recorded(&mut h, &b, false);
+    let run = live_recorded(&mut h, &b, false, false);
     assert!(run.late.is_none());
     let total = 2 * 1440 + 744;
     assert_eq!(run.ndjson.lines().count(), total);
@@ -885,7 +905,7 @@ fn a_catch_up_tap_started_mid_way_equals_an_early_tap_and_the_replay() {
     let _g = serial();
     let b = bins();
     let mut h = Harness::new("rec-catch-up");
-    let run = live_recorded(&mut h, &b, true);
+    let run = live_recorded(&mut h, &b, true, false);
     let total = 2 * 1440 + 744;
     assert_eq!(run.ndjson.lines().count(), total);
     let (late_digest, late_ndjson, stats) = run.late.expect("late taps ran");
@@ -908,4 +928,30 @@ fn a_catch_up_tap_started_mid_way_equals_an_early_tap_and_the_replay() {
     assert_run_ok(&h, &r, total);
     assert_eq!(read(&dg), run.digest);
     assert!(read(&nd) == run.ndjson);
+}
+
+#[test]
+fn a_catch_up_tap_lapped_by_the_live_bus_reads_the_recording_again_and_misses_nothing() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("rec-catch-up-lap");
+    let run = live_recorded(&mut h, &b, true, true);
+    let total = 2 * 1440 + 744;
+    assert_eq!(
+        run.ndjson.lines().count(),
+        total,
+        "the early tap was lapped too"
+    );
+    let (late_digest, late_ndjson, stats) = run.late.expect("late taps ran");
+    let log = read(&h.dir.join("late-d.log"));
+    assert!(
+        log.contains("lapped by the live bus"),
+        "the catch-up tap was not lapped: {log}"
+    );
+    assert_eq!(stats["missed"], 0, "{stats}");
+    assert_eq!(late_digest, run.digest, "{log}");
+    assert!(
+        late_ndjson == run.ndjson,
+        "the lapped catch-up tap's NDJSON differs"
+    );
 }
