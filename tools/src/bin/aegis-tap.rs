@@ -179,9 +179,11 @@ struct Totals {
     events: u64,
     overruns: u64,
     missed: u64,
-    /// `--catch-up`: events read from the recording, and the seconds it took until the
-    /// switch to the live bus.
+    /// `--catch-up`: the first pass over the recording (up to the first time it had
+    /// nothing more): its events and seconds, the reader's rate.
     recorded: Option<(u64, f64)>,
+    /// `--catch-up`: events read from the recording in all (passes after laps included).
+    recorded_total: u64,
 }
 
 /// Where the output goes: `--out FILE`, or stdout.
@@ -339,6 +341,7 @@ impl Totals {
             overruns: 0,
             missed: 0,
             recorded: None,
+            recorded_total: 0,
         }
     }
 
@@ -352,10 +355,11 @@ impl Totals {
             overruns,
             missed,
             recorded,
+            recorded_total,
         } = self;
         let catch_up = match recorded {
             Some((n, s)) => format!(
-                ",\"catch_up\":{{\"recorded_events\":{n},\"seconds\":{s:.6},\"events_per_s\":{:.0}}}",
+                ",\"catch_up\":{{\"recorded_events\":{recorded_total},\"first_pass_events\":{n},\"first_pass_seconds\":{s:.6},\"events_per_s\":{:.0}}}",
                 n as f64 / s.max(1e-9)
             ),
             None => String::new(),
@@ -427,17 +431,31 @@ struct Owned {
 
 impl Owned {
     fn new(header: FrameHeader, payload: &[u8]) -> Owned {
-        let mut words = vec![0u128; payload.len().div_ceil(16)];
+        let mut o = Owned {
+            header,
+            words: Vec::new(),
+        };
+        o.set(header, payload);
+        o
+    }
+
+    /// Copies `header` and `payload` in, reusing the buffer.
+    fn set(&mut self, header: FrameHeader, payload: &[u8]) {
+        self.header = header;
+        self.header.len = payload.len() as u32;
+        let words = payload.len().div_ceil(16);
+        if self.words.len() < words {
+            self.words.resize(words, 0);
+        }
         // SAFETY: `words` holds at least `payload.len()` bytes; u128 has no invalid bit
         // patterns, and the two buffers do not overlap.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 payload.as_ptr(),
-                words.as_mut_ptr() as *mut u8,
+                self.words.as_mut_ptr() as *mut u8,
                 payload.len(),
             )
         };
-        Owned { header, words }
     }
 
     fn payload(&self) -> &[u8] {
@@ -462,7 +480,7 @@ impl Tap {
         payload: &[u8],
         latency: bool,
     ) {
-        let unknown = String::from("?");
+        let unknown = "?";
         if latency && h.publish_ns != 0 {
             let _ = totals
                 .hist
@@ -471,14 +489,17 @@ impl Tap {
         let kind = Kind::from_u8(h.kind).unwrap_or(Kind::Control);
         let res = match args.format {
             Format::Ndjson => {
-                let topic = self.topic_names.get(&h.topic_id).unwrap_or(&unknown);
+                let topic = self
+                    .topic_names
+                    .get(&h.topic_id)
+                    .map_or(unknown, String::as_str);
                 let ev = event::decode(kind, payload)
                     .unwrap_or_else(|e| fail(format!("bus frame {}: {e}", h.bus_seq)));
                 let source = self
                     .started
                     .source_names
                     .get(h.source_id as usize)
-                    .unwrap_or(&unknown);
+                    .map_or(unknown, String::as_str);
                 ndjson::write_line(out, h.bus_seq, h, source, topic, ev)
             }
             Format::Digest => {
@@ -489,7 +510,7 @@ impl Tap {
                 Ok(())
             }
             Format::Count => {
-                totals.counts.add_by_id(h, &unknown);
+                totals.counts.add_by_id(h, unknown);
                 Ok(())
             }
         };
@@ -528,6 +549,7 @@ impl Tap {
         let mut parked: Option<Owned> = None;
         let mut live = false;
         let mut recorded = 0u64;
+        let mut scratch = Owned::new(FrameHeader::default(), &[]);
         let start = Instant::now();
         loop {
             if live {
@@ -569,9 +591,6 @@ impl Tap {
             // Catching up.
             if let Some(p) = parked.take_if(|p| p.header.bus_seq <= expected) {
                 if p.header.bus_seq == expected {
-                    if totals.recorded.is_none() {
-                        totals.recorded = Some((recorded, start.elapsed().as_secs_f64()));
-                    }
                     if p.header.kind == Kind::Control as u8 {
                         return p.header.has(flags::ABORT);
                     }
@@ -593,9 +612,10 @@ impl Tap {
                     if h.kind == Kind::Control as u8 {
                         return h.has(flags::ABORT);
                     }
-                    let payload = Owned::new(h, payload);
-                    self.write_event(args, out, totals, &h, payload.payload(), false);
+                    scratch.set(h, payload);
+                    self.write_event(args, out, totals, &h, scratch.payload(), false);
                     recorded += 1;
+                    totals.recorded_total += 1;
                     expected = h.bus_seq + 1;
                 }
                 Next::Record(Record::Gap { from, count }) => {
@@ -615,6 +635,9 @@ impl Tap {
                 }
                 Next::End => return false,
                 Next::Pending => {
+                    if totals.recorded.is_none() {
+                        totals.recorded = Some((recorded, start.elapsed().as_secs_f64()));
+                    }
                     if parked.is_none() {
                         match self.bus.try_next() {
                             Ok(Some(f)) => {
