@@ -110,6 +110,7 @@ fn live_session(
     journal: &Path,
     wait: WaitKind,
     name: &str,
+    record: Option<PathBuf>,
 ) -> Result<(TapReport, f64), CliError> {
     let (replay, tap) = (tool("aegis-replay")?, tool("aegis-tap")?);
     let report_path = dir.join(format!("{name}.tap.json"));
@@ -123,7 +124,7 @@ fn live_session(
             source_bytes: None,
             max_lateness_us: None,
             reconcile_s: None,
-            record: None,
+            record,
             record_segment_bytes: None,
         },
         commands: vec![
@@ -194,30 +195,74 @@ pub fn live_rows(dir: &Path, events: u64, rate: u64) -> Result<Vec<LiveRow>, Cli
         WaitKind::Backoff,
         WaitKind::Park,
     ] {
-        let (r, daemon_cpu) =
-            live_session(&daemon, &socket, dir, &paced, wait, &format!("live-{wait}"))?;
-        if r.events != events {
-            return Err(CliError(format!(
-                "live session with --wait {wait}: the consumer got {} of {events} events",
-                r.events
-            )));
-        }
-        let (i, _) = live_session(&daemon, &socket, dir, &idle, wait, &format!("idle-{wait}"))?;
-        let [p50_ns, p99_ns, p999_ns, max_ns] = r.latency_ns;
-        rows.push(LiveRow {
-            name: format!("aegis live real path, consumer --wait {wait} ({rate} events/s)"),
-            wait: wait.to_string(),
-            events: r.events,
-            p50_ns,
-            p99_ns,
-            p999_ns,
-            max_ns,
-            consumer_cpu_pct: 100.0 * r.cpu_s / r.seconds,
-            idle_cpu_pct: 100.0 * i.cpu_s / i.seconds,
-            daemon_cpu_pct: 100.0 * daemon_cpu / r.seconds,
-        });
+        rows.push(live_row(
+            &daemon,
+            &socket,
+            dir,
+            (&paced, &idle),
+            wait,
+            events,
+            rate,
+            false,
+        )?);
     }
+    // The same as the park row, with the session recorded (`--record`): the recorder is one
+    // more bus consumer in the daemon, writing to the file system (SPEC 11: recording must
+    // not slow the live path measurably).
+    rows.push(live_row(
+        &daemon,
+        &socket,
+        dir,
+        (&paced, &idle),
+        WaitKind::Park,
+        events,
+        rate,
+        true,
+    )?);
     Ok(rows)
+}
+
+/// One row: a paced session and an idle one with consumer wait `wait`, recorded into
+/// `dir/rec-*` if `recorded`.
+#[allow(clippy::too_many_arguments)]
+fn live_row(
+    daemon: &PrivateDaemon,
+    socket: &Path,
+    dir: &Path,
+    (paced, idle): (&Path, &Path),
+    wait: WaitKind,
+    events: u64,
+    rate: u64,
+    recorded: bool,
+) -> Result<LiveRow, CliError> {
+    let tag = if recorded { "-recorded" } else { "" };
+    let rec = |name: &str| recorded.then(|| dir.join(format!("rec-{name}")));
+    let name = format!("live-{wait}{tag}");
+    let (r, daemon_cpu) = live_session(daemon, socket, dir, paced, wait, &name, rec(&name))?;
+    if r.events != events {
+        return Err(CliError(format!(
+            "live session with --wait {wait}: the consumer got {} of {events} events",
+            r.events
+        )));
+    }
+    let name = format!("idle-{wait}{tag}");
+    let (i, _) = live_session(daemon, socket, dir, idle, wait, &name, rec(&name))?;
+    let [p50_ns, p99_ns, p999_ns, max_ns] = r.latency_ns;
+    Ok(LiveRow {
+        name: format!(
+            "aegis live real path, consumer --wait {wait} ({rate} events/s){}",
+            if recorded { ", session recorded" } else { "" }
+        ),
+        wait: wait.to_string(),
+        events: r.events,
+        p50_ns,
+        p99_ns,
+        p999_ns,
+        max_ns,
+        consumer_cpu_pct: 100.0 * r.cpu_s / r.seconds,
+        idle_cpu_pct: 100.0 * i.cpu_s / i.seconds,
+        daemon_cpu_pct: 100.0 * daemon_cpu / r.seconds,
+    })
 }
 
 /// Quotes `p` for `sh -c`.
