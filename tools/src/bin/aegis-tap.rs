@@ -407,13 +407,20 @@ impl Totals {
             );
         } else {
             eprintln!(
-                "aegis-tap {name}: {events} events in {secs:.3} s ({:.0} events/s); latency µs p50 {} p99 {} p99.9 {} max {}{}",
+                "aegis-tap {name}: {events} events in {secs:.3} s ({:.0} events/s); latency µs p50 {} p99 {} p99.9 {} max {}{}{}",
                 events as f64 / secs,
                 pct(0.5),
                 pct(0.99),
                 pct(0.999),
                 if hist.is_empty() { "n/a".into() } else { (hist.max() / 1000).to_string() },
-                if overruns > 0 { format!("; {overruns} overruns, {missed} missed") } else { String::new() }
+                if overruns > 0 { format!("; {overruns} overruns, {missed} missed") } else { String::new() },
+                match recorded {
+                    Some((n, s)) => format!(
+                        "; {recorded_total} events from the recording (first pass: {n} in {s:.3} s, {:.0} events/s)",
+                        n as f64 / s.max(1e-9)
+                    ),
+                    None => String::new(),
+                }
             );
         }
     }
