@@ -814,7 +814,24 @@ fn live_recorded(h: &mut Harness, b: &Bins, catch_up: bool, lap: bool) -> LiveRu
             &["--catch-up"],
         ));
         if lap {
-            std::thread::sleep(Duration::from_millis(300));
+            // Stopped once both are registered (attached to the bus right after their ACK).
+            let end = Instant::now() + DEADLINE;
+            loop {
+                let v = inspect(h, b, "live");
+                let names: Vec<&str> = v["consumers"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|c| c["name"].as_str()).collect())
+                    .unwrap_or_default();
+                if names.contains(&"late-d") && names.contains(&"late-n") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "the catch-up taps did not register: {v}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::thread::sleep(Duration::from_millis(200));
             let pids: Vec<_> = late
                 .iter()
                 .map(|l| Pid::from_raw(h.pid(l.0) as i32))
@@ -834,12 +851,13 @@ fn live_recorded(h: &mut Harness, b: &Bins, catch_up: bool, lap: bool) -> LiveRu
         .chain(late.iter().map(|l| l.0))
     {
         let st = h.wait(i, DEADLINE, "a component of the live session", || {});
-        assert!(
-            st.success(),
-            "a component failed ({st}); logs in {}:\n{}",
-            h.dir.display(),
-            tail(&h.dir.join("daemon.log"), 2000)
-        );
+        if !st.success() {
+            let logs: Vec<String> = ["late-d", "late-n", "early-d", "early-n", "feed-a", "daemon"]
+                .iter()
+                .map(|n| format!("{n}.log:\n{}", tail(&h.dir.join(format!("{n}.log")), 1500)))
+                .collect();
+            panic!("a component failed ({st}):\n{}", logs.join("\n"));
+        }
     }
     let v = inspect(h, b, "live");
     assert_eq!(v["state"], "finished", "{v}");

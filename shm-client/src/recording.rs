@@ -529,6 +529,16 @@ impl Cursor {
                     self.buf_len = 0;
                     return Ok(Next::Pending);
                 }
+                if !closed {
+                    // The recorder closed the segment between our read of the frame bytes
+                    // and of its header: the bytes may be stale (written since). Read them
+                    // again; the segment is final now. Regression test:
+                    // `a_catch_up_tap_lapped_by_the_live_bus_reads_the_recording_again_...`
+                    // ("the segment's frames end at byte 65344, no frame here" at 48304).
+                    self.file.as_mut().expect("open").2 = hdr;
+                    self.buf_len = 0;
+                    continue;
+                }
                 let end = HEADER_LEN as u64 + hdr.data_len;
                 if pos != end {
                     return Err(self.corrupt(format!(

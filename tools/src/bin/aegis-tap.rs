@@ -655,8 +655,13 @@ impl Tap {
                                 continue;
                             }
                             Ok(None) => {}
-                            // The next read is at the head.
-                            Err(ReadError::Overrun { .. }) => continue,
+                            // The next read is at the head; the recording has the rest.
+                            Err(ReadError::Overrun { missed }) => {
+                                eprintln!(
+                                    "aegis-tap: lapped by the live bus ({missed} frames) while catching up: reading on in the recording"
+                                );
+                                continue;
+                            }
                             Err(e) => fail(e),
                         }
                     }
