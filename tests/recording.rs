@@ -189,6 +189,15 @@ fn a_small_live_bus_that_laps_the_recorder_records_the_gap() {
         .map(|g| g["to"].as_u64().unwrap() - g["from"].as_u64().unwrap() + 1)
         .sum();
     assert_eq!(sum, missed);
+    // Replayed, it gives what it holds, renumbered, and says what is missing first.
+    let events = v["events"].as_u64().unwrap();
+    let (r, _, nd) = replay_recording(&mut h, &b, &socket, "replay-gaps", &rec, "");
+    assert_run_ok(&h, &r, events as usize);
+    let (seqs, _) = unseq(&read(&nd));
+    assert_eq!(seqs, (0..events).collect::<Vec<_>>());
+    let g0 = &gaps[0];
+    let said = format!("missed bus seqs {}..={}", g0["from"], g0["to"]);
+    assert!(r.stderr.contains(&said), "{said} not said: {}", r.stderr);
 }
 
 /// Unmounts the tmpfs (and removes its mount point) even when the test fails.
