@@ -9,9 +9,11 @@
 
 pub mod daemon;
 mod dispatch;
+pub mod groups;
 pub mod outbox;
 pub mod refusal;
 mod registry;
 pub mod sequencer;
 pub mod session;
 pub mod source;
+pub mod takeover;
