@@ -893,7 +893,7 @@ impl Session {
         let now = Instant::now();
         let backtest = self.mode == Mode::Backtest;
         let bounds = self.member_bounds();
-        for i in 0..self.components.len() {
+        for (i, bound) in bounds.into_iter().enumerate() {
             let c = &mut self.components[i];
             if c.state.gone() {
                 continue;
@@ -904,7 +904,7 @@ impl Session {
                 Some("its connection closed".to_string())
             } else if c.pid != 0 && !pid_alive(c.pid) {
                 Some(format!("pid {} is gone", c.pid))
-            } else if let Some(bound) = bounds[i] {
+            } else if let Some(bound) = bound {
                 // A group member: silent past its policy's bound, it loses the lease (even
                 // paused in a backtest: a standby takes over instead of the session waiting).
                 (silent > bound).then(|| {

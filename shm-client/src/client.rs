@@ -391,7 +391,7 @@ impl Component {
                 return Some(Standby::Released(r.clone()));
             }
             let l = s.lease.as_ref()?;
-            (l.role == GroupRole::Active).then(|| Standby::Promoted {
+            (l.role == GroupRole::Active).then_some(Standby::Promoted {
                 epoch: l.epoch,
                 resume_after: s.promoted_resume_after,
             })
