@@ -20,6 +20,7 @@ fn main() {
         Command::Demo(a) => command::demo::run(&socket, &a),
         Command::Bench(a) => command::bench::run(cli.json, &a).map(|()| true),
         Command::Top(a) => command::top::run(&socket, cli.json, &a).map(|()| true),
+        Command::Chaos(a) => command::chaos::run(&socket, cli.json, &a),
         Command::Completions { shell } => {
             command::completions::run(shell);
             Ok(true)

@@ -144,11 +144,23 @@ fn assert_exactly_once(ids: &[u64], n: u64, what: &str) {
 
 /// `aegis-shmctl --json session run NAME --mode live ... -c ...` started in the background.
 fn start_run(h: &mut Harness, b: &Bins, socket: &Path, name: &str, commands: &[String]) -> usize {
+    start_run_with(h, b, socket, name, &[], commands)
+}
+
+fn start_run_with(
+    h: &mut Harness,
+    b: &Bins,
+    socket: &Path,
+    name: &str,
+    extra: &[&str],
+    commands: &[String],
+) -> usize {
     let mut cmd = Command::new(&b.shmctl);
     cmd.arg("--socket")
         .arg(socket)
         .arg("--json")
         .args(["session", "run", name, "--mode", "live", "--timeout", "120"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(fs::File::create(h.dir.join(format!("{name}.stdout"))).unwrap())
         .stderr(fs::File::create(h.dir.join(format!("{name}.stderr"))).unwrap());
@@ -472,4 +484,93 @@ fn split_brain_paused_active_producer_is_fenced_and_never_merged() {
         .find(|m| m["name"] == first.as_str())
         .unwrap();
     assert_eq!(old["role"], "fenced", "{g:#}");
+}
+
+#[test]
+fn chaos_seeded_run_over_a_producer_group_ends_with_exact_counts() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("chaos");
+    let socket = h.start_daemon(&b);
+    const N: u64 = 1200;
+    let csv = trades_csv(&h.dir, N, 5);
+    let (out1, out2) = (h.dir.join("tap1.ndjson"), h.dir.join("tap2.ndjson"));
+    let grp = "--group feed --failover aggressive";
+    let run = start_run_with(
+        &mut h,
+        &b,
+        &socket,
+        "ch",
+        &["--keep"],
+        &[
+            replay_cmd(&b, &csv, "feed-a", grp),
+            replay_cmd(&b, &csv, "feed-b", grp),
+            replay_cmd(&b, &csv, "feed-c", grp),
+            tap_cmd(&b, &out1, "tap1", ""),
+            tap_cmd(&b, &out2, "tap2", ""),
+        ],
+    );
+    wait_inspect(&h, &socket, "ch", "the stream flowing", |v| merged(v) >= 50);
+    // Pauses shorter than the aggressive bound (1 s) fence nobody; kills need a standby, so
+    // one member of three always survives.
+    let out = Command::new(&b.shmctl)
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "--json",
+            "chaos",
+            "ch",
+            "--seed",
+            "7",
+            "--duration",
+            "4",
+            "--kill",
+            "--pause",
+            "300",
+            "--every-ms",
+            "700",
+            "--wait-finished",
+            "--timeout",
+            "120",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run aegis-shmctl chaos");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "chaos printed no report ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        out.status.success(),
+        "chaos found a broken invariant: {report:#}"
+    );
+    assert_eq!(report["seed"], 7);
+    let actions = report["actions"].as_array().expect("actions");
+    let kills = actions.iter().filter(|a| a["fault"] == "kill").count();
+    // A kill of the active member is a failover; a kill of a standby is not.
+    let active_kills = actions
+        .iter()
+        .filter(|a| a["fault"] == "kill" && a["role"] == "active")
+        .count();
+    assert!(!actions.is_empty() && kills <= 2, "{report:#}");
+    assert!(report["invariants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["ok"] == true));
+    let summary = finish_run(&mut h, run, "ch");
+    assert_eq!(summary["session"]["state"], "finished", "{summary:#}");
+    assert_exactly_once(&tap_ids(&out1), N, "tap1 through chaos");
+    assert_exactly_once(&tap_ids(&out2), N, "tap2 through chaos");
+    let v = inspect(&socket, "ch");
+    assert_eq!(
+        group(&v, "feed")["failovers"].as_u64(),
+        Some(active_kills as u64),
+        "{v:#}"
+    );
+    assert_eq!(v["sequencer"]["seq_gaps"], 0);
+    request(&socket, &json!({"cmd": "SESSION_DESTROY", "name": "ch"}));
 }
