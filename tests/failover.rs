@@ -574,3 +574,161 @@ fn chaos_seeded_run_over_a_producer_group_ends_with_exact_counts() {
     assert_eq!(v["sequencer"]["seq_gaps"], 0);
     request(&socket, &json!({"cmd": "SESSION_DESTROY", "name": "ch"}));
 }
+
+/// One failover trial: a live session with two paced replays in group `feed` under
+/// `policy`, and this process as a consumer. Once 100 events are read, the active member
+/// gets `fault` (SIGKILL, or SIGSTOP to hang it); returns the time from the signal to the
+/// first event read from the new active (the first source seq above every one read before
+/// the signal). The active replay writes one event every 5 ms and the sequencer merges each
+/// within microseconds, so its ring is empty when the signal lands: an event read after it
+/// comes from the new active.
+fn failover_trial(
+    h: &mut Harness,
+    b: &Bins,
+    socket: &Path,
+    csv: &Path,
+    trial: &str,
+    policy: &str,
+    fault: Signal,
+) -> Duration {
+    use aegis_shm_client::client::Component;
+    use aegis_shm_client::protocol::{Register, Role};
+    use std::sync::{Arc, Mutex};
+    let created = request(
+        socket,
+        &json!({"cmd": "SESSION_CREATE", "name": trial, "mode": "live", "expect": 3}),
+    );
+    let token = created["data"]["token"]
+        .as_str()
+        .expect("a token")
+        .to_string();
+    let mut pids = Vec::new();
+    for m in ["a", "b"] {
+        let mut c = Command::new(&b.replay);
+        c.env("AEGIS_SOCKET", socket)
+            .env("AEGIS_SESSION_TOKEN", &token)
+            .args([
+                "--name",
+                m,
+                "--speed",
+                "1",
+                "--group",
+                "feed",
+                "--failover",
+                policy,
+            ])
+            .arg(csv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        pids.push(h.spawn(&mut c, "aegis-replay"));
+    }
+    let comp = Component::connect(
+        Some(socket),
+        Register {
+            component_name: "meter".into(),
+            session_token: token,
+            role: Some(Role::Consumer),
+            pid: Some(std::process::id()),
+            ..Register::default()
+        },
+    )
+    .expect("register the meter");
+    let mut bus = comp.consumer().expect("attach the bus");
+    comp.ready(WAIT).expect("the session starts");
+    let seen: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut wait = aegis_shm_client::wait::Park::default();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match bus.next(
+                    &mut wait,
+                    aegis_shm_client::wait::Deadline::after(Duration::from_millis(50)),
+                ) {
+                    Ok(f) if f.is_eof() => break,
+                    Ok(f) => seen
+                        .lock()
+                        .unwrap()
+                        .push((Instant::now(), f.header.source_seq)),
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    let end = Instant::now() + WAIT;
+    while seen.lock().unwrap().len() < 100 {
+        assert!(
+            Instant::now() < end,
+            "{trial}: 100 events not read within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let v = inspect(socket, trial);
+    let victim = active_pid(&v, "feed");
+    let before = seen.lock().unwrap().iter().map(|x| x.1).max().unwrap();
+    let t0 = Instant::now();
+    kill(Pid::from_raw(victim as i32), fault).expect("signal the active member");
+    let took = loop {
+        if let Some(t) = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(t, s)| *t > t0 && *s > before)
+            .map(|(t, _)| t.duration_since(t0))
+        {
+            break t;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "{trial}: no event from a new active within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = reader.join();
+    drop(comp);
+    request(socket, &json!({"cmd": "SESSION_DESTROY", "name": trial}));
+    for i in pids {
+        let _ = kill(Pid::from_raw(h.pid(i) as i32), Signal::SIGCONT);
+        h.kill_group(i);
+    }
+    took
+}
+
+/// The failover figures of the README: `cargo test --release --test failover -- --ignored
+/// measure_failover --nocapture`. Per policy: 20 trials of kill -9 of the active replay,
+/// and trials of a hung active (SIGSTOP, detected by missed heartbeats).
+#[test]
+#[ignore = "a measurement (several minutes), not a check"]
+fn measure_failover() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("measure");
+    let socket = h.start_daemon(&b);
+    let csv = trades_csv(&h.dir, 4000, 5);
+    let trials = |fault| match fault {
+        Signal::SIGKILL => [20, 20, 20],
+        _ => [20, 5, 5],
+    };
+    for fault in [Signal::SIGKILL, Signal::SIGSTOP] {
+        for (p, n) in ["aggressive", "balanced", "conservative"]
+            .into_iter()
+            .zip(trials(fault))
+        {
+            let mut ms: Vec<f64> = (0..n)
+                .map(|i| {
+                    let name = format!("m-{fault:?}-{p}-{i}");
+                    failover_trial(&mut h, &b, &socket, &csv, &name, p, fault).as_secs_f64() * 1e3
+                })
+                .collect();
+            ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!(
+                "failover {fault:?} {p}: {n} trials, p50 {:.1} ms, max {:.1} ms",
+                ms[ms.len() / 2],
+                ms[ms.len() - 1]
+            );
+        }
+    }
+}
