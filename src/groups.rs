@@ -330,7 +330,7 @@ impl Session {
         let ring = c.rings.get(k).cloned().flatten()?;
         let component = c.name.clone();
         let rec = self.sources.get_mut(name)?;
-        rec.backing = Backing::Ring(ring.clone());
+        let old = std::mem::replace(&mut rec.backing, Backing::Ring(ring.clone()));
         rec.component = component;
         self.orphans.remove(name);
         let r = self.running.as_ref()?;
@@ -338,6 +338,13 @@ impl Session {
         match RingReader::open(ring, Some(self.epoch)) {
             Ok(reader) => r.takeovers.hand_over(rank, reader),
             Err(e) => eprintln!("aegis: source {name}: cannot open the new ring: {e}"),
+        }
+        // The sequencer may be parked on the old ring's doorbell: wake it to take the new
+        // ring now (after `hand_over`, so that it finds it queued).
+        if let Backing::Ring(old) = old {
+            if let Ok(o) = RingReader::open(old, Some(self.epoch)) {
+                o.wake();
+            }
         }
         r.takeovers.last_seq(rank)
     }

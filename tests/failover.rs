@@ -322,7 +322,10 @@ fn restarted_live_producer_resumes_exactly_once() {
     }
     h.kill_group(first);
     wait_inspect(&h, &socket, "rs", "the producer seen dead", |v| {
-        v["components"][0]["state"] == "dead"
+        v["components"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == "feed"))
+            .is_some_and(|c| c["state"] == "dead")
     });
     let second = replay(&mut h, "second");
     let st = h.wait(second, WAIT * 2, "the restarted replay", || {});
