@@ -9,6 +9,7 @@
 
 pub mod daemon;
 mod dispatch;
+pub mod groups;
 pub mod outbox;
 pub mod recorder;
 pub mod refusal;
@@ -17,3 +18,4 @@ pub mod sequencer;
 pub mod session;
 pub mod source;
 pub mod subscriptions;
+pub mod takeover;

@@ -29,6 +29,7 @@ fn main() {
             command::subscribe::subscriptions(&socket, cli.json, session).map(|()| true)
         }
         Command::Record(cmd) => command::record::run(cli.json, cmd),
+        Command::Chaos(a) => command::chaos::run(&socket, cli.json, &a),
         Command::Completions { shell } => {
             command::completions::run(shell);
             Ok(true)
