@@ -62,6 +62,7 @@ pub mod journal;
 pub mod protocol;
 pub mod reconcile;
 pub mod recording;
+pub mod request;
 pub(crate) mod ring;
 pub mod segment;
 pub mod spmc;

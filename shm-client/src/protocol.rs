@@ -175,6 +175,14 @@ pub enum ErrorCode {
     Evicted,
     /// A topic that no source of the (started) session publishes.
     UnknownTopic,
+    /// A request's target is no live component of the session.
+    NoTarget,
+    /// A request's target group has no active member (reserved for groups, SPEC 12).
+    NotActive,
+    /// The target's request handler failed.
+    HandlerError,
+    /// A component sent a request to itself.
+    SelfRequest,
 }
 
 named_enum!(ErrorCode, "error code", {
@@ -203,6 +211,10 @@ named_enum!(ErrorCode, "error code", {
     ComponentGone => "component_gone",
     Evicted => "evicted",
     UnknownTopic => "unknown_topic",
+    NoTarget => "no_target",
+    NotActive => "not_active",
+    HandlerError => "handler_error",
+    SelfRequest => "self_request",
 });
 
 /// Where a session is in its life: `created → running → draining → finished`, or `failed` /
@@ -529,6 +541,12 @@ pub enum Request {
         /// Session name.
         name: String,
     },
+    /// A request to another component (`crate::request`); the CLI names the session.
+    #[serde(rename = "REQUEST")]
+    Call(crate::request::Call),
+    /// A component's answer to a request it was sent.
+    #[serde(rename = "REPLY")]
+    Answer(crate::request::Answer),
 }
 
 /// A source in an ACK.
@@ -627,6 +645,12 @@ pub enum Reply {
     /// `SUBSCRIPTIONS` request.
     #[serde(rename = "SUBSCRIPTIONS")]
     Subscriptions(crate::subscription::Push),
+    /// A request for this component to answer (`crate::request`).
+    #[serde(rename = "REQUEST")]
+    Request(crate::request::Incoming),
+    /// The answer to this peer's request.
+    #[serde(rename = "REPLY")]
+    Answer(crate::request::Answer),
     /// A refusal.
     #[serde(rename = "ERROR")]
     Error {
@@ -704,6 +728,10 @@ pub enum Cmd {
     Subscribe,
     /// [`Request::SessionSubscriptions`].
     SessionSubscriptions,
+    /// [`Request::Call`].
+    Request,
+    /// [`Request::Answer`].
+    Reply,
 }
 
 named_enum!(Cmd, "cmd", {
@@ -725,6 +753,8 @@ named_enum!(Cmd, "cmd", {
     Reconciled => "RECONCILED",
     Subscribe => "SUBSCRIBE",
     SessionSubscriptions => "SESSION_SUBSCRIPTIONS",
+    Request => "REQUEST",
+    Reply => "REPLY",
 });
 
 impl Request {
@@ -749,6 +779,8 @@ impl Request {
             Request::Reconciled(_) => Cmd::Reconciled,
             Request::Subscribe { .. } => Cmd::Subscribe,
             Request::SessionSubscriptions { .. } => Cmd::SessionSubscriptions,
+            Request::Call(_) => Cmd::Request,
+            Request::Answer(_) => Cmd::Reply,
         }
     }
 }
@@ -867,6 +899,9 @@ pub struct Inspect {
     /// The recorder, if the session records (`--record`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recording: Option<RecordingInfo>,
+    /// Requests between components, per target and type (absent when there were none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<crate::request::RequestStats>,
 }
 
 /// The recorder in [`Inspect`]: where it records and how far it has got.

@@ -1,0 +1,347 @@
+//! Requests between components (SPEC section 13) against a real daemon: a request and its
+//! reply, the errors (`no_target`, `self_request`, `handler_error`), a timeout against a
+//! SIGSTOPped `aegis-tap` within deadline + 50 ms, a circular A→B→A call that ends by its
+//! deadline, and 10,000 concurrent requests from two callers with none lost.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aegis_shm_client::client::Component;
+use aegis_shm_client::protocol::{Register, Role};
+use aegis_shm_client::request::RequestError;
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+/// How long a poll for a state may take.
+const WAIT: Duration = Duration::from_secs(30);
+/// The timeout of a request that should be answered (generous: the machine may be loaded).
+const ANSWER: Duration = Duration::from_secs(10);
+
+fn shmctl(b: &Bins, socket: &Path, args: &[&str]) -> Output {
+    Command::new(&b.shmctl)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run aegis-shmctl")
+}
+
+fn json_of(b: &Bins, socket: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = shmctl(b, socket, &all);
+    assert!(
+        out.status.success(),
+        "aegis-shmctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+/// A private daemon and a live session; returns the harness, socket and token.
+fn setup(tag: &str) -> (Harness, Bins, std::path::PathBuf, String) {
+    let b = bins();
+    let mut h = Harness::new(tag);
+    let socket = h.start_daemon(&b);
+    let v = json_of(&b, &socket, &["session", "create", "s", "--mode", "live"]);
+    let info = json_of(&b, &socket, &["session", "inspect", "s"]);
+    if let Some(sid) = info["segments"]["bus"]
+        .as_str()
+        .and_then(|p| Path::new(p).file_name()?.to_str().map(str::to_string))
+        .as_deref()
+        .and_then(sid_of)
+    {
+        h.sids.insert(sid.to_string());
+    }
+    let token = v["token"].as_str().expect("token").to_string();
+    (h, b, socket, token)
+}
+
+fn component(socket: &Path, token: &str, name: &str) -> Component {
+    Component::connect(
+        Some(socket),
+        Register {
+            component_name: name.into(),
+            session_token: token.into(),
+            role: Some(Role::Consumer),
+            pid: Some(std::process::id()),
+            ..Register::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("register {name}: {e}"))
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, at most [`WAIT`]; panics with `what`.
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn echo(c: &Component) {
+    c.serve("echo", |r| {
+        Ok(json!({"from": r.from, "payload": r.payload.clone()}))
+    });
+}
+
+#[test]
+fn a_request_gets_its_reply() {
+    let _s = serial();
+    let (_h, _b, socket, token) = setup("req-reply");
+    let risk = component(&socket, &token, "risk");
+    risk.serve("fits", |r| {
+        let qty = r.payload["qty"].as_f64().ok_or("qty must be a number")?;
+        Ok(json!({"fits": qty <= 5.0}))
+    });
+    echo(&risk);
+    let strategy = component(&socket, &token, "strategy");
+    let a = strategy
+        .request("risk", "fits", json!({"qty": 2.5}), ANSWER)
+        .expect("answer");
+    assert_eq!(a, json!({"fits": true}));
+    let a = strategy
+        .request("risk", "echo", Value::Null, ANSWER)
+        .expect("answer");
+    assert_eq!(a, json!({"from": "strategy", "payload": null}));
+}
+
+#[test]
+fn errors_no_target_self_request_and_handler_error() {
+    let _s = serial();
+    let (_h, _b, socket, token) = setup("req-errors");
+    let risk = component(&socket, &token, "risk");
+    risk.serve("fail", |_| Err("the book is closed".into()));
+    risk.serve("panic", |_| panic!("handler bug"));
+    let strategy = component(&socket, &token, "strategy");
+    let call = |target: &str, t: &str| strategy.request(target, t, json!({}), ANSWER);
+    match call("nobody", "fits") {
+        Err(RequestError::NoTarget(m)) => assert!(m.contains("nobody"), "{m}"),
+        other => panic!("expected no_target, got {other:?}"),
+    }
+    match call("strategy", "fits") {
+        Err(RequestError::SelfRequest(_)) => {}
+        other => panic!("expected self_request, got {other:?}"),
+    }
+    match call("risk", "fail") {
+        Err(RequestError::HandlerError(m)) => assert_eq!(m, "the book is closed"),
+        other => panic!("expected handler_error, got {other:?}"),
+    }
+    match call("risk", "panic") {
+        Err(RequestError::HandlerError(m)) => assert!(m.contains("panicked"), "{m}"),
+        other => panic!("expected handler_error, got {other:?}"),
+    }
+    match call("risk", "unknown-type") {
+        Err(RequestError::HandlerError(m)) => assert!(m.contains("no handler"), "{m}"),
+        other => panic!("expected handler_error, got {other:?}"),
+    }
+    // A target that leaves is no target any more.
+    drop(risk);
+    let gone = wait_for("risk to be gone", || match call("risk", "fail") {
+        Err(RequestError::NoTarget(m)) => Some(m),
+        _ => None,
+    });
+    assert!(gone.contains("risk"), "{gone}");
+}
+
+#[test]
+fn timeout_against_a_stopped_target_comes_at_the_deadline() {
+    let _s = serial();
+    let (mut h, b, socket, token) = setup("req-stopped");
+    let tap = h.spawn(
+        Command::new(&b.tap)
+            .args(["--name", "tap", "--format", "count"])
+            .arg("--socket")
+            .arg(&socket)
+            .env("AEGIS_SESSION_TOKEN", &token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "aegis-tap",
+    );
+    let caller = component(&socket, &token, "caller");
+    // Registered once it answers at all (with its handler's answer or its error).
+    wait_for("aegis-tap to register", || {
+        match caller.request("tap", "stats", Value::Null, ANSWER) {
+            Err(RequestError::NoTarget(_)) => None,
+            _ => Some(()),
+        }
+    });
+    let pid = Pid::from_raw(h.pid(tap) as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP aegis-tap");
+    let timeout = Duration::from_millis(300);
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let r = caller.request("tap", "stats", Value::Null, timeout);
+        let took = t0.elapsed();
+        assert!(
+            matches!(r, Err(RequestError::Timeout(_))),
+            "expected timeout, got {r:?}"
+        );
+        assert!(took >= timeout, "returned before the deadline: {took:?}");
+        assert!(
+            took <= timeout + Duration::from_millis(50),
+            "returned {took:?} after the call, deadline {timeout:?} + 50 ms"
+        );
+    }
+    kill(pid, Signal::SIGCONT).expect("SIGCONT aegis-tap");
+    // Back: it answers again (the queued requests past their deadline are skipped).
+    let r = caller.request("tap", "stats", Value::Null, ANSWER);
+    assert!(
+        !matches!(
+            r,
+            Err(RequestError::Timeout(_)) | Err(RequestError::NoTarget(_))
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn circular_a_to_b_to_a_ends_by_the_deadline() {
+    let _s = serial();
+    let (_h, _b, socket, token) = setup("req-circular");
+    let a = Arc::new(component(&socket, &token, "a"));
+    let b = Arc::new(component(&socket, &token, "b"));
+    // a's ping asks b, b's ping asks a: each inner call may wait for what is left of the
+    // outer deadline, never more.
+    for (me, other) in [(&a, "b"), (&b, "a")] {
+        let weak = Arc::downgrade(me);
+        let other = other.to_string();
+        me.serve("ping", move |r| {
+            let me = weak.upgrade().ok_or("shutting down")?;
+            me.request(
+                &other,
+                "ping",
+                Value::Null,
+                r.remaining().max(Duration::from_millis(1)),
+            )
+            .map_err(|e| e.to_string())
+        });
+        echo(me);
+    }
+    let c = component(&socket, &token, "c");
+    let timeout = Duration::from_millis(500);
+    let t0 = Instant::now();
+    let r = c.request("a", "ping", Value::Null, timeout);
+    let took = t0.elapsed();
+    assert!(
+        matches!(
+            r,
+            Err(RequestError::Timeout(_)) | Err(RequestError::HandlerError(_))
+        ),
+        "{r:?}"
+    );
+    assert!(
+        took <= timeout + Duration::from_millis(50),
+        "the circular call took {took:?}, deadline {timeout:?}"
+    );
+    // Nothing is stuck: both answer again once the chain has unwound.
+    for name in ["a", "b"] {
+        let r = wait_for("the chain to unwind", || {
+            c.request(name, "echo", json!(1), ANSWER).ok()
+        });
+        assert_eq!(r["payload"], json!(1));
+    }
+    drop(c);
+    // The handlers hold weak references: the components drop cleanly.
+    drop(a);
+    drop(b);
+}
+
+#[test]
+fn ten_thousand_concurrent_requests_from_two_callers_none_lost() {
+    const THREADS: usize = 25;
+    const EACH: usize = 200;
+    let _s = serial();
+    let (_h, b, socket, token) = setup("req-10k");
+    let target = component(&socket, &token, "target");
+    target.serve("double", |r| {
+        let n = r.payload["n"].as_u64().ok_or("n must be a number")?;
+        Ok(json!({"caller": r.from, "n": n * 2}))
+    });
+    let callers: Vec<Arc<Component>> = ["c1", "c2"]
+        .iter()
+        .map(|n| Arc::new(component(&socket, &token, n)))
+        .collect();
+    let mut threads = Vec::new();
+    for (ci, caller) in callers.iter().enumerate() {
+        for t in 0..THREADS {
+            let caller = caller.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut ok = 0usize;
+                for i in 0..EACH {
+                    let n = (t * EACH + i) as u64;
+                    let r = caller
+                        .request("target", "double", json!({"n": n}), ANSWER)
+                        .unwrap_or_else(|e| panic!("caller {ci} request {n}: {e}"));
+                    assert_eq!(r["n"], json!(n * 2));
+                    assert_eq!(r["caller"], json!(format!("c{}", ci + 1)));
+                    ok += 1;
+                }
+                ok
+            }));
+        }
+    }
+    let answered: usize = threads
+        .into_iter()
+        .map(|t| t.join().expect("caller thread"))
+        .sum();
+    assert_eq!(answered, 2 * THREADS * EACH);
+    // The daemon counted every one of them.
+    let info = json_of(&b, &socket, &["session", "inspect", "s"]);
+    let row = info["requests"]
+        .as_array()
+        .and_then(|rows| {
+            rows.iter()
+                .find(|r| r["target"] == "target" && r["type"] == "double")
+        })
+        .unwrap_or_else(|| panic!("no requests row in {info}"));
+    assert_eq!(row["requests"], json!(10_000), "{row}");
+    assert_eq!(row["replies"], json!(10_000), "{row}");
+    assert_eq!(row["errors"], json!(0), "{row}");
+    assert_eq!(row["timeouts"], json!(0), "{row}");
+}
+
+/// The measured round trip in the README: one caller, one echo target, requests one after
+/// another. Prints the figures; asserts nothing about time. Run with `--ignored`.
+#[test]
+#[ignore]
+fn measure_round_trip() {
+    let _s = serial();
+    let (_h, _b, socket, token) = setup("req-measure");
+    let target = component(&socket, &token, "target");
+    echo(&target);
+    let caller = component(&socket, &token, "caller");
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
+    for i in 0..22_000u64 {
+        let t0 = Instant::now();
+        caller
+            .request("target", "echo", json!({"i": i}), ANSWER)
+            .expect("answer");
+        if i >= 2_000 {
+            hist.record(t0.elapsed().as_micros() as u64).unwrap();
+        }
+    }
+    println!(
+        "request round trip over the control socket, {} requests: p50 {} us, p99 {} us, p99.9 {} us, max {} us",
+        hist.len(),
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.max()
+    );
+}
