@@ -93,6 +93,19 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// The `inspect --json` row of `target` and `request_type`.
+fn request_row(b: &Bins, socket: &Path, target: &str, request_type: &str) -> Value {
+    let info = json_of(b, socket, &["session", "inspect", "s"]);
+    info["requests"]
+        .as_array()
+        .and_then(|rows| {
+            rows.iter()
+                .find(|r| r["target"] == target && r["type"] == request_type)
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("no requests row {target}/{request_type} in {info}"))
+}
+
 fn echo(c: &Component) {
     c.serve("echo", |r| {
         Ok(json!({"from": r.from, "payload": r.payload.clone()}))
@@ -123,7 +136,7 @@ fn a_request_gets_its_reply() {
 #[test]
 fn errors_no_target_self_request_and_handler_error() {
     let _s = serial();
-    let (_h, _b, socket, token) = setup("req-errors");
+    let (_h, b, socket, token) = setup("req-errors");
     let risk = component(&socket, &token, "risk");
     risk.serve("fail", |_| Err("the book is closed".into()));
     risk.serve("panic", |_| panic!("handler bug"));
@@ -148,6 +161,17 @@ fn errors_no_target_self_request_and_handler_error() {
     match call("risk", "unknown-type") {
         Err(RequestError::HandlerError(m)) => assert!(m.contains("no handler"), "{m}"),
         other => panic!("expected handler_error, got {other:?}"),
+    }
+    for (target, t, errors) in [
+        ("nobody", "fits", 1),
+        ("strategy", "fits", 1),
+        ("risk", "fail", 1),
+        ("risk", "panic", 1),
+    ] {
+        let row = request_row(&b, &socket, target, t);
+        assert_eq!(row["requests"], json!(1), "{row}");
+        assert_eq!(row["errors"], json!(errors), "{row}");
+        assert_eq!(row["timeouts"], json!(0), "{row}");
     }
     // A target that leaves is no target any more.
     drop(risk);
@@ -198,6 +222,16 @@ fn timeout_against_a_stopped_target_comes_at_the_deadline() {
             "returned {took:?} after the call, deadline {timeout:?} + 50 ms"
         );
     }
+    // The daemon counted the timeouts, per target and type, in `inspect` and its JSON.
+    let row = request_row(&b, &socket, "tap", "stats");
+    assert_eq!(row["timeouts"], json!(3), "{row}");
+    let text = shmctl(&b, &socket, &["session", "inspect", "s"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("tap") && l.contains("stats")),
+        "no requests row for tap/stats in:\n{text}"
+    );
     kill(pid, Signal::SIGCONT).expect("SIGCONT aegis-tap");
     // Back: it answers again (the queued requests past their deadline are skipped).
     let r = caller.request("tap", "stats", Value::Null, ANSWER);
@@ -302,14 +336,7 @@ fn ten_thousand_concurrent_requests_from_two_callers_none_lost() {
         .sum();
     assert_eq!(answered, 2 * THREADS * EACH);
     // The daemon counted every one of them.
-    let info = json_of(&b, &socket, &["session", "inspect", "s"]);
-    let row = info["requests"]
-        .as_array()
-        .and_then(|rows| {
-            rows.iter()
-                .find(|r| r["target"] == "target" && r["type"] == "double")
-        })
-        .unwrap_or_else(|| panic!("no requests row in {info}"));
+    let row = request_row(&b, &socket, "target", "double");
     assert_eq!(row["requests"], json!(10_000), "{row}");
     assert_eq!(row["replies"], json!(10_000), "{row}");
     assert_eq!(row["errors"], json!(0), "{row}");
