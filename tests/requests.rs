@@ -234,14 +234,10 @@ fn timeout_against_a_stopped_target_comes_at_the_deadline() {
     );
     kill(pid, Signal::SIGCONT).expect("SIGCONT aegis-tap");
     // Back: it answers again (the queued requests past their deadline are skipped).
-    let r = caller.request("tap", "stats", Value::Null, ANSWER);
-    assert!(
-        !matches!(
-            r,
-            Err(RequestError::Timeout(_)) | Err(RequestError::NoTarget(_))
-        ),
-        "{r:?}"
-    );
+    let r = caller
+        .request("tap", "stats", Value::Null, ANSWER)
+        .expect("stats after SIGCONT");
+    assert_eq!(r["name"], json!("tap"), "{r}");
 }
 
 #[test]
@@ -371,4 +367,53 @@ fn measure_round_trip() {
         hist.value_at_quantile(0.999),
         hist.max()
     );
+}
+
+#[test]
+fn cli_call_prints_the_reply_or_the_error_and_aegis_tap_answers_stats() {
+    let _s = serial();
+    let (mut h, b, socket, token) = setup("req-cli");
+    h.spawn(
+        Command::new(&b.tap)
+            .args(["--name", "tap", "--format", "count"])
+            .arg("--socket")
+            .arg(&socket)
+            .env("AEGIS_SESSION_TOKEN", &token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "aegis-tap",
+    );
+    let call = |args: &[&str]| {
+        let mut all = vec!["call", "s"];
+        all.extend_from_slice(args);
+        shmctl(&b, &socket, &all)
+    };
+    let out = wait_for("aegis-tap to answer stats", || {
+        let out = call(&["tap", "stats", "--timeout-ms", "2000"]);
+        out.status.success().then_some(out)
+    });
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("the reply is JSON");
+    assert_eq!(stats["name"], json!("tap"), "{stats}");
+    assert_eq!(stats["events"], json!(0), "{stats}");
+    assert_eq!(stats["started"], json!(false), "{stats}");
+    for (args, code) in [
+        (&["nobody", "stats"][..], "no_target"),
+        (&["tap", "no-such-type", "{\"a\":1}"][..], "handler_error"),
+    ] {
+        let out = call(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(code), "{args:?}: expected {code} in {err}");
+    }
+    let out = call(&["tap", "stats", "not json"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not JSON"));
+    let out = call(&["tap", "stats", "--timeout-ms", "0"]);
+    assert!(!out.status.success());
+    // --json: the error as JSON on stdout too.
+    let out = shmctl(&b, &socket, &["--json", "call", "s", "nobody", "stats"]);
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON error");
+    assert_eq!(v["error"]["code"], json!("no_target"), "{v}");
 }
