@@ -21,6 +21,8 @@ use crate::session::Session;
 
 /// How often the expiry thread looks at the shutdown flag when nothing is due.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Deadlines of answered requests the heap may hold beyond twice those in flight.
+const HEAP_SLACK: usize = 4096;
 
 /// A request in flight.
 struct Pending {
@@ -69,6 +71,19 @@ struct State {
 }
 
 impl State {
+    /// The deadlines of answered requests stay in the heap until they pass; with long
+    /// timeouts and many requests they would pile up, so the heap is rebuilt from the
+    /// requests in flight once it holds many more.
+    fn prune_deadlines(&mut self) {
+        if self.deadlines.len() > 2 * self.pending.len() + HEAP_SLACK {
+            self.deadlines = self
+                .pending
+                .iter()
+                .map(|(&id, p)| Reverse((p.deadline, id)))
+                .collect();
+        }
+    }
+
     fn figures(&mut self, session: &str, target: &str, request_type: &str) -> &mut Figures {
         self.figures
             .entry(session.to_string())
@@ -180,6 +195,7 @@ impl Router {
             .peek()
             .is_none_or(|Reverse((d, _))| deadline < *d);
         st.deadlines.push(Reverse((deadline, rid)));
+        st.prune_deadlines();
         if earliest {
             self.changed.notify_all();
         }
@@ -327,6 +343,17 @@ fn resolve(s: &Session, target: &str) -> Result<(u64, Outbox), (ErrorCode, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answered_deadlines_do_not_pile_up() {
+        let mut st = State::default();
+        let far = Instant::now() + Duration::from_secs(600);
+        for id in 0..=(HEAP_SLACK as u64) {
+            st.deadlines.push(Reverse((far, id)));
+            st.prune_deadlines();
+        }
+        assert!(st.deadlines.len() <= HEAP_SLACK, "{}", st.deadlines.len());
+    }
 
     #[test]
     fn figures_report_percentiles_only_with_samples() {
