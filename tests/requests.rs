@@ -417,3 +417,44 @@ fn cli_call_prints_the_reply_or_the_error_and_aegis_tap_answers_stats() {
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON error");
     assert_eq!(v["error"]["code"], json!("no_target"), "{v}");
 }
+
+/// A handler holding the last reference to its component (through a `Weak` upgraded while it
+/// runs) drops the component on the handler thread: it ends cleanly (the handler thread is
+/// not joined by itself), and the caller gets `no_target` when the connection closes.
+#[test]
+fn a_handler_holding_the_last_reference_drops_its_component_cleanly() {
+    let _s = serial();
+    let (_h, _b, socket, token) = setup("req-last-ref");
+    let target = Arc::new(component(&socket, &token, "target"));
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let weak = Arc::downgrade(&target);
+    target.serve("slow", move |_| {
+        let me = weak.upgrade().ok_or("gone")?;
+        let _ = entered_tx.send(());
+        std::thread::sleep(Duration::from_millis(300));
+        drop(me);
+        Ok(Value::Null)
+    });
+    let caller = Arc::new(component(&socket, &token, "caller"));
+    let asking = {
+        let caller = caller.clone();
+        std::thread::spawn(move || caller.request("target", "slow", Value::Null, ANSWER))
+    };
+    entered_rx
+        .recv_timeout(WAIT)
+        .expect("the handler did not start");
+    drop(target);
+    let r = asking.join().expect("caller thread");
+    assert!(
+        matches!(r, Err(RequestError::NoTarget(_)) | Ok(Value::Null)),
+        "{r:?}"
+    );
+    let gone = wait_for("target to be gone", || {
+        matches!(
+            caller.request("target", "slow", Value::Null, ANSWER),
+            Err(RequestError::NoTarget(_))
+        )
+        .then_some(())
+    });
+    let () = gone;
+}

@@ -499,7 +499,11 @@ impl Drop for Component {
             let _ = w.shutdown(std::net::Shutdown::Both);
         }
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            // A handler that held the last reference drops the component on the handler
+            // thread itself: that thread ends when the handler returns, never joined by itself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }
