@@ -457,3 +457,93 @@ fn a_handler_holding_the_last_reference_drops_its_component_cleanly() {
         .then_some(())
     });
 }
+
+/// A handler that blocks does not hold up the component's market data: the whole stream is
+/// read to END-OF-STREAM while a `stats`-like handler is still blocked (it is released only
+/// after the last event), and its caller (`aegis-shmctl call`) then gets the answer.
+#[test]
+fn a_blocked_handler_never_delays_the_bus() {
+    let _s = serial();
+    let b = bins();
+    let mut h = Harness::new("req-data-path");
+    let socket = h.start_daemon(&b);
+    let n = 20_000u64;
+    let csv = h.dir.join("BTCUSDT-trades-2024-09-21.csv");
+    let rows: String = (0..n)
+        .map(|i| {
+            format!(
+                "{i},63201.5,0.001,63.2,{},true,true\n",
+                1_726_876_800_000 + i
+            )
+        })
+        .collect();
+    std::fs::write(&csv, rows).unwrap();
+    // A backtest that starts once the replay and the consumer are READY.
+    let v = json_of(
+        &b,
+        &socket,
+        &[
+            "session", "create", "s", "--mode", "backtest", "--expect", "2",
+        ],
+    );
+    let token = v["token"].as_str().expect("token").to_string();
+    let info = json_of(&b, &socket, &["session", "inspect", "s"]);
+    if let Some(sid) = info["segments"]["bus"]
+        .as_str()
+        .and_then(|p| Path::new(p).file_name()?.to_str().map(str::to_string))
+        .as_deref()
+        .and_then(sid_of)
+    {
+        h.sids.insert(sid.to_string());
+    }
+    let c = component(&socket, &token, "strategy");
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    c.serve("slow", move |_| {
+        let _ = entered_tx.send(());
+        let released = release_rx
+            .lock()
+            .map_err(|_| "poisoned")?
+            .recv_timeout(Duration::from_secs(120))
+            .is_ok();
+        Ok(json!({"released": released}))
+    });
+    let out = h.dir.join("call.out");
+    let call = h.spawn(
+        Command::new(&b.shmctl)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["call", "s", "strategy", "slow", "--timeout-ms", "120000"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null()),
+        "aegis-shmctl call",
+    );
+    entered_rx
+        .recv_timeout(WAIT)
+        .expect("the handler did not start");
+    let events = c.events(WAIT).expect("attach");
+    h.spawn(
+        Command::new(&b.replay)
+            .arg(&csv)
+            .env("AEGIS_SOCKET", &socket)
+            .env("AEGIS_SESSION_TOKEN", &token)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "aegis-replay",
+    );
+    c.ready(WAIT).expect("STARTED");
+    let mut seen = 0u64;
+    for ev in events {
+        ev.expect("an event");
+        seen += 1;
+    }
+    assert_eq!(seen, n, "the whole stream while the handler is blocked");
+    release_tx.send(()).expect("release the handler");
+    let st = h.wait(call, WAIT, "aegis-shmctl call", || {});
+    assert!(st.success(), "call: {st}");
+    let reply: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).expect("JSON");
+    assert_eq!(reply, json!({"released": true}));
+    c.finished().expect("FINISHED");
+}
