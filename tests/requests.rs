@@ -106,6 +106,20 @@ fn request_row(b: &Bins, socket: &Path, target: &str, request_type: &str) -> Val
         .unwrap_or_else(|| panic!("no requests row {target}/{request_type} in {info}"))
 }
 
+/// Whether every thread of `pid` is stopped (state `T` in /proc/PID/task/*/stat).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(|t| t.ok()).all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    })
+}
+
 fn echo(c: &Component) {
     c.serve("echo", |r| {
         Ok(json!({"from": r.from, "payload": r.payload.clone()}))
@@ -198,15 +212,16 @@ fn timeout_against_a_stopped_target_comes_at_the_deadline() {
         "aegis-tap",
     );
     let caller = component(&socket, &token, "caller");
-    // Registered once it answers at all (with its handler's answer or its error).
-    wait_for("aegis-tap to register", || {
-        match caller.request("tap", "stats", Value::Null, ANSWER) {
-            Err(RequestError::NoTarget(_)) => None,
-            _ => Some(()),
-        }
+    // Registered, with its `stats` handler installed.
+    wait_for("aegis-tap to answer stats", || {
+        caller.request("tap", "stats", Value::Null, ANSWER).ok()
     });
     let pid = Pid::from_raw(h.pid(tap) as i32);
     kill(pid, Signal::SIGSTOP).expect("SIGSTOP aegis-tap");
+    // kill(2) returns before every thread has stopped: an answer could still leave.
+    wait_for("every thread of aegis-tap to be stopped", || {
+        all_threads_stopped(h.pid(tap)).then_some(())
+    });
     let timeout = Duration::from_millis(300);
     for _ in 0..3 {
         let t0 = Instant::now();
