@@ -58,6 +58,10 @@ pub enum Command {
     /// Recordings made with `--record`.
     #[command(subcommand)]
     Record(RecordCommand),
+    /// Seeded fault injection into a running session: kill -9 and SIGSTOP/SIGCONT of its
+    /// group members (pids the daemon knows), then the invariants checked (counts,
+    /// duplicates, gaps). Exits non-zero if one fails.
+    Chaos(ChaosArgs),
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -231,6 +235,37 @@ pub struct TopArgs {
     /// Refresh period in milliseconds (the rates are per second whatever it is).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub interval: u64,
+}
+
+/// `chaos`.
+#[derive(Args, Debug, Clone)]
+pub struct ChaosArgs {
+    /// The session (running).
+    pub session: String,
+    /// Seed of the schedule (default: from the clock; printed, to repeat a run).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How long to inject faults, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// kill -9 group members that have a live standby.
+    #[arg(long)]
+    pub kill: bool,
+    /// SIGSTOP group members for this many milliseconds, then SIGCONT.
+    #[arg(long, value_name = "MS")]
+    pub pause: Option<u64>,
+    /// Only these components or groups (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Vec<String>,
+    /// Mean time between two faults, in milliseconds (each delay is 0.5x to 1.5x of it).
+    #[arg(long, default_value_t = 1000)]
+    pub every_ms: u64,
+    /// After the faults, wait for the session to end before checking the invariants.
+    #[arg(long)]
+    pub wait_finished: bool,
+    /// With --wait-finished: give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
 }
 
 /// `bench`.

@@ -76,6 +76,22 @@ pub fn handle_line(ctx: &Conn<'_>, peer: &mut Peer, line: &[u8]) -> Option<Reply
         Request::SessionStop { name } => stop(ctx.shared, &name),
         Request::SessionDestroy { name } => destroy(ctx.shared, &name),
         Request::SessionEvict { name, component } => evict(ctx.shared, &name, &component),
+        Request::Discover {
+            session,
+            group,
+            component,
+        } => {
+            let name = session.ok_or_else(|| {
+                Refusal::bad_request("DISCOVER from outside a session needs `session`")
+            });
+            name.and_then(|name| {
+                let cell = self::session(ctx.shared, &name)?;
+                let s = lock(&cell, &name)?;
+                Ok(Reply::data(
+                    &s.discover(group.as_deref(), component.as_deref())?,
+                ))
+            })
+        }
         Request::Subscribe {
             name,
             component,
@@ -110,10 +126,20 @@ pub fn disconnected(peer: &Peer, conn: u64) {
 
 /// A message from a registered component.
 fn component_request(shared: &Shared, s: &mut Session, conn: u64, req: Request) -> Option<Reply> {
+    if let Some(refused) = s.not_active(conn) {
+        // A fenced group member: nothing it sends is served (SPEC section 12).
+        return (!matches!(req, Request::Ack | Request::Wait { .. })).then_some(refused);
+    }
     if let Some(c) = s.component_mut(conn) {
         c.last_seen = Instant::now();
     }
     match req {
+        Request::Discover {
+            group, component, ..
+        } => Some(
+            s.discover(group.as_deref(), component.as_deref())
+                .map_or_else(Reply::from, |d| Reply::data(&d)),
+        ),
         Request::Heartbeat => Some(Reply::Heartbeat),
         Request::Ready => ready(s, conn),
         Request::Finished => {

@@ -9,6 +9,7 @@
 
 pub mod daemon;
 mod dispatch;
+pub mod groups;
 pub mod outbox;
 pub mod recorder;
 pub mod refusal;
@@ -18,3 +19,4 @@ pub mod sequencer;
 pub mod session;
 pub mod source;
 pub mod subscriptions;
+pub mod takeover;

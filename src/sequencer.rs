@@ -30,6 +30,7 @@ use aegis_shm_client::stats::{SourceState, StatsWriter, MAX_SOURCES};
 use aegis_shm_client::wait::{Deadline, WaitKind, WaitStrategy};
 
 use crate::source::{SourceError, SourceReader};
+use crate::takeover::{SeqTrack, Takeovers};
 
 /// Session mode.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -153,6 +154,8 @@ struct Source {
     staged_bytes: usize,
     /// Live: a backwards timestamp of this source has been logged (logged once per source).
     backwards_logged: bool,
+    /// Live: the last source seq accounted for, duplicates dropped, seqs skipped.
+    seqs: SeqTrack,
 }
 
 /// The longest the sequencer sleeps on its sources' doorbells while bounded lateness holds a
@@ -225,6 +228,8 @@ pub struct Sequencer {
     pass_ns: u64,
     /// Bit i set: remove source i from a live merge (set from another thread).
     removals: Arc<std::sync::atomic::AtomicU64>,
+    /// Live: new rings of sources that changed hands, and the seq figures (`takeover.rs`).
+    takeovers: Arc<Takeovers>,
 }
 
 /// What a look at a run of equal timestamps found.
@@ -286,6 +291,7 @@ impl Sequencer {
                 collecting: None,
                 staged_bytes: 0,
                 backwards_logged: false,
+                seqs: SeqTrack::default(),
             })
             .collect();
         if let Some(c) = &control {
@@ -308,6 +314,7 @@ impl Sequencer {
             scratch: Vec::new(),
             pass_ns: 0,
             removals: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            takeovers: Arc::new(Takeovers::default()),
         })
     }
 
@@ -315,6 +322,13 @@ impl Sequencer {
     /// set bit `rank`. The sequencer applies it at its next pass.
     pub fn removals(&self) -> Arc<std::sync::atomic::AtomicU64> {
         self.removals.clone()
+    }
+
+    /// The handle the daemon uses to give a source's merge to a new ring (a promoted group
+    /// member, a restarted producer), to read the last seq merged per source, and to hold a
+    /// removed source open for a restart (live).
+    pub fn takeovers(&self) -> Arc<Takeovers> {
+        self.takeovers.clone()
     }
 
     /// The rank of each source, by name.
@@ -474,6 +488,12 @@ impl Sequencer {
             };
             changed = true;
             let kind = h.kind().unwrap_or(Kind::Control);
+            if live && kind != Kind::Control && s.seqs.duplicate(h.source_seq) {
+                // Resent after a failover or a restart (SPEC section 12): merged once
+                // already. Checked before the time order: a resend is older by nature.
+                s.reader.consume();
+                continue;
+            }
             if let Some(run_ts) = s.collecting {
                 // Copying a run of equal timestamps out of key order: it ends at the first
                 // frame with another ts, or at end-of-stream.
@@ -533,6 +553,7 @@ impl Sequencer {
                         s.name
                     );
                 }
+                s.seqs.accept(h.source_seq);
                 s.reader.consume();
                 continue;
             }
@@ -662,13 +683,19 @@ impl Sequencer {
         // A load first: the swap (a locked instruction) only when there is something to take.
         let removals = match self.removals.load(Ordering::Relaxed) {
             0 => 0,
-            _ => self.removals.swap(0, Ordering::Relaxed),
+            // Acquire: pairs with the daemon's `Takeovers::hold` before it set the bit (a
+            // Release RMW on `removals`): a removal that may be undone is seen held.
+            _ => self.removals.swap(0, Ordering::Acquire),
         };
         if removals != 0 {
             for rank in (0..self.sources.len()).filter(|r| removals & (1 << r) != 0) {
                 self.remove_source(rank);
                 progress = true;
             }
+        }
+        for (rank, reader) in self.takeovers.take() {
+            self.take_over(rank, reader);
+            progress = true;
         }
         for i in 0..self.sources.len() {
             if self.sources[i].head.is_none() {
@@ -685,6 +712,9 @@ impl Sequencer {
         if moved > 0 {
             self.bus.publish();
             self.publish_counters();
+        } else if progress {
+            // Duplicates dropped, a hand-over: the daemon's figures follow.
+            self.publish_seqs();
         }
         // Hand every consumed byte back, even when nothing moved to the bus: frames copied
         // into a staging queue, heartbeats and refused events are consumed too, and a producer
@@ -693,11 +723,7 @@ impl Sequencer {
         for s in &mut self.sources {
             s.reader.release();
         }
-        if self
-            .sources
-            .iter()
-            .all(|s| s.state != State::Active && s.head.is_none())
-        {
+        if self.ended() {
             return Ok(Pass::Done);
         }
         Ok(if progress || moved > 0 {
@@ -768,6 +794,9 @@ impl Sequencer {
             return self.fail(i, reason);
         }
         s.events += 1;
+        if matches!(self.config.mode, Mode::Live { .. }) {
+            s.seqs.accept(h.source_seq);
+        }
         h.source_id = s.rank;
         if let Some(t) = s.topic_id {
             h.topic_id = t;
@@ -824,6 +853,7 @@ impl Sequencer {
     }
 
     fn publish_counters(&self) {
+        self.publish_seqs();
         let Some(c) = &self.control else { return };
         let k = c.counters();
         k.merged.store(self.merged, Ordering::Relaxed);
@@ -842,6 +872,49 @@ impl Sequencer {
         k.bus_fill.store(self.bus.fill(), Ordering::Relaxed);
         for s in &self.sources {
             c.update_source(s.rank as usize, s.events, s.rejected, s.watermark);
+        }
+    }
+
+    /// The seq figures of every source, for the daemon (`resume_after`) and `inspect`.
+    fn publish_seqs(&self) {
+        for s in &self.sources {
+            let t = &s.seqs;
+            self.takeovers
+                .publish(s.rank as usize, t.last, t.duplicates, t.gaps);
+        }
+    }
+
+    /// Whether the merge is over: no source is active or has a head left, and none of the
+    /// removed ones is held open for a restart.
+    fn ended(&self) -> bool {
+        let held = self.takeovers.held_mask();
+        self.sources.iter().all(|s| {
+            s.state != State::Active
+                && s.head.is_none()
+                && !(s.state == State::Removed && held & (1 << s.rank) != 0)
+        }) && !self.takeovers.pending()
+    }
+
+    /// Source `rank` is read from `reader` from now on (a promoted group member's ring, or a
+    /// restarted producer's). The old ring is never read again: a fenced member that writes
+    /// to it after a pause is never merged. An ended source stays ended.
+    fn take_over(&mut self, rank: usize, reader: RingReader) {
+        let Some(s) = self.sources.get_mut(rank) else {
+            return;
+        };
+        if s.state == State::Ended {
+            return;
+        }
+        s.reader = reader.into();
+        s.state = State::Active;
+        s.head = None;
+        s.dry_since = None;
+        s.collecting = None;
+        s.staged.clear();
+        s.staged_bytes = 0;
+        s.sorted_until = 0;
+        if let Some(c) = &self.control {
+            c.set_state(rank, SourceState::Active, Some(""));
         }
     }
 

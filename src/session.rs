@@ -20,11 +20,13 @@ use aegis_shm_client::spmc::{self, BusMonitor, BusWriter, Policy, MAX_CONSUMERS}
 use aegis_shm_client::spsc::{self, RingReader};
 use aegis_shm_client::stats::{StatsWriter, MAX_SOURCES};
 
+use crate::groups::Groups;
 use crate::outbox::Outbox;
 use crate::recorder::{self, Prepared, RecordError};
 pub use crate::refusal::Refusal;
 use crate::sequencer::{self, Config, Input, Mode, SequencerError, Summary};
 use crate::source::{JournalSource, SourceReader};
+use crate::takeover::Takeovers;
 
 /// Default bus size.
 pub const DEFAULT_BUS_BYTES: usize = 1 << 22;
@@ -152,9 +154,21 @@ pub struct Component {
     pub conn: u64,
     /// A producer that filters by a desired symbol set (`subscribe --symbols`).
     pub accepts_symbols: bool,
+    /// The group it registered into.
+    pub group: Option<String>,
+    /// A group member that lost the lease: everything it sends gets `not_active`.
+    pub fenced: bool,
+    /// Per source in `sources`: the ring of its own it got because the source existed
+    /// already (a group's standby, a restart); `None`: the source's own ring.
+    pub rings: Vec<Option<Arc<ShmRegion>>>,
 }
 
 impl Component {
+    /// Alive and not fenced: may hold a group's lease.
+    pub fn holds_on(&self) -> bool {
+        !self.state.gone() && !self.fenced
+    }
+
     /// The state `inspect` shows: `stalled` over the state it keeps while paused.
     pub fn public_state(&self) -> ComponentState {
         if self.stalled && !self.state.gone() {
@@ -177,15 +191,15 @@ impl Component {
     }
 }
 
-struct SourceRec {
-    backing: Backing,
-    kind: SourceKind,
-    topic: String,
-    component: String,
+pub(crate) struct SourceRec {
+    pub(crate) backing: Backing,
+    pub(crate) kind: SourceKind,
+    pub(crate) topic: String,
+    pub(crate) component: String,
 }
 
 /// Where a source's frames come from.
-enum Backing {
+pub(crate) enum Backing {
     /// A ring in shared memory that the producer writes.
     Ring(Arc<ShmRegion>),
     /// A journal the daemon mapped at registration (backtest); moved into the sequencer at
@@ -205,11 +219,13 @@ struct Recording {
     stop: Arc<AtomicBool>,
 }
 
-struct Running {
+pub(crate) struct Running {
     handle: Option<JoinHandle<Result<Summary, SequencerError>>>,
     stop: Arc<AtomicBool>,
-    removals: Arc<AtomicU64>,
-    ranks: Vec<String>,
+    pub(crate) removals: Arc<AtomicU64>,
+    pub(crate) ranks: Vec<String>,
+    /// Hand-overs of sources to new rings, the last seq merged per source (`takeover.rs`).
+    pub(crate) takeovers: Arc<Takeovers>,
 }
 
 /// One session.
@@ -235,8 +251,17 @@ pub struct Session {
     monitor: BusMonitor,
     /// Components by registration order.
     pub components: Vec<Component>,
-    sources: BTreeMap<String, SourceRec>,
-    running: Option<Running>,
+    pub(crate) sources: BTreeMap<String, SourceRec>,
+    pub(crate) running: Option<Running>,
+    /// Groups (hot standby) by name (`groups.rs`).
+    pub(crate) groups: Groups,
+    /// Live sources whose producer died with nobody to take over, since when: held open for
+    /// a restart ([`crate::groups::RESTART_WINDOW`]).
+    pub(crate) orphans: BTreeMap<String, Instant>,
+    /// Live sources that left the merge for good (their restart window passed).
+    pub(crate) closed_sources: std::collections::BTreeSet<String>,
+    /// Counter of the member rings (`src-NAME~K`).
+    pub(crate) next_ring: u64,
     summary: Option<Summary>,
     recording: Option<Recording>,
     created: SystemTime,
@@ -359,6 +384,10 @@ impl Session {
             components: Vec::new(),
             sources: BTreeMap::new(),
             running: None,
+            groups: Groups::new(),
+            orphans: BTreeMap::new(),
+            closed_sources: Default::default(),
+            next_ring: 0,
             summary: None,
             recording,
             created: SystemTime::now(),
@@ -406,13 +435,15 @@ impl Session {
         outbox: Outbox,
     ) -> Result<Ack, Refusal> {
         let role = self.check_registration(reg)?;
-        self.check_sources(reg, role)?;
+        let join = self.check_group(reg, role)?;
+        let taken = self.takeover_sources(reg, join.as_ref())?;
+        self.check_sources(reg, role, &taken)?;
         let slot = if role.consumes() {
             Some(self.free_slot()?)
         } else {
             None
         };
-        let mut ack_sources = self.create_sources(reg)?;
+        let (mut ack_sources, rings) = self.create_sources(reg, &taken)?;
         let topics = self.topic_table();
         for a in &mut ack_sources {
             a.topic_id = topics[&self.sources[&a.name].topic];
@@ -430,7 +461,11 @@ impl Session {
             outbox,
             conn,
             accepts_symbols: reg.accepts_symbols,
+            group: join.as_ref().map(|j| j.name().to_string()),
+            fenced: false,
+            rings,
         });
+        let group = self.admit(conn, join, &taken, &mut ack_sources);
         Ok(Ack {
             session_id: self.id.clone(),
             session: self.name.clone(),
@@ -446,7 +481,13 @@ impl Session {
             // The caller (`dispatch::register`) fills in the store's desired set.
             desired: Default::default(),
             reconcile_s: crate::subscriptions::reconcile_s(self),
+            group,
         })
+    }
+
+    /// The component on connection `conn`.
+    pub fn component_by_conn(&self, conn: u64) -> Option<&Component> {
+        self.components.iter().find(|c| c.conn == conn)
     }
 
     /// The component's name and role, against the session's state: returns the role.
@@ -464,7 +505,15 @@ impl Session {
             ));
         }
         let live = matches!(self.mode, Mode::Live { .. });
-        if self.state != State::Created && !(live && role == Role::Consumer) {
+        // A live producer may come after the start to take over sources that exist (a
+        // group's standby, a restart); `takeover_sources` decides whether it may.
+        let takes_over = role == Role::Producer
+            && !reg.sources.is_empty()
+            && reg
+                .sources
+                .iter()
+                .all(|s| self.sources.contains_key(&s.name));
+        if self.state != State::Created && !(live && (role == Role::Consumer || takes_over)) {
             return Err(Refusal::new(
                 ErrorCode::SessionStarted,
                 format!(
@@ -489,7 +538,7 @@ impl Session {
     }
 
     /// The declared sources: names, topics, uniqueness, count (their kinds are typed).
-    fn check_sources(&self, reg: &Register, role: Role) -> Result<(), Refusal> {
+    fn check_sources(&self, reg: &Register, role: Role, taken: &[String]) -> Result<(), Refusal> {
         if role.produces() && reg.sources.is_empty() {
             return Err(Refusal::bad_request(
                 "a producer must declare at least one source",
@@ -505,7 +554,7 @@ impl Session {
             if !protocol::valid_name(&s.topic) {
                 return Err(Refusal::bad_name("topic", &s.topic));
             }
-            if self.sources.contains_key(&s.name)
+            if (self.sources.contains_key(&s.name) && !taken.contains(&s.name))
                 || reg.sources[..i].iter().any(|o| o.name == s.name)
             {
                 return Err(Refusal::new(
@@ -514,7 +563,7 @@ impl Session {
                 ));
             }
         }
-        if self.sources.len() + reg.sources.len() > MAX_SOURCES {
+        if self.sources.len() + reg.sources.len() - taken.len() > MAX_SOURCES {
             return Err(Refusal::new(
                 ErrorCode::TooMany,
                 format!("a session has at most {MAX_SOURCES} sources"),
@@ -544,10 +593,26 @@ impl Session {
 
     /// Creates the source rings of `reg` (all or none) and records them. The ACK entries
     /// have topic id 0 until the caller fills them in.
-    fn create_sources(&mut self, reg: &Register) -> Result<Vec<AckSource>, Refusal> {
+    /// Sources in `taken` exist already: each gets a ring of its own (a member ring), which
+    /// the sequencer reads only once the source is handed over to it; returned beside the
+    /// ACK entries, by source.
+    #[allow(clippy::type_complexity)]
+    fn create_sources(
+        &mut self,
+        reg: &Register,
+        taken: &[String],
+    ) -> Result<(Vec<AckSource>, Vec<Option<Arc<ShmRegion>>>), Refusal> {
         let ring_bytes = self.spec.source_bytes.unwrap_or(DEFAULT_SOURCE_BYTES);
-        let mut created = Vec::new();
+        let mut member_rings = Vec::new();
         for s in &reg.sources {
+            member_rings.push(if taken.contains(&s.name) {
+                Some(self.member_ring(&s.name)?)
+            } else {
+                None
+            });
+        }
+        let mut created = Vec::new();
+        for s in reg.sources.iter().filter(|s| !taken.contains(&s.name)) {
             // On failure `created` drops: its ring files are removed, its journals unmapped.
             let handover = s.journal.as_deref().filter(|_| self.mode == Mode::Backtest);
             created.push(match handover {
@@ -561,13 +626,27 @@ impl Session {
             });
         }
         let mut ack_sources = Vec::new();
-        for (s, backing) in reg.sources.iter().zip(created) {
+        for (s, ring) in reg.sources.iter().zip(&member_rings) {
+            if let Some(ring) = ring {
+                ack_sources.push(AckSource {
+                    name: s.name.clone(),
+                    path: ring.path().display().to_string(),
+                    topic_id: 0,
+                    kind: s.kind,
+                    journal: false,
+                    resume_after: None,
+                });
+            }
+        }
+        let fresh = reg.sources.iter().filter(|s| !taken.contains(&s.name));
+        for (s, backing) in fresh.zip(created) {
             ack_sources.push(AckSource {
                 name: s.name.clone(),
                 path: backing.path().display().to_string(),
                 topic_id: 0,
                 kind: s.kind,
                 journal: matches!(backing, Backing::Journal { .. }),
+                resume_after: None,
             });
             self.sources.insert(
                 s.name.clone(),
@@ -579,7 +658,7 @@ impl Session {
                 },
             );
         }
-        Ok(ack_sources)
+        Ok((ack_sources, member_rings))
     }
 
     /// Maps a journal-backed source's journal (backtest only), checking its header, size and
@@ -682,6 +761,7 @@ impl Session {
         let seq = sequencer::Sequencer::new(inputs, bus, config, Some(self.control.clone()))
             .map_err(Refusal::internal)?;
         let removals = seq.removals();
+        let takeovers = seq.takeovers();
         let ranks = seq.ranks().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
         if let Some(rec) = &mut self.recording {
             let facts = recorder::SessionFacts {
@@ -706,6 +786,7 @@ impl Session {
             stop,
             removals,
             ranks: ranks.clone(),
+            takeovers,
         });
         self.state = State::Running;
         self.started = Some(Instant::now());
@@ -774,6 +855,11 @@ impl Session {
             // A dead consumer never holds the others back.
             self.monitor.release_slot(slot);
         }
+        if c.group.is_some() {
+            // Fenced; the lease (and a producer group's source) goes to a standby.
+            self.member_gone(i);
+            return;
+        }
         let producer = c.role.produces();
         let name = c.name.clone();
         let sources = c.sources.clone();
@@ -788,12 +874,9 @@ impl Session {
                 self.stop(State::Failed(why.clone()), &why);
             }
             Mode::Live { .. } => {
-                if let Some(r) = &self.running {
-                    for (rank, n) in r.ranks.iter().enumerate() {
-                        if sources.contains(n) {
-                            r.removals.fetch_or(1 << rank, Ordering::Relaxed);
-                        }
-                    }
+                // Out of the merge, held open for a restart under the same source name.
+                for n in &sources {
+                    self.orphan(n);
                 }
             }
         }
@@ -850,12 +933,14 @@ impl Session {
                 c.state = CompState::Finished;
             }
         }
+        self.member_finished(conn);
         self.tick();
     }
 
     /// Liveness and progress: called periodically by the daemon.
     pub fn tick(&mut self) {
         self.check_liveness();
+        self.expire_orphans();
         self.reap_sequencer();
         self.reap_recorder();
         self.advance_state();
@@ -869,7 +954,8 @@ impl Session {
     fn check_liveness(&mut self) {
         let now = Instant::now();
         let backtest = self.mode == Mode::Backtest;
-        for i in 0..self.components.len() {
+        let bounds = self.member_bounds();
+        for (i, bound) in bounds.into_iter().enumerate() {
             let c = &mut self.components[i];
             if c.state.gone() {
                 continue;
@@ -880,6 +966,16 @@ impl Session {
                 Some("its connection closed".to_string())
             } else if c.pid != 0 && !pid_alive(c.pid) {
                 Some(format!("pid {} is gone", c.pid))
+            } else if let Some(bound) = bound {
+                // A group member: silent past its policy's bound, it loses the lease (even
+                // paused in a backtest: a standby takes over instead of the session waiting).
+                (silent > bound).then(|| {
+                    format!(
+                        "no heartbeat for {} ms (failover bound {} ms)",
+                        silent.as_millis(),
+                        bound.as_millis()
+                    )
+                })
             } else if silent <= HEARTBEAT_TIMEOUT {
                 None
             } else if backtest && c.pid != 0 {
@@ -1026,6 +1122,7 @@ impl Session {
             consumers: self.consumer_infos(),
             topics: self.topic_table(),
             sequencer: self.sequencer_stats(elapsed),
+            groups: self.group_infos(),
             segments: Segments {
                 bus: self.bus.path().to_path_buf(),
                 control: self.ctl.path().to_path_buf(),
@@ -1036,6 +1133,14 @@ impl Session {
                         Backing::Ring(region) => Some(region.path().to_path_buf()),
                         Backing::Journal { .. } => None,
                     })
+                    .chain(
+                        self.components
+                            .iter()
+                            .flat_map(|c| c.rings.iter().flatten())
+                            .map(|r| r.path().to_path_buf()),
+                    )
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
                     .collect(),
             },
             recording: self.recording.as_ref().map(|r| {
@@ -1143,6 +1248,13 @@ impl Session {
             events_per_s: elapsed
                 .filter(|e| *e > 0.0)
                 .map(|e| (merged as f64 / e) as u64),
+            duplicates: self.running.as_ref().map_or(0, |r| {
+                (0..r.ranks.len()).map(|i| r.takeovers.duplicates(i)).sum()
+            }),
+            seq_gaps: self
+                .running
+                .as_ref()
+                .map_or(0, |r| (0..r.ranks.len()).map(|i| r.takeovers.gaps(i)).sum()),
         }
     }
 

@@ -70,12 +70,23 @@ fn shmctl(h: &mut Harness, b: &Bins, socket: &Path, args: &[&str]) -> (bool, Str
 /// `tap-top` counts them. Returns the socket once events flow.
 fn running_session(h: &mut Harness, b: &Bins) -> PathBuf {
     let socket = h.start_daemon(b);
+    // Recorded, so that the view shows the recorder's position too.
+    let rec = h.dir.join("recording");
     let (ok, out, err) = shmctl(
         h,
         b,
         &socket,
         &[
-            "--json", "session", "create", "lv", "--mode", "live", "--expect", "2",
+            "--json",
+            "session",
+            "create",
+            "lv",
+            "--mode",
+            "live",
+            "--expect",
+            "2",
+            "--record",
+            rec.to_str().unwrap(),
         ],
     );
     assert!(ok, "session create failed: {out}{err}");
@@ -309,6 +320,10 @@ fn top_shows_a_running_session_and_restores_the_terminal() {
     assert_eq!(source[4], "2024-09-21", "{screen}");
     assert_eq!(source[6], "0", "no event rejected: {screen}");
     assert_eq!(source[7], "feed-top", "{screen}");
+    assert!(
+        screen.contains("recorder   recording · "),
+        "the recorder's position: {screen}"
+    );
     // CONSUMER SLOT STATE READ EVENTS/S LAG (a number and a unit) OVERRUNS MISSED STALLED
     let tap = fields(&screen, "tap-top").unwrap();
     assert_eq!(tap[2], "ready", "{screen}");
@@ -358,6 +373,9 @@ fn top_shows_a_running_session_and_restores_the_terminal() {
     assert_eq!(tap["stalled"], false, "{v}");
     assert!(tap["read"].as_u64().unwrap() > 0, "{v}");
     assert!(d["sequencer"]["merged_per_s"].is_f64(), "{v}");
+    assert_eq!(d["recording"]["state"], "recording", "{v}");
+    assert!(d["recording"]["frames"].as_u64().unwrap() > 0, "{v}");
+    assert!(d["recording"]["frames_per_s"].is_f64(), "{v}");
 
     // Ctrl-C (a key in raw mode) and SIGTERM quit as cleanly.
     let mut pty = Pty::start(&mut h, &b, &socket, &["top", "--interval", "200"]);

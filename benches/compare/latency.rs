@@ -11,8 +11,14 @@ pub(super) fn aegis_latency_name(spin: bool) -> &'static str {
     }
 }
 
-/// [`pingpong`] and [`aegis_latency`] interleaved: `rounds` alternating runs of
-/// `samples / rounds` samples each, merged into one row per measurement. On a virtual
+/// Name of the fan-out row: the Aegis latency row with a second consumer on the bus.
+pub(super) const FANOUT_NAME: &str = "aegis (spin, pinned), 2 consumers (the second parks)";
+
+/// [`pingpong`], [`aegis_latency`] and the same with a second consumer on the bus, interleaved:
+/// `rounds` alternating runs of `samples / rounds` samples each, merged into one row per
+/// measurement. The second consumer is a thread of its own that reads every frame and parks
+/// when idle ([`Park`]): on 2 cores the measuring thread and the pinned sequencer take both, so
+/// a second *spinning* consumer would have no core and the row would measure preemption. On a virtual
 /// machine the hypervisor moves virtual cores between physical cores (same core, sibling,
 /// another complex) from one second to the next, and a cross-core hop then costs anywhere
 /// between 25 and 175 ns; interleaving makes both rows sample the same placements, so their
@@ -21,10 +27,10 @@ pub fn latency_interleaved(
     samples: u64,
     rounds: u64,
     spin: bool,
-) -> Result<[LatencyRow; 2], BenchError> {
+) -> Result<[LatencyRow; 3], BenchError> {
     let rounds = rounds.clamp(1, samples.max(1));
     let per = samples / rounds;
-    let (mut pp, mut ae) = (histogram(), histogram());
+    let (mut pp, mut ae, mut fan) = (histogram(), histogram(), histogram());
     for r in 0..rounds {
         // The last round takes the remainder, so the rows hold exactly `samples` each.
         let n = if r + 1 == rounds {
@@ -34,12 +40,15 @@ pub fn latency_interleaved(
         };
         pp.add(pingpong_histogram(n)?)
             .map_err(|e| BenchError::Failed(e.to_string()))?;
-        ae.add(aegis_latency_histogram(n, spin)?)
+        ae.add(aegis_latency_histogram(n, spin, 0)?)
+            .map_err(|e| BenchError::Failed(e.to_string()))?;
+        fan.add(aegis_latency_histogram(n, spin, 1)?)
             .map_err(|e| BenchError::Failed(e.to_string()))?;
     }
     Ok([
         latency_row(PINGPONG, &pp),
         latency_row(aegis_latency_name(spin), &ae),
+        latency_row(FANOUT_NAME, &fan),
     ])
 }
 
@@ -72,7 +81,7 @@ pub const BACKOFF_GAP: Duration = Duration::from_micros(100);
 pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError> {
     Ok(latency_row(
         aegis_latency_name(spin),
-        &aegis_latency_histogram(samples, spin)?,
+        &aegis_latency_histogram(samples, spin, 0)?,
     ))
 }
 
@@ -81,6 +90,8 @@ pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError>
 struct LatencyRig {
     producer: Producer,
     consumer: BusReader,
+    /// Further consumers, read by threads of their own (the fan-out row).
+    extra: Vec<BusReader>,
     sequencer: JoinHandle<Result<sequencer::Summary, sequencer::SequencerError>>,
     stop: Arc<AtomicBool>,
     cores: Option<(core_affinity::CoreId, core_affinity::CoreId)>,
@@ -89,7 +100,7 @@ struct LatencyRig {
 /// Ring and bus size of the latency rig.
 const LATENCY_RING: usize = 1 << 16;
 
-fn latency_rig(spin: bool) -> Result<LatencyRig, BenchError> {
+fn latency_rig(spin: bool, extra: usize) -> Result<LatencyRig, BenchError> {
     let cores = two_cores();
     let ring_region = Arc::new(HeapRegion::new(spsc::region_len(LATENCY_RING)));
     let mut producer =
@@ -100,8 +111,12 @@ fn latency_rig(spin: bool) -> Result<LatencyRig, BenchError> {
     let bus_region = Arc::new(HeapRegion::new(spmc::region_len(LATENCY_RING)));
     let bus = BusWriter::create(bus_region.clone(), LATENCY_RING, EPOCH, Policy::Overwrite)
         .map_err(setup_err("bus"))?;
-    let consumer =
-        BusReader::attach(bus_region, Some(EPOCH), None).map_err(setup_err("bus reader"))?;
+    let consumer = BusReader::attach(bus_region.clone(), Some(EPOCH), None)
+        .map_err(setup_err("bus reader"))?;
+    let extra = (0..extra)
+        .map(|_| BusReader::attach(bus_region.clone(), Some(EPOCH), None))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(setup_err("bus reader"))?;
     let mut config = Config::new(Mode::Live {
         // One source that always has a head: lateness never holds the merge.
         max_lateness: Duration::from_micros(1),
@@ -124,6 +139,7 @@ fn latency_rig(spin: bool) -> Result<LatencyRig, BenchError> {
     Ok(LatencyRig {
         producer,
         consumer,
+        extra,
         sequencer,
         stop,
         cores,
@@ -222,21 +238,53 @@ fn measure<W: WaitStrategy>(
     Ok(h)
 }
 
+/// A further consumer: reads every frame (parking when idle) until END-OF-STREAM or `abort`;
+/// returns how many events it read and how many it missed (lapped: the bus is live and never
+/// waits for a consumer that was not scheduled).
+fn extra_consumer(mut r: BusReader, abort: Arc<AtomicBool>) -> Result<(u64, u64), BenchError> {
+    let mut wait = Park::default();
+    let (mut events, mut missed) = (0, 0);
+    loop {
+        if abort.load(Ordering::Relaxed) {
+            return Err(BenchError::Aborted);
+        }
+        match r.next(&mut wait, Deadline::after(ABORT_POLL)) {
+            Ok(f) if f.is_eof() => return Ok((events, missed)),
+            Ok(_) => events += 1,
+            Err(ReadError::Timeout) => {}
+            Err(ReadError::Overrun { missed: m }) => missed += m,
+            Err(e) => return Err(BenchError::Failed(e.to_string())),
+        }
+    }
+}
+
 pub(super) fn aegis_latency_histogram(
     samples: u64,
     spin: bool,
+    extra: usize,
 ) -> Result<Histogram<u64>, BenchError> {
     let skip = warmup(samples);
     let total = skip + samples;
     let LatencyRig {
         mut producer,
         mut consumer,
+        extra,
         sequencer: seq_handle,
         stop,
         cores,
-    } = latency_rig(spin)?;
+    } = latency_rig(spin, extra)?;
     let abort = Arc::new(AtomicBool::new(false));
     let guard = StopOnDrop(vec![stop.clone(), abort.clone()]);
+    let readers = extra
+        .into_iter()
+        .map(|r| {
+            let a = abort.clone();
+            std::thread::Builder::new()
+                .name("aegis-bench-fan".into())
+                .spawn(move || extra_consumer(r, a))
+                .map_err(setup_err("spawn"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let a = abort.clone();
     let worker = std::thread::Builder::new()
         .name("aegis-bench-pc".into())
@@ -263,9 +311,24 @@ pub(super) fn aegis_latency_histogram(
     let s = seq_handle
         .join()
         .map_err(|_| BenchError::Failed("sequencer panicked".into()))?;
+    if h.is_err() || s.is_err() {
+        abort.store(true, Ordering::Relaxed);
+    }
+    let read: Vec<Result<(u64, u64), BenchError>> = readers
+        .into_iter()
+        .map(|t| join(t, "fan-out consumer"))
+        .collect();
     drop(guard);
     let h = h?;
     let summary = s.map_err(|e| BenchError::Failed(format!("sequencer: {e}")))?;
+    for r in read {
+        let (n, missed) = r?;
+        if n + missed != total {
+            return Err(BenchError::Failed(format!(
+                "the second consumer read {n} events and missed {missed}, expected {total} in all"
+            )));
+        }
+    }
     if summary.merged != total {
         return Err(BenchError::Failed(format!(
             "sequencer merged {} events, expected {total}",

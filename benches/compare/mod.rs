@@ -74,9 +74,9 @@ use std::time::{Duration, Instant};
 use aegis_shm_client::event::{encode_into, Book, Decimal, Event, EventRef, Kline, Symbol, Trade};
 use aegis_shm_client::frame::{self, flags, monotonic_ns, FrameHeader, Kind, FRAME_HEADER_LEN};
 use aegis_shm_client::segment::HeapRegion;
-use aegis_shm_client::spmc::{self, BusReader, BusWriter, Policy};
+use aegis_shm_client::spmc::{self, BusReader, BusWriter, Policy, ReadError};
 use aegis_shm_client::spsc::{self, ClaimError, Producer, PushError, RingReader};
-use aegis_shm_client::wait::{Backoff, Deadline, SpinYield, WaitKind, WaitStrategy};
+use aegis_shm_client::wait::{Backoff, Deadline, Park, SpinYield, WaitKind, WaitStrategy};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
@@ -445,9 +445,10 @@ mod tests {
         sane_latency(&pingpong(2_000).unwrap(), 2_000);
         sane_latency(&aegis_latency(2_000, true).unwrap(), 2_000);
         sane_latency(&aegis_latency(100, false).unwrap(), 100);
-        let [pp, ae] = latency_interleaved(1_001, 4, true).unwrap();
+        let [pp, ae, fan] = latency_interleaved(1_001, 4, true).unwrap();
         sane_latency(&pp, 1_001);
         sane_latency(&ae, 1_001);
+        sane_latency(&fan, 1_001);
         sane_latency(&socket_json_latency(300).unwrap(), 300);
         sane_throughput(&inproc_merge_throughput(20_000).unwrap(), 20_000);
         sane_throughput(&aegis_throughput(20_000, 1 << 12, 1 << 13).unwrap(), 20_000);

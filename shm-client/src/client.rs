@@ -34,7 +34,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{self, Ack, ErrorCode, Register, Reply, Request, Role, SourceDecl};
+use crate::protocol::{
+    self, Ack, ErrorCode, GroupRole, Lease, Register, Reply, Request, Role, SourceDecl,
+};
 pub use crate::reconcile::{ReconcileStatus, SymbolHandler};
 use crate::reconcile::{Subs, Trigger};
 use crate::request::{Calls, Handler, RequestError, Served, Server};
@@ -72,6 +74,13 @@ pub enum ClientError {
     /// `aegis-shmctl session evict` evicted this component (a consumer's bus slot is gone).
     #[error("evicted: {0}")]
     Evicted(String),
+    /// This group member was fenced: a newer epoch holds the group's lease, and the daemon
+    /// refuses its frames and requests (`not_active`).
+    #[error("not active: {0}")]
+    NotActive(String),
+    /// The component registered into no group (a standby call on a plain component).
+    #[error("this component registered into no group")]
+    NoGroup,
     /// A segment could not be mapped.
     #[error("cannot map {path}: {source}")]
     Map {
@@ -106,6 +115,17 @@ struct Status {
     stopped: Option<String>,
     /// The message of the daemon's `ERROR evicted` (`stopped` is set too).
     evicted: Option<String>,
+    /// The group lease as last heard of (ACK, then PROMOTED or `not_active`).
+    lease: Option<Lease>,
+    /// The `resume_after` of the last PROMOTED.
+    promoted_resume_after: Option<u64>,
+    /// The reason of RELEASED (a standby with nothing left to take over).
+    released: Option<String>,
+    /// The message of the daemon's `ERROR not_active` (`stopped` is set too).
+    fenced: Option<String>,
+    /// The answer to the last DISCOVER: its data, or the refusal.
+    #[allow(clippy::type_complexity)]
+    discovered: Option<Result<serde_json::Value, (ErrorCode, String)>>,
     finished_ack: bool,
     closed: bool,
 }
@@ -129,6 +149,20 @@ pub struct Component {
     server: Arc<Server>,
     ack: Ack,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// How a standby's wait ended ([`Component::wait_promoted`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Standby {
+    /// It holds the lease now.
+    Promoted {
+        /// The new epoch.
+        epoch: u64,
+        /// A producer: the source seq of the last event merged; resume after it.
+        resume_after: Option<u64>,
+    },
+    /// The active member finished the group's source: nothing is left to take over.
+    Released(String),
 }
 
 /// Deadline for each socket read and write, and for the ACKs of REGISTER and FINISHED.
@@ -186,7 +220,10 @@ impl Component {
         };
         reader.get_ref().set_read_timeout(Some(READER_POLL))?;
         let shared = Arc::new(Shared {
-            status: Mutex::new(Status::default()),
+            status: Mutex::new(Status {
+                lease: ack.group.clone(),
+                ..Status::default()
+            }),
             changed: Condvar::new(),
             quit: AtomicBool::new(false),
         });
@@ -277,7 +314,12 @@ impl Component {
             source: e,
         };
         let region = Arc::new(ShmRegion::open(Path::new(&s.path)).map_err(map)?);
-        let p = Producer::open(region, Some(self.ack.epoch), 0).map_err(map)?;
+        let mut p = Producer::open(region, Some(self.ack.epoch), 0).map_err(map)?;
+        if let Some(last) = s.resume_after {
+            // A restart: number on from the last event the session merged (the caller skips
+            // the events up to it; anything resent is dropped as a duplicate anyway).
+            p.set_next_seq(last + 1);
+        }
         Ok((p, s.topic_id))
     }
 
@@ -349,6 +391,9 @@ impl Component {
             if let Some(r) = &st.evicted {
                 return Err(ClientError::Evicted(r.clone()));
             }
+            if let Some(r) = &st.fenced {
+                return Err(ClientError::NotActive(r.clone()));
+            }
             if let Some(r) = &st.stopped {
                 return Err(ClientError::Stopped(r.clone()));
             }
@@ -384,6 +429,60 @@ impl Component {
     /// consumer must stop reading: its bus slot was released.
     pub fn evicted(&self) -> Option<String> {
         self.status().evicted.clone()
+    }
+
+    /// The group lease as last heard of: the ACK's, then updated by PROMOTED and by
+    /// `not_active` (role `fenced`). `None` outside a group.
+    pub fn lease(&self) -> Option<Lease> {
+        self.status().lease.clone()
+    }
+
+    /// The daemon's message if this group member was fenced (`not_active`): a newer epoch
+    /// holds the lease; it must stop publishing and acting.
+    pub fn fenced(&self) -> Option<String> {
+        self.status().fenced.clone()
+    }
+
+    /// A standby waits until it is promoted (PROMOTED) or released (RELEASED: the active
+    /// member finished the source), at most `timeout`. Returns at once if it is active
+    /// already. Fails if the session stops, the member is fenced, or the daemon goes away.
+    pub fn wait_promoted(&self, timeout: Duration) -> Result<Standby, ClientError> {
+        if self.status().lease.is_none() {
+            return Err(ClientError::NoGroup);
+        }
+        self.wait_for(timeout, "PROMOTED", |s| {
+            if let Some(r) = &s.released {
+                return Some(Standby::Released(r.clone()));
+            }
+            let l = s.lease.as_ref()?;
+            (l.role == GroupRole::Active).then_some(Standby::Promoted {
+                epoch: l.epoch,
+                resume_after: s.promoted_resume_after,
+            })
+        })
+    }
+
+    /// Asks the daemon who is in `group` (or in the group of `component`, exactly one of
+    /// the two) and which member is active. Waits 5 s at most for the answer.
+    pub fn discover(
+        &self,
+        group: Option<&str>,
+        component: Option<&str>,
+    ) -> Result<protocol::Discovered, ClientError> {
+        self.status().discovered = None;
+        self.send(&Request::Discover {
+            session: None,
+            group: group.map(str::to_string),
+            component: component.map(str::to_string),
+        })?;
+        let v = self.wait_for(IO_TIMEOUT, "the answer to DISCOVER", |s| {
+            s.discovered.clone()
+        })?;
+        v.map_err(|(code, message)| ClientError::Refused { code, message })
+            .and_then(|v| {
+                serde_json::from_value(v)
+                    .map_err(|e| ClientError::Protocol(format!("bad DISCOVER answer: {e}")))
+            })
     }
 
     /// Whether the daemon's connection closed (the daemon is gone, or it dropped us).
@@ -580,12 +679,40 @@ fn reader_loop(
                 })
             }
             Reply::Stop { reason } => st.stopped = Some(reason),
+            Reply::Error { code, message }
+                if matches!(
+                    code,
+                    ErrorCode::NoGroup | ErrorCode::NoComponent | ErrorCode::BadRequest
+                ) =>
+            {
+                // The refusal of a DISCOVER: an answer, not a reason to stop.
+                st.discovered = Some(Err((code, message)));
+            }
             Reply::Error { code, message } => {
                 if code == ErrorCode::Evicted {
                     st.evicted = Some(message.clone());
                 }
+                if code == ErrorCode::NotActive {
+                    st.fenced = Some(message.clone());
+                    if let Some(l) = &mut st.lease {
+                        l.role = GroupRole::Fenced;
+                    }
+                }
                 st.stopped = Some(format!("{code}: {message}"));
             }
+            Reply::Promoted {
+                epoch,
+                resume_after,
+                ..
+            } => {
+                if let Some(l) = &mut st.lease {
+                    l.role = GroupRole::Active;
+                    l.epoch = epoch;
+                }
+                st.promoted_resume_after = resume_after;
+            }
+            Reply::Released { reason, .. } => st.released = Some(reason),
+            Reply::Ack { data: Some(d), .. } => st.discovered = Some(Ok(d)),
             Reply::Ack { .. } => st.finished_ack = true,
             Reply::Wait { .. }
             | Reply::Heartbeat

@@ -177,12 +177,16 @@ pub enum ErrorCode {
     UnknownTopic,
     /// A request's target is no live component of the session.
     NoTarget,
-    /// A request's target group has no active member (reserved for groups, SPEC 12).
+    /// From a group member that no longer holds the lease (fenced: a newer epoch is active),
+    /// for any frame or request it sends; it must stop (SPEC section 12). Also a request's
+    /// answer when its target group has no active member (SPEC 13).
     NotActive,
     /// The target's request handler failed.
     HandlerError,
     /// A component sent a request to itself.
     SelfRequest,
+    /// `DISCOVER` of a group the session does not know.
+    NoGroup,
 }
 
 named_enum!(ErrorCode, "error code", {
@@ -215,6 +219,7 @@ named_enum!(ErrorCode, "error code", {
     NotActive => "not_active",
     HandlerError => "handler_error",
     SelfRequest => "self_request",
+    NoGroup => "no_group",
 });
 
 /// Where a session is in its life: `created → running → draining → finished`, or `failed` /
@@ -403,6 +408,13 @@ pub struct Register {
     /// The component's pid (liveness); the daemon also reads it from SO_PEERCRED.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// A group to join (hot standby, SPEC section 12): one member holds the lease (active),
+    /// the others are standbys. Producers of a group publish the same one source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The group's failover policy (default `balanced`); every member must agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<Failover>,
 }
 
 /// Settings of a new session.
@@ -547,6 +559,21 @@ pub enum Request {
     /// A component's answer to a request it was sent.
     #[serde(rename = "REPLY")]
     Answer(crate::request::Answer),
+    /// Who is in a group, and who holds its lease (SPEC section 12). From a registered
+    /// component: in its own session (`session` may be left out). From the CLI: `session` is
+    /// needed. Exactly one of `group` and `component`.
+    #[serde(rename = "DISCOVER")]
+    Discover {
+        /// Session name (the CLI's connection has none).
+        #[serde(default)]
+        session: Option<String>,
+        /// A group's name.
+        #[serde(default)]
+        group: Option<String>,
+        /// A component's name.
+        #[serde(default)]
+        component: Option<String>,
+    },
 }
 
 /// A source in an ACK.
@@ -565,6 +592,12 @@ pub struct AckSource {
     /// declared): the producer writes its ring as usual.
     #[serde(default)]
     pub journal: bool,
+    /// Set when events of this source were merged already (a producer restarted under the
+    /// same source name, or a group member taking over): the source seq of the last one
+    /// accepted. The producer resumes after it; the sequencer drops anything at or below it
+    /// as a duplicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_after: Option<u64>,
 }
 
 /// The ACK of a REGISTER.
@@ -598,6 +631,9 @@ pub struct Ack {
     /// The session's reconciliation period, in seconds.
     #[serde(default = "default_reconcile_s")]
     pub reconcile_s: u64,
+    /// The lease of a component that registered into a group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Lease>,
 }
 
 fn default_reconcile_s() -> u64 {
@@ -658,6 +694,28 @@ pub enum Reply {
         code: ErrorCode,
         /// Human-readable message.
         message: String,
+    },
+    /// To a standby of a group: it now holds the lease (the active member died, closed its
+    /// connection, or missed its heartbeats for the policy's bound).
+    #[serde(rename = "PROMOTED")]
+    Promoted {
+        /// The group.
+        group: String,
+        /// The new epoch (incremented on every promotion).
+        epoch: u64,
+        /// A producer group: the source seq of the last event merged from the source; resume
+        /// after it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_after: Option<u64>,
+    },
+    /// To a standby of a producer group whose active member finished the source: nothing is
+    /// left to take over; it may exit (the daemon counts it finished).
+    #[serde(rename = "RELEASED")]
+    Released {
+        /// The group.
+        group: String,
+        /// Why.
+        reason: String,
     },
 }
 
@@ -732,6 +790,8 @@ pub enum Cmd {
     Request,
     /// [`Request::Answer`].
     Reply,
+    /// [`Request::Discover`].
+    Discover,
 }
 
 named_enum!(Cmd, "cmd", {
@@ -755,6 +815,7 @@ named_enum!(Cmd, "cmd", {
     SessionSubscriptions => "SESSION_SUBSCRIPTIONS",
     Request => "REQUEST",
     Reply => "REPLY",
+    Discover => "DISCOVER",
 });
 
 impl Request {
@@ -781,6 +842,7 @@ impl Request {
             Request::SessionSubscriptions { .. } => Cmd::SessionSubscriptions,
             Request::Call(_) => Cmd::Request,
             Request::Answer(_) => Cmd::Reply,
+            Request::Discover { .. } => Cmd::Discover,
         }
     }
 }
@@ -894,6 +956,9 @@ pub struct Inspect {
     pub topics: std::collections::BTreeMap<String, u32>,
     /// The sequencer's counters.
     pub sequencer: SequencerStats,
+    /// The groups (hot standby), by name.
+    #[serde(default)]
+    pub groups: Vec<GroupInfo>,
     /// The session's segments.
     pub segments: Segments,
     /// The recorder, if the session records (`--record`).
@@ -1016,6 +1081,132 @@ pub struct SequencerStats {
     pub bus_fill_bytes: u64,
     /// Merge rate since the start.
     pub events_per_s: Option<u64>,
+    /// Live: events dropped because their source seq was at or below the last one merged
+    /// from their source (resent after a failover or a restart). Never on the bus.
+    #[serde(default)]
+    pub duplicates: u64,
+    /// Live: source seqs skipped (a source's next merged event was not the last one + 1).
+    /// Zero when every failover and restart resumed exactly.
+    #[serde(default)]
+    pub seq_gaps: u64,
+}
+
+/// A group's failover policy: how long its active member may miss heartbeats before a
+/// standby is promoted. A closed connection or a gone pid promotes at once, whatever the
+/// policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Failover {
+    /// Promotion within 2 s: heartbeats missed for 1 s.
+    Aggressive,
+    /// Promotion within 2 to 5 s: heartbeats missed for 3 s.
+    #[default]
+    Balanced,
+    /// Promotion within 5 to 10 s: heartbeats missed for 7 s.
+    Conservative,
+}
+
+named_enum!(Failover, "failover policy", {
+    Aggressive => "aggressive",
+    Balanced => "balanced",
+    Conservative => "conservative",
+});
+
+impl Failover {
+    /// How long the active member may stay silent (no heartbeat, no message) before it is
+    /// fenced and a standby promoted. Client heartbeats go every
+    /// [`HEARTBEAT_INTERVAL_MS`]: the bound is 4, 12 and 28 of them.
+    pub fn bound(self) -> std::time::Duration {
+        std::time::Duration::from_millis(match self {
+            Failover::Aggressive => 1_000,
+            Failover::Balanced => 3_000,
+            Failover::Conservative => 7_000,
+        })
+    }
+}
+
+/// A group member's standing.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupRole {
+    /// Holds the lease: its frames are merged, its requests served.
+    Active,
+    /// Waits to be promoted (a standby consumer may read the bus).
+    Standby,
+    /// Lost the lease to a newer epoch: its frames and requests are refused (`not_active`).
+    Fenced,
+    /// Left: finished, died or released.
+    Gone,
+}
+
+named_enum!(GroupRole, "group role", {
+    Active => "active",
+    Standby => "standby",
+    Fenced => "fenced",
+    Gone => "gone",
+});
+
+/// What the ACK of a REGISTER into a group says.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The group.
+    pub group: String,
+    /// `active` or `standby`.
+    pub role: GroupRole,
+    /// The group's epoch now (the active member's).
+    pub epoch: u64,
+    /// The group's policy.
+    pub failover: Failover,
+}
+
+/// A member of a group, in [`GroupInfo`] and [`Discovered`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GroupMember {
+    /// Component name.
+    pub name: String,
+    /// Its pid.
+    pub pid: u32,
+    /// Its standing.
+    pub role: GroupRole,
+    /// Its component state.
+    pub state: ComponentState,
+}
+
+/// A group in [`Inspect`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Name.
+    pub name: String,
+    /// Policy.
+    pub failover: Failover,
+    /// The source its producers publish (a producer group).
+    pub source: Option<String>,
+    /// Every member that registered, in registration order.
+    pub members: Vec<GroupMember>,
+    /// The active member's name.
+    pub active: Option<String>,
+    /// Incremented on every promotion (1 for the first lease).
+    pub epoch: u64,
+    /// Promotions after the first lease.
+    pub failovers: u64,
+    /// When the last failover happened (ms since the Unix epoch).
+    pub last_failover_unix_ms: Option<u64>,
+}
+
+/// The answer to `DISCOVER`: the live members of a group (or of the group of a component,
+/// or the component alone if it is in none) and the active one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Discovered {
+    /// The session.
+    pub session: String,
+    /// The group, if any.
+    pub group: Option<String>,
+    /// The live members (not gone, not fenced).
+    pub members: Vec<GroupMember>,
+    /// The active member's name.
+    pub active: Option<String>,
+    /// The group's epoch (0 outside a group).
+    pub epoch: u64,
 }
 
 /// The segments of a session in [`Inspect`].
@@ -1198,6 +1389,23 @@ mod tests {
         for s in SourceStatus::ALL {
             assert_eq!(serde_json::to_value(s).unwrap(), s.name());
         }
+        for f in Failover::ALL {
+            assert_eq!(serde_json::to_value(f).unwrap(), f.name());
+        }
+        for g in GroupRole::ALL {
+            assert_eq!(serde_json::to_value(g).unwrap(), g.name());
+        }
+    }
+
+    #[test]
+    fn failover_bounds_are_within_their_policies() {
+        use std::time::Duration;
+        assert!(Failover::Aggressive.bound() < Duration::from_secs(2));
+        assert!(
+            (Duration::from_secs(2)..=Duration::from_secs(5)).contains(&Failover::Balanced.bound())
+        );
+        assert!((Duration::from_secs(5)..=Duration::from_secs(10))
+            .contains(&Failover::Conservative.bound()));
     }
 
     /// Every [`Cmd`] is the tag of a [`Request`], under its serde name (the other direction is

@@ -181,7 +181,7 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     eprintln!("aegis bench: latency ({} samples)...", a.samples);
     // Interleaved rounds: the hypervisor moves virtual cores around, so the two rows are
     // only comparable when measured under the same placements.
-    let [pingpong, aegis] =
+    let [pingpong, aegis, fanout] =
         compare::latency_interleaved(a.samples, 20, true).map_err(|e| CliError(e.to_string()))?;
     let socket = e(compare::socket_json_latency(a.samples))?;
     let live = if a.live_events > 0 {
@@ -202,11 +202,13 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     drop(tmp);
     let inproc = t(compare::inproc_merge_throughput(a.events))?;
     let sock_thr = t(compare::socket_json_throughput(a.events.min(2_000_000)))?;
-    let latency = vec![aegis, pingpong, socket];
+    let latency = vec![aegis, pingpong, socket, fanout];
     let throughput = vec![real, inproc, sock_thr, threads];
     let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
     let ratios = json!({
         "aegis_p50_over_pingpong_p50": ratio(latency[0].p50_ns as f64, latency[1].p50_ns as f64),
+        "aegis_p50_over_round_trip_p50": ratio(latency[0].p50_ns as f64, 2.0 * latency[1].p50_ns as f64),
+        "fanout_2_over_1_consumer_p50": ratio(latency[3].p50_ns as f64, latency[0].p50_ns as f64),
         "socket_json_p50_over_aegis_p50": ratio(latency[2].p50_ns as f64, latency[0].p50_ns as f64),
         "aegis_over_inproc_throughput": ratio(throughput[0].events_per_s, throughput[1].events_per_s),
         "aegis_over_socket_json_throughput": ratio(throughput[0].events_per_s, throughput[2].events_per_s),
@@ -321,6 +323,16 @@ fn print_tables(
         "aegis p50 / ping-pong p50".to_string(),
         format!("{:.2}x", f("aegis_p50_over_pingpong_p50")),
         "<= 2".to_string(),
+    ]);
+    t.row([
+        "aegis p50 / ping-pong round trip (2 hops)".to_string(),
+        format!("{:.2}x", f("aegis_p50_over_round_trip_p50")),
+        "<= 2 (issue 10)".to_string(),
+    ]);
+    t.row([
+        "aegis p50, 2 consumers / 1 consumer".to_string(),
+        format!("{:.2}x", f("fanout_2_over_1_consumer_p50")),
+        "<= 1.3".to_string(),
     ]);
     t.row([
         "aegis p99.9".to_string(),

@@ -253,6 +253,46 @@ pub fn print_inspect(v: &Inspect) {
         }
         t.print(2);
     }
+    if q.duplicates > 0 || q.seq_gaps > 0 || !v.groups.is_empty() {
+        println!(
+            "resume: {} resent duplicates dropped, {} source seqs skipped",
+            q.duplicates, q.seq_gaps
+        );
+    }
+    print_groups(v);
+}
+
+/// The groups of `inspect` (hot standby), one row per member.
+fn print_groups(v: &Inspect) {
+    if v.groups.is_empty() {
+        return;
+    }
+    println!("groups:");
+    let mut t = TextTable::new(&[
+        ("GROUP", Left),
+        ("POLICY", Left),
+        ("EPOCH", Right),
+        ("FAILOVERS", Right),
+        ("LAST_FAILOVER_MS", Right),
+        ("MEMBER", Left),
+        ("PID", Right),
+        ("ROLE", Left),
+    ]);
+    for g in &v.groups {
+        for m in &g.members {
+            t.row([
+                g.name.clone(),
+                g.failover.to_string(),
+                g.epoch.to_string(),
+                g.failovers.to_string(),
+                opt(g.last_failover_unix_ms),
+                m.name.clone(),
+                m.pid.to_string(),
+                m.role.to_string(),
+            ]);
+        }
+    }
+    t.print(2);
 }
 
 /// Kills a child we started, by pid, and reaps it. The child is `sh -c CMD`, and a shell may

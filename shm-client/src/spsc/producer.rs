@@ -101,7 +101,13 @@ impl Claim<'_> {
         // (`len <= max_len`, asserted), which is unpublished and only this producer's.
         unsafe { claim::seal(self.ptr, &header) };
         p.tail += frame::stride(header.len as usize) as u64;
-        p.next_seq += 1;
+        // Control frames (heartbeats, EOF) carry the next event's seq without taking it: a
+        // source's events are numbered 0, 1, 2, ... whatever its heartbeats, so two members of
+        // a group replaying one input number every event alike (SPEC section 12: dedup by
+        // source seq across a failover).
+        if header.kind != crate::frame::Kind::Control as u8 {
+            p.next_seq += 1;
+        }
         p.pending += 1;
         if p.pending >= p.batch {
             p.flush();
@@ -174,9 +180,16 @@ impl Producer {
         self.m.ring.cap() as usize
     }
 
-    /// The sequence number the next frame will get.
+    /// The sequence number the next event frame will get (control frames take none).
     pub fn next_seq(&self) -> Seq {
         self.next_seq
+    }
+
+    /// Numbers the next event `seq` and the following ones on from it: a producer that
+    /// resumes a source after a failover or a restart (`resume_after + 1`), so that its
+    /// events keep the seqs the session knows them by.
+    pub fn set_next_seq(&mut self, seq: Seq) {
+        self.next_seq = seq;
     }
 
     /// Publishes every committed frame with one Release store.

@@ -122,6 +122,38 @@ fn print_text(s: &Snapshot) {
             fmt::rate(q.consumer_stalls_per_s),
             q.consumer_stall_ms
         );
+        if q.duplicates > 0 || q.seq_gaps > 0 {
+            println!(
+                "  duplicates dropped {} · source seqs skipped {}",
+                q.duplicates, q.seq_gaps
+            );
+        }
+        if let Some(r) = &d.recording {
+            let i = &r.info;
+            println!(
+                "  recorder: {} · {} frames ({}/s) · {} · up to bus seq {} · gaps {} ({} missed) · {}{}",
+                i.state.map_or("not started", |s| s.name()),
+                i.frames,
+                fmt::rate(r.frames_per_s),
+                fmt::bytes(Some(i.bytes)),
+                i.next_seq,
+                i.gaps,
+                i.missed,
+                i.dir.display(),
+                i.reason.as_ref().map(|x| format!(": {x}")).unwrap_or_default()
+            );
+        }
+        for g in &d.groups {
+            println!(
+                "  group {} ({}): active {} · epoch {} · {} members · failovers {}",
+                g.name,
+                g.failover,
+                g.active.as_deref().unwrap_or("none"),
+                g.epoch,
+                g.members.len(),
+                g.failovers
+            );
+        }
         let mut t = TextTable::new(&[
             ("SOURCE", Left),
             ("STATE", Left),

@@ -140,6 +140,20 @@ pub struct SessionDetail {
     pub consumers: Vec<ConsumerRow>,
     /// The sequencer.
     pub sequencer: SequencerRow,
+    /// The recorder (`--record`), with its recorded rate.
+    pub recording: Option<RecordingRow>,
+    /// Hot-standby groups.
+    pub groups: Vec<aegis_shm_client::protocol::GroupInfo>,
+}
+
+/// The recorder.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct RecordingRow {
+    /// What the daemon reports.
+    #[serde(flatten)]
+    pub info: aegis_shm_client::protocol::RecordingInfo,
+    /// Frames recorded per second over the interval.
+    pub frames_per_s: Option<f64>,
 }
 
 /// A source.
@@ -213,6 +227,10 @@ pub struct SequencerRow {
     pub consumer_stall_ms: u64,
     /// Bytes on the bus not yet read by the slowest consumer.
     pub bus_fill_bytes: u64,
+    /// Resent events dropped as duplicates (a restarted or promoted producer).
+    pub duplicates: u64,
+    /// Source seqs skipped.
+    pub seq_gaps: u64,
 }
 
 /// `(now - before) / secs`, or `None` without a previous value, without time between them,
@@ -328,7 +346,18 @@ fn detail(prev: Option<&Inspect>, v: &Inspect, secs: Option<f64>) -> SessionDeta
             ),
             consumer_stall_ms: q.consumer_stall_ms,
             bus_fill_bytes: q.bus_fill_bytes,
+            duplicates: q.duplicates,
+            seq_gaps: q.seq_gaps,
         },
+        recording: v.recording.as_ref().map(|r| RecordingRow {
+            info: r.clone(),
+            frames_per_s: rate(
+                prev.and_then(|p| p.recording.as_ref()).map(|p| p.frames),
+                Some(r.frames),
+                secs,
+            ),
+        }),
+        groups: v.groups.clone(),
     }
 }
 

@@ -235,6 +235,48 @@ fn draw_detail(frame: &mut Frame, area: Rect, d: &SessionDetail) {
             q.consumer_stall_ms
         )),
     ];
+    if q.duplicates > 0 || q.seq_gaps > 0 {
+        sequencer.push(Line::from(format!(
+            "           duplicates dropped {} · source seqs skipped {}",
+            q.duplicates, q.seq_gaps
+        )));
+    }
+    if let Some(r) = &d.recording {
+        let i = &r.info;
+        sequencer.push(Line::from(vec![
+            Span::from("recorder   ").bold(),
+            Span::from(format!(
+                "{} · {} frames ({}/s) · {} · up to bus seq {} · segment {} · gaps {} ({} missed) · {}",
+                i.state.map_or("not started", |s| s.name()),
+                i.frames,
+                fmt::rate(r.frames_per_s),
+                fmt::bytes(Some(i.bytes)),
+                i.next_seq,
+                i.segment,
+                i.gaps,
+                i.missed,
+                i.dir.display()
+            )),
+        ]));
+        if let Some(why) = &i.reason {
+            sequencer
+                .push(Line::from(format!("           {why}")).style(Style::new().fg(Color::Red)));
+        }
+    }
+    for g in &d.groups {
+        sequencer.push(Line::from(vec![
+            Span::from("group      ").bold(),
+            Span::from(format!(
+                "{} ({}) · active {} · epoch {} · {} members · failovers {}",
+                g.name,
+                g.failover,
+                g.active.as_deref().unwrap_or("none"),
+                g.epoch,
+                g.members.len(),
+                g.failovers
+            )),
+        ]));
+    }
     if let Some(r) = &d.reason {
         sequencer.push(Line::from(format!("reason: {r}")).style(Style::new().fg(Color::Red)));
     }

@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aegis_shm_client::client::Component;
+use aegis_shm_client::client::{Component, Standby};
 use aegis_shm_client::event::{AnyEvent, Event};
-use aegis_shm_client::protocol::{Register, Role, SourceDecl};
+use aegis_shm_client::protocol::{Failover, GroupRole, Register, Role, SourceDecl};
 use aegis_shm_client::spsc::{ClaimError, Producer, PushError};
 use aegis_shm_client::stats::{SourceState, StatsView};
 use aegis_shm_client::wait::{Backoff, Deadline};
@@ -98,6 +98,17 @@ struct Args {
     /// (a journal handed to the daemon cannot be filtered).
     #[arg(long, value_name = "S,...", value_parser = check_symbol_list)]
     symbols: Option<String>,
+    /// Join this group (hot standby): one member replays, the others stand by and take
+    /// over where it stopped if it dies. One FILE (the group's one source); live sessions.
+    #[arg(long)]
+    group: Option<String>,
+    /// The group's failover policy: aggressive (< 2 s), balanced (2-5 s) or conservative
+    /// (5-10 s) after the active member stops answering. Default: balanced.
+    #[arg(long, requires = "group")]
+    failover: Option<Failover>,
+    /// How long a standby waits to be promoted, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    standby_timeout: u64,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -159,6 +170,9 @@ fn main() {
         convert(&args, out);
         return;
     }
+    if args.group.is_some() && args.files.len() != 1 {
+        fail("--group: a producer group publishes one source: give one FILE");
+    }
     // Every input is opened and checked here, before the session hears of this process.
     let inputs: Vec<Input> = args.files.iter().map(|p| open_input(&args, p)).collect();
     let sources = inputs
@@ -191,6 +205,8 @@ fn main() {
                 .as_deref()
                 .map(|s| symbol_list(s).unwrap_or_else(|e| fail(e)))
                 .unwrap_or_default(),
+            group: args.group.clone(),
+            failover: args.failover,
             ..Register::default()
         },
     )
@@ -205,13 +221,61 @@ fn main() {
     let (handed, inputs): (Vec<Input>, Vec<Input>) = inputs
         .into_iter()
         .partition(|i| comp.is_journal_backed(&i.name));
-    let producers: Vec<(Producer, u32)> = inputs
+    let mut producers: Vec<(Producer, u32)> = inputs
         .iter()
         .map(|i| comp.producer(&i.name).unwrap_or_else(|e| fail(e)))
+        .collect();
+    // Events already merged from a source (a restart, a promotion) are skipped, never sent
+    // twice: the first `skip` events of each input.
+    let mut skips: Vec<u64> = inputs
+        .iter()
+        .map(|i| {
+            comp.ack()
+                .sources
+                .iter()
+                .find(|s| s.name == i.name)
+                .and_then(|s| s.resume_after)
+                .map_or(0, |l| l + 1)
+        })
         .collect();
     let stats = (!handed.is_empty()).then(|| comp.stats().unwrap_or_else(|e| fail(e)));
     comp.ready(Duration::from_secs(args.start_timeout))
         .unwrap_or_else(|e| fail(e));
+    if let Some(lease) = comp.lease() {
+        let g = &lease.group;
+        if lease.role == GroupRole::Standby {
+            eprintln!(
+                "aegis-replay: standby in group {g} (epoch {}, {}): waiting to be promoted",
+                lease.epoch, lease.failover
+            );
+            match comp.wait_promoted(Duration::from_secs(args.standby_timeout)) {
+                Ok(Standby::Promoted {
+                    epoch,
+                    resume_after,
+                }) => {
+                    let next = resume_after.map_or(0, |l| l + 1);
+                    eprintln!(
+                        "aegis-replay: promoted to active in group {g} (epoch {epoch}): resuming at source seq {next}"
+                    );
+                    producers[0].0.set_next_seq(next);
+                    skips[0] = next;
+                }
+                Ok(Standby::Released(why)) => {
+                    eprintln!("aegis-replay: released from group {g}: {why}");
+                    if args.json {
+                        println!("{{\"events\":0,\"skipped\":0,\"released\":true}}");
+                    }
+                    return;
+                }
+                Err(e) => fail(e),
+            }
+        } else {
+            eprintln!(
+                "aegis-replay: active in group {g} (epoch {}, {})",
+                lease.epoch, lease.failover
+            );
+        }
+    }
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(Counts::default());
@@ -230,15 +294,23 @@ fn main() {
     });
     let comp = Arc::new(comp);
     let mut handles = Vec::new();
-    for (input, (producer, topic)) in inputs.into_iter().zip(producers) {
+    let grouped = args.group.is_some();
+    let skipped: u64 = skips.iter().sum();
+    for ((input, (producer, topic)), skip) in inputs.into_iter().zip(producers).zip(skips) {
         let (stop, done, comp) = (stop.clone(), done.clone(), comp.clone());
         let (speed, sort) = (args.speed, args.sort);
         let gate = filter.as_ref().map(|f| f.gate(&input.info.symbol));
         let stall = Duration::from_secs(args.stall_timeout);
         handles.push(std::thread::spawn(move || {
-            let r = replay(
-                input, producer, topic, speed, sort, stall, &stop, &done, &comp, gate,
-            );
+            let how = How {
+                speed,
+                sort,
+                stall,
+                skip,
+                grouped,
+                gate,
+            };
+            let r = replay(input, producer, topic, how, &stop, &done, &comp);
             if r.is_err() {
                 // Tell the others (and `follow`) at once, not after a stall timeout.
                 stop.store(true, Ordering::Relaxed);
@@ -282,14 +354,19 @@ fn main() {
     let n: u64 = counts.iter().sum();
     if args.json {
         println!(
-            "{{\"events\":{n},\"seconds\":{secs:.6},\"events_per_s\":{:.0}}}",
+            "{{\"events\":{n},\"skipped\":{skipped},\"seconds\":{secs:.6},\"events_per_s\":{:.0}}}",
             n as f64 / secs
         );
     } else {
         eprintln!(
-            "aegis-replay: {n} events from {} sources in {secs:.3} s ({:.0} events/s)",
+            "aegis-replay: {n} events from {} sources in {secs:.3} s ({:.0} events/s){}",
             counts.len(),
-            n as f64 / secs
+            n as f64 / secs,
+            if skipped > 0 {
+                format!("; {skipped} skipped (merged before this process took over)")
+            } else {
+                String::new()
+            }
         );
     }
     comp.finished().unwrap_or_else(|e| fail(e));
@@ -544,19 +621,36 @@ impl Pacer {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How one input is replayed.
+struct How {
+    speed: Option<f64>,
+    sort: bool,
+    stall: Duration,
+    /// Events at the start already merged by the session (a restart, a promotion).
+    skip: u64,
+    /// A group member: stops as soon as it is fenced.
+    grouped: bool,
+    /// The live symbol filter (`--symbols`), if any.
+    gate: Option<Gate>,
+}
+
 fn replay(
     mut input: Input,
     mut p: Producer,
     topic: u32,
-    speed: Option<f64>,
-    sort: bool,
-    stall: Duration,
+    how: How,
     stop: &AtomicBool,
     counts: &Counts,
     comp: &Component,
-    gate: Option<Gate>,
 ) -> Result<u64, String> {
+    let How {
+        speed,
+        sort,
+        stall,
+        skip,
+        grouped,
+        gate,
+    } = how;
     p.set_batch(if speed.is_some() { 1 } else { 64 });
     let mut out = Out {
         p,
@@ -572,12 +666,19 @@ fn replay(
         published: 0,
         bytes: 0,
         end_bytes: input.size,
+        skip,
+        grouped,
     };
     let src = input.path.display().to_string();
     if input.journal {
         let mut order = OrderCheck::default();
         let mut r = JournalReader::open(&input.path).map_err(|e| e.to_string())?;
+        let mut seen = 0u64;
         r.for_each(|f| -> Result<(), ReplayError> {
+            seen += 1;
+            if seen <= out.skip {
+                return Ok(());
+            }
             order.next(f.header.ts).map_err(|prev| {
                 ReplayError(
                     JournalError::FrameOrder {
@@ -650,6 +751,10 @@ struct Out<'a> {
     bytes: u64,
     /// Bytes of input at the end.
     end_bytes: u64,
+    /// Events at the start to skip (merged already).
+    skip: u64,
+    /// A group member: looks at its lease after every event.
+    grouped: bool,
 }
 
 impl Out<'_> {
@@ -665,6 +770,11 @@ impl Out<'_> {
     #[inline]
     fn pushed(&mut self, bytes: impl FnOnce() -> u64) -> Result<(), String> {
         self.n += 1;
+        if self.grouped {
+            if let Some(why) = self.comp.fenced() {
+                return Err(format!("fenced, stopping at once: {why}"));
+            }
+        }
         if self.n.is_multiple_of(4096) {
             self.publish(bytes());
             if self.stop.load(Ordering::Relaxed) {
@@ -693,8 +803,15 @@ impl Out<'_> {
     fn csv<R: BufRead>(&mut self, mut reader: CsvEvents<R>, label: &Path) -> Result<(), String> {
         let src = label.display();
         let mut order = OrderCheck::default();
+        let mut seen = 0u64;
         while let Some(item) = reader.next() {
             let (ts, ev) = item.map_err(|e| format!("{src}: {e}"))?;
+            seen += 1;
+            if seen <= self.skip {
+                // Merged already; still parsed, so the file is checked as far as it goes.
+                order.next(ts).ok();
+                continue;
+            }
             order.next(ts).map_err(|prev| {
                 JournalError::Order {
                     path: label.to_path_buf(),

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aegis_shm_client::client::{Component, Started};
+use aegis_shm_client::client::{ClientError, Component, Started};
 use aegis_shm_client::frame::{flags, monotonic_ns};
-use aegis_shm_client::protocol::{Register, Role};
+use aegis_shm_client::protocol::{Failover, GroupRole, Register, Role};
 use aegis_shm_client::spmc::{BusReader, ReadError};
 use aegis_shm_client::wait::{self, Deadline, WaitKind, WaitStrategy};
 use aegis_tools::digest::{Counts, StreamDigest};
@@ -62,6 +62,15 @@ struct Args {
     /// Give up when nothing arrives for this long, in seconds.
     #[arg(long, default_value_t = 120)]
     idle_timeout: u64,
+    /// Join this consumer group (hot standby): one member is active, the others standbys
+    /// that read the bus too and are promoted if it dies. Every member writes its output;
+    /// the summary says which role it ended in.
+    #[arg(long)]
+    group: Option<String>,
+    /// The group's failover policy: aggressive (< 2 s), balanced (2-5 s) or conservative
+    /// (5-10 s). Default: balanced.
+    #[arg(long, requires = "group")]
+    failover: Option<Failover>,
 }
 
 /// Checks a `--topics` list (clap keeps the text; [`topic_list`] splits it).
@@ -103,6 +112,7 @@ impl Idle {
         let since = *self.since.get_or_insert(now);
         if self.checked.is_none_or(|c| now.duration_since(c) >= POLL) {
             self.checked = Some(now);
+            note_lease(comp);
             if let Some(r) = comp.stop_requested() {
                 fail(format!("the daemon stopped the session: {r}"));
             }
@@ -113,6 +123,23 @@ impl Idle {
         // A parking strategy sleeps until the bus moves, at most until the next check.
         let next_check = self.checked.unwrap_or(now) + POLL;
         bus.idle(w, Deadline::at(next_check));
+    }
+}
+
+/// Reports a change of the group lease on stderr (promoted, fenced), once.
+fn note_lease(comp: &Component) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEEN_EPOCH: AtomicU64 = AtomicU64::new(0);
+    let Some(l) = comp.lease() else { return };
+    if let Some(why) = comp.fenced() {
+        fail(format!("fenced out of group {}: {why}", l.group));
+    }
+    let before = SEEN_EPOCH.swap(l.epoch, Ordering::Relaxed);
+    if before != 0 && before != l.epoch && l.role == GroupRole::Active {
+        eprintln!(
+            "aegis-tap: promoted to active in group {} (epoch {})",
+            l.group, l.epoch
+        );
     }
 }
 
@@ -142,7 +169,14 @@ fn main() {
     totals
         .counts
         .name_topics(|id| names.get(&id).cloned().unwrap_or_else(|| "?".to_string()));
+    note_lease(&tap.comp);
     totals.report(&args, &tap.name, start.elapsed().as_secs_f64(), &mut out);
+    if let (Some(l), true) = (tap.comp.lease(), args.json) {
+        eprintln!(
+            "{{\"group\":{:?},\"role\":\"{}\",\"epoch\":{}}}",
+            l.group, l.role, l.epoch
+        );
+    }
     if aborted {
         let _ = tap
             .comp
@@ -210,6 +244,8 @@ impl Tap {
                     .map(|t| topic_list(t).unwrap_or_else(|e| fail(e)))
                     .unwrap_or_default(),
                 pid: Some(std::process::id()),
+                group: args.group.clone(),
+                failover: args.failover,
                 ..Register::default()
             },
         )
@@ -225,6 +261,13 @@ impl Tap {
         let started = comp
             .ready(Duration::from_secs(args.start_timeout))
             .unwrap_or_else(|e| fail(e));
+        if let Some(l) = comp.lease() {
+            eprintln!(
+                "aegis-tap: {} in group {} (epoch {}, {})",
+                l.role, l.group, l.epoch, l.failover
+            );
+            note_lease(&comp);
+        }
         let topic_names: HashMap<u32, String> = started
             .topics
             .iter()
@@ -273,7 +316,18 @@ impl Tap {
                     eprintln!("aegis-tap: overrun: {m} events missed (resumed at the head)");
                     continue;
                 }
-                Err(e) => fail(e),
+                Err(e) => {
+                    // A fenced member's slot is released: say why, not only that it was (the
+                    // bus may tell before the daemon's `not_active` arrives: ask it).
+                    if self.comp.lease().is_some() {
+                        if let Err(ClientError::NotActive(why)) =
+                            self.comp.discover(None, Some(&self.name))
+                        {
+                            fail(format!("fenced: {why}"));
+                        }
+                    }
+                    fail(e)
+                }
             };
             if idle.since.take().is_some() {
                 w.reset();
