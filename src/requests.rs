@@ -322,22 +322,36 @@ impl Router {
     }
 }
 
-/// The connection and outbox of the live component named `target`.
-///
-/// Issue 12 (groups and failover) hooks in here: when `target` names a group, resolve it to
-/// the group's active member, and answer `not_active` while the group has none.
+/// The connection and outbox of the live component named `target`, or, when `target` names
+/// a group (SPEC 12), of the group's active member: `not_active` while it has none (the lease
+/// is between members, or the active member is gone).
 fn resolve(s: &Session, target: &str) -> Result<(u64, Outbox), (ErrorCode, String)> {
-    s.components
+    let live = |c: &&crate::session::Component| c.connected && !c.state.gone();
+    if let Some(c) = s
+        .components
         .iter()
         .rev()
-        .find(|c| c.name == target && c.connected && !c.state.gone())
-        .map(|c| (c.conn, c.outbox.clone()))
-        .ok_or_else(|| {
-            (
-                ErrorCode::NoTarget,
-                format!("no live component {target} in session {}", s.name),
-            )
-        })
+        .find(|c| c.name == target && live(c))
+    {
+        return Ok((c.conn, c.outbox.clone()));
+    }
+    if let Some(g) = s.groups.get(target) {
+        return g
+            .active
+            .and_then(|conn| s.component_by_conn(conn))
+            .filter(|c| live(c) && !c.fenced)
+            .map(|c| (c.conn, c.outbox.clone()))
+            .ok_or_else(|| {
+                (
+                    ErrorCode::NotActive,
+                    format!("group {target} has no active member (epoch {})", g.epoch),
+                )
+            });
+    }
+    Err((
+        ErrorCode::NoTarget,
+        format!("no live component or group {target} in session {}", s.name),
+    ))
 }
 
 #[cfg(test)]

@@ -562,3 +562,48 @@ fn a_blocked_handler_never_delays_the_bus() {
     assert_eq!(reply, json!({"released": true}));
     c.finished().expect("FINISHED");
 }
+
+/// A request to a group (SPEC 12) goes to its active member; after a failover, to the new
+/// one; with no active member left, it is `not_active`.
+#[test]
+fn a_request_to_a_group_reaches_its_active_member() {
+    let _s = serial();
+    let (_h, _b, socket, token) = setup("req-group");
+    let member = |name: &str| {
+        let c = Component::connect(
+            Some(&socket),
+            Register {
+                component_name: name.into(),
+                session_token: token.clone(),
+                role: Some(Role::Consumer),
+                group: Some("risk".into()),
+                pid: Some(std::process::id()),
+                ..Register::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+        let me = name.to_string();
+        c.serve("who", move |_| Ok(json!(me)));
+        c
+    };
+    let a = member("risk-a");
+    let b = member("risk-b");
+    let caller = component(&socket, &token, "strategy");
+    let who = || caller.request("risk", "who", Value::Null, ANSWER);
+    assert_eq!(who(), Ok(json!("risk-a")));
+    drop(a);
+    wait_for("the failover to risk-b", || {
+        (who() == Ok(json!("risk-b"))).then_some(())
+    });
+    drop(b);
+    let r = wait_for("the group to have no active member", || match who() {
+        Err(RequestError::NotActive(m)) => Some(m),
+        _ => None,
+    });
+    assert!(r.contains("risk"), "{r}");
+    // A name that is neither a component nor a group is still no_target.
+    assert!(matches!(
+        caller.request("nothing", "who", Value::Null, ANSWER),
+        Err(RequestError::NoTarget(_))
+    ));
+}

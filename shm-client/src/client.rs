@@ -490,11 +490,11 @@ impl Component {
         self.status().closed
     }
 
-    /// Sends a request of type `request_type` to the component named `target` and waits for
-    /// its answer, at most `timeout` (1 ms to 600 s). `payload` is any JSON value.
+    /// Sends a request of type `request_type` to the component named `target` (or, if
+    /// `target` names a group, to its active member) and waits for its answer, at most `timeout` (1 ms to 600 s). `payload` is any JSON value.
     ///
-    /// Returns the target's answer, or a [`RequestError`]: `NoTarget` (no live component of
-    /// that name), `SelfRequest`, `HandlerError` (the target's handler failed, panicked or does
+    /// Returns the target's answer, or a [`RequestError`]: `NoTarget` (no live component or
+    /// group of that name), `NotActive` (a group with no active member), `SelfRequest`, `HandlerError` (the target's handler failed, panicked or does
     /// not exist), `Busy` (the target's queue is full), `Timeout` at the deadline (the target
     /// is slow, paused or stuck; the daemon forgets the request), `Disconnected`. It never
     /// waits much past the deadline (see [`crate::request::REPLY_GRACE`]). Any thread may

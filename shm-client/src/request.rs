@@ -2,8 +2,9 @@
 //! carried over the control socket.
 //!
 //! The model: the caller sends `REQUEST` {`id`, `target`, `type`, `payload`, `timeout_ms`} to
-//! the daemon; the daemon checks the target, gives the request its own id and deadline, queues
-//! it on the target's connection, and sends the target's `REPLY` back to the caller. At the
+//! the daemon; the daemon finds the target (a component, or a group's active member), gives
+//! the request its own id and deadline, queues it on the target's connection, and sends the
+//! target's `REPLY` back to the caller. At the
 //! deadline the daemon answers `timeout` itself and forgets the request (a late `REPLY` is
 //! dropped). The caller therefore always gets exactly one of: the reply, an error
 //! (`no_target`, `not_active`, `handler_error`, `self_request`, `busy`), or `timeout`; the
@@ -133,7 +134,7 @@ pub enum RequestError {
     /// No live component of that name in the session.
     #[error("no_target: {0}")]
     NoTarget(String),
-    /// The target is a group with no active member (reserved for groups, SPEC 12).
+    /// The target is a group (SPEC 12) with no active member.
     #[error("not_active: {0}")]
     NotActive(String),
     /// The target's handler failed (returned an error, panicked, or there is no handler for
