@@ -607,3 +607,35 @@ fn a_request_to_a_group_reaches_its_active_member() {
         Err(RequestError::NoTarget(_))
     ));
 }
+
+/// A payload too large for one control line is refused by the caller's library, and an
+/// answer too large becomes `handler_error`: neither reaches the daemon as an over-long line
+/// (which the daemon would answer with an ERROR that stops the component).
+#[test]
+fn oversized_payloads_and_answers_are_refused_not_sent() {
+    let _s = serial();
+    let (_h, _b, socket, token) = setup("req-big");
+    let target = component(&socket, &token, "target");
+    target.serve("big", |_| Ok(json!("x".repeat(70_000))));
+    echo(&target);
+    let caller = component(&socket, &token, "caller");
+    match caller.request("target", "echo", json!("y".repeat(70_000)), ANSWER) {
+        Err(RequestError::Refused { code, message }) => {
+            assert_eq!(code.name(), "bad_request");
+            assert!(message.contains("limit"), "{message}");
+        }
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+    match caller.request("target", "big", Value::Null, ANSWER) {
+        Err(RequestError::HandlerError(m)) => assert!(m.contains("limit"), "{m}"),
+        other => panic!("expected handler_error, got {other:?}"),
+    }
+    // Both components are still in the session and answer.
+    assert_eq!(
+        caller
+            .request("target", "echo", json!(1), ANSWER)
+            .expect("echo")["payload"],
+        json!(1)
+    );
+    assert!(caller.stop_requested().is_none() && target.stop_requested().is_none());
+}

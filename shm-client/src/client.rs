@@ -246,9 +246,20 @@ impl Component {
             let (server, writer) = (server.clone(), writer.clone());
             threads.push(std::thread::spawn(move || {
                 server.run(|answer| {
+                    let mut line = protocol::encode(&Request::Answer(answer.clone()));
+                    if line.len() > crate::request::MAX_MESSAGE {
+                        line = protocol::encode(&Request::Answer(crate::request::Answer::error(
+                            answer.id,
+                            ErrorCode::HandlerError,
+                            format!(
+                                "the answer takes {} bytes as JSON, over the {} byte limit",
+                                line.len(),
+                                crate::request::MAX_MESSAGE
+                            ),
+                        )));
+                    }
                     let mut g = writer.lock().unwrap_or_else(|e| e.into_inner());
-                    g.write_all(&protocol::encode(&Request::Answer(answer.clone())))
-                        .is_ok()
+                    g.write_all(&line).is_ok()
                 })
             }));
         }
@@ -491,17 +502,20 @@ impl Component {
     }
 
     /// Sends a request of type `request_type` to the component named `target` (or, if
-    /// `target` names a group, to its active member) and waits for its answer, at most `timeout` (1 ms to 600 s). `payload` is any JSON value.
+    /// `target` names a group, to its active member) and waits for its answer, at most
+    /// `timeout` (1 ms to 600 s). `payload` is any JSON value.
     ///
     /// Returns the target's answer, or a [`RequestError`]: `NoTarget` (no live component or
-    /// group of that name), `NotActive` (a group with no active member), `SelfRequest`, `HandlerError` (the target's handler failed, panicked or does
-    /// not exist), `Busy` (the target's queue is full), `Timeout` at the deadline (the target
-    /// is slow, paused or stuck; the daemon forgets the request), `Disconnected`. It never
-    /// waits much past the deadline (see [`crate::request::REPLY_GRACE`]). Any thread may
-    /// call it, several at once; at most [`crate::request::MAX_IN_FLIGHT`] requests of one
-    /// component are in flight, and a further one waits for room within its deadline.
-    /// Cost: one line each way over the control socket, routed by the daemon (see the README
-    /// for the measured round trip).
+    /// group of that name), `NotActive` (a group with no active member), `SelfRequest`,
+    /// `HandlerError` (the target's handler failed, panicked or does not exist), `Busy` (the
+    /// target's queue is full), `Refused` (`bad_request`: the request takes more than
+    /// [`crate::request::MAX_MESSAGE`] bytes as JSON; `bad_name`: a bad type), `Timeout` at
+    /// the deadline (the target is slow, paused or stuck; the daemon forgets the request),
+    /// `Disconnected`. It never waits much past the deadline (see
+    /// [`crate::request::REPLY_GRACE`]). Any thread may call it, several at once; at most
+    /// [`crate::request::MAX_IN_FLIGHT`] requests of one component are in flight, and a
+    /// further one waits for room within its deadline. Cost: one line each way over the
+    /// control socket, routed by the daemon (see the README for the measured round trip).
     pub fn request(
         &self,
         target: &str,
@@ -537,7 +551,23 @@ impl Component {
             .unwrap_or(u64::MAX)
             .max(1),
         };
-        if self.send(&Request::Call(call)).is_err() {
+        let line = protocol::encode(&Request::Call(call));
+        if line.len() > crate::request::MAX_MESSAGE {
+            self.calls.end(ticket.id);
+            return Err(RequestError::Refused {
+                code: ErrorCode::BadRequest,
+                message: format!(
+                    "the request takes {} bytes as JSON, over the {} byte limit",
+                    line.len(),
+                    crate::request::MAX_MESSAGE
+                ),
+            });
+        }
+        let sent = {
+            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            w.write_all(&line)
+        };
+        if sent.is_err() {
             self.calls.end(ticket.id);
             return Err(RequestError::Disconnected);
         }

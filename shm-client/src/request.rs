@@ -38,6 +38,10 @@ pub const MAX_TIMEOUT_MS: u64 = 600_000;
 /// How long past its deadline the caller still waits for the daemon's own `timeout` (which
 /// the daemon sends at the deadline it computed on receipt, a little later than the caller's).
 pub const REPLY_GRACE: Duration = Duration::from_millis(25);
+/// The longest `REQUEST` or `REPLY` line a component sends: room is left under
+/// [`crate::protocol::MAX_LINE`] for what the daemon adds when it forwards it (the caller's
+/// name, its own id), so a forwarded line never exceeds the limit.
+pub const MAX_MESSAGE: usize = crate::protocol::MAX_LINE - 512;
 /// Requests one component may have in flight at once; a further `request` waits for room
 /// (within its deadline). It keeps the daemon's per-connection queues (1024 messages) from
 /// overflowing.
