@@ -42,6 +42,8 @@ pub const REPLY_GRACE: Duration = Duration::from_millis(25);
 /// [`crate::protocol::MAX_LINE`] for what the daemon adds when it forwards it (the caller's
 /// name, its own id), so a forwarded line never exceeds the limit.
 pub const MAX_MESSAGE: usize = crate::protocol::MAX_LINE - 512;
+/// Requests queued for one component's handler thread at most (see `Server::received`).
+pub const MAX_QUEUED: usize = 4096;
 /// Requests one component may have in flight at once; a further `request` waits for room
 /// (within its deadline). It keeps the daemon's per-connection queues (1024 messages) from
 /// overflowing.
@@ -357,9 +359,21 @@ impl Server {
     }
 
     /// The reader thread got a request: queued for the handler thread, never run here.
+    /// Behind a stuck handler the queue is bounded: at [`MAX_QUEUED`] the requests whose
+    /// deadline passed are dropped (their callers have their `timeout`), and if it is still
+    /// full the new one is dropped too (its caller gets `timeout` at its deadline).
     pub(crate) fn received(&self, req: Incoming) {
-        let deadline = Instant::now() + Duration::from_millis(req.timeout_ms);
-        self.queue().items.push_back((req, deadline));
+        let now = Instant::now();
+        let deadline = now + Duration::from_millis(req.timeout_ms);
+        let mut q = self.queue();
+        if q.items.len() >= MAX_QUEUED {
+            q.items.retain(|(_, d)| *d > now);
+            if q.items.len() >= MAX_QUEUED {
+                return;
+            }
+        }
+        q.items.push_back((req, deadline));
+        drop(q);
         self.changed.notify_one();
     }
 
@@ -447,6 +461,34 @@ mod tests {
             back.into_result(),
             Err(RequestError::NoTarget("no component risk".into()))
         );
+    }
+
+    /// Behind a stuck handler the queue does not grow without bound: expired requests go
+    /// first, then new ones are dropped.
+    #[test]
+    fn the_handler_queue_is_bounded() {
+        let server = Server::default();
+        let req = |id, timeout_ms| Incoming {
+            id,
+            from: None,
+            request_type: "t".into(),
+            payload: Value::Null,
+            timeout_ms,
+        };
+        for id in 0..MAX_QUEUED as u64 {
+            server.received(req(id, 1));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        server.received(req(u64::MAX, 60_000));
+        assert_eq!(
+            server.queue().items.len(),
+            1,
+            "the expired ones were dropped"
+        );
+        for id in 0..MAX_QUEUED as u64 {
+            server.received(req(id, 60_000));
+        }
+        assert_eq!(server.queue().items.len(), MAX_QUEUED);
     }
 
     #[test]
