@@ -52,6 +52,9 @@ pub enum Command {
         /// Session name.
         session: String,
     },
+    /// Send one request to a component of a session and print its answer (exit 0), or the
+    /// error: no_target, not_active, handler_error, timeout, busy (exit 1).
+    Call(CallArgs),
     /// Recordings made with `--record`.
     #[command(subcommand)]
     Record(RecordCommand),
@@ -64,6 +67,24 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `aegis-shmctl call`.
+#[derive(Args, Debug, Clone)]
+pub struct CallArgs {
+    /// Session name.
+    pub session: String,
+    /// The component to ask.
+    pub target: String,
+    /// The request type, e.g. `stats` (aegis-tap answers it).
+    #[arg(value_name = "TYPE")]
+    pub request_type: String,
+    /// The payload: any JSON value (default null).
+    #[arg(value_name = "JSON")]
+    pub payload: Option<String>,
+    /// The deadline, in milliseconds (1 to 600000).
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
 }
 
 /// Settings of a new session.

@@ -96,6 +96,8 @@ pub(crate) struct Shared {
     pub(crate) sessions: Registry,
     /// The desired subscription sets (persisted in the state directory).
     pub(crate) subs: crate::subscriptions::Store,
+    /// Requests between components in flight, and their figures.
+    pub(crate) requests: crate::requests::Router,
     shutdown: AtomicBool,
     next_conn: AtomicU64,
     connections: AtomicUsize,
@@ -153,6 +155,7 @@ impl Daemon {
             shared: Arc::new(Shared {
                 sessions: Registry::default(),
                 subs,
+                requests: crate::requests::Router::default(),
                 shutdown: AtomicBool::new(false),
                 next_conn: AtomicU64::new(1),
                 connections: AtomicUsize::new(0),
@@ -196,6 +199,10 @@ impl Daemon {
             let shared = self.shared.clone();
             std::thread::spawn(move || monitor_loop(&shared))
         };
+        let expiry = {
+            let shared = self.shared.clone();
+            std::thread::spawn(move || shared.requests.expire_loop(|| stopping(&shared)))
+        };
         while !self.shared.shutdown.load(Ordering::Relaxed) && !SIGNALLED.load(Ordering::Relaxed) {
             match self.listener.accept() {
                 Ok((stream, _)) => self.accept(stream),
@@ -210,6 +217,7 @@ impl Daemon {
         }
         self.shared.shutdown.store(true, Ordering::Relaxed);
         let _ = monitor.join();
+        let _ = expiry.join();
         let deadline = Instant::now() + SHUTDOWN_FLUSH;
         for cell in self.shared.sessions.take_all() {
             let Some(mut s) = cell.take() else {
@@ -344,6 +352,7 @@ fn serve_connection(shared: &Shared, stream: UnixStream, conn: u64, pid: u32) {
     }
     outbox.close();
     dispatch::disconnected(&peer, conn);
+    shared.requests.disconnected(conn);
 }
 
 /// The line framing of one connection: the bytes read and not yet answered, the cap of

@@ -62,6 +62,7 @@ pub fn handle_line(ctx: &Conn<'_>, peer: &mut Peer, line: &[u8]) -> Option<Reply
         };
     }
     let answer = match req {
+        Request::Call(call) => return call_from_cli(ctx, call),
         Request::Register(reg) => register(ctx, peer, &reg),
         Request::SessionCreate(spec) => create(ctx.shared, spec),
         Request::SessionStart { name, timeout_ms } => {
@@ -99,6 +100,7 @@ pub fn handle_line(ctx: &Conn<'_>, peer: &mut Peer, line: &[u8]) -> Option<Reply
         } => subscriptions::subscribe(ctx.shared, &name, &component, topics, symbols),
         Request::SessionSubscriptions { name } => subscriptions::view(ctx.shared, &name),
         Request::Subscriptions
+        | Request::Answer(_)
         | Request::Reconciled(_)
         | Request::Ready
         | Request::Finished
@@ -154,6 +156,15 @@ fn component_request(shared: &Shared, s: &mut Session, conn: u64, req: Request) 
             subscriptions::record(shared, s, conn, report);
             None
         }
+        Request::Call(call) => {
+            let c = s.component_mut(conn)?;
+            let (from, outbox) = (c.name.clone(), c.outbox.clone());
+            shared.requests.call(s, Some(&from), conn, &outbox, call)
+        }
+        Request::Answer(answer) => {
+            shared.requests.answer(conn, answer);
+            None
+        }
         Request::Register(_) => Some(Reply::error(
             ErrorCode::AlreadyRegistered,
             "this connection is already registered",
@@ -163,6 +174,24 @@ fn component_request(shared: &Shared, s: &mut Session, conn: u64, req: Request) 
             "session commands come from a separate connection",
         )),
     }
+}
+
+/// `REQUEST` from the command line (`aegis-shmctl call`): the session is named in it.
+fn call_from_cli(ctx: &Conn<'_>, call: aegis_shm_client::request::Call) -> Option<Reply> {
+    let Some(name) = call.session.clone() else {
+        return Some(Reply::error(
+            ErrorCode::BadRequest,
+            "a REQUEST from a connection that is not a component names its session",
+        ));
+    };
+    let found = session(ctx.shared, &name).and_then(|cell| {
+        let s = lock(&cell, &name)?;
+        Ok(ctx
+            .shared
+            .requests
+            .call(&s, None, ctx.conn, ctx.outbox, call))
+    });
+    found.unwrap_or_else(|r| Some(Reply::from(r)))
 }
 
 /// READY: the barrier. STARTED at once for a late live consumer; the start itself when
@@ -310,7 +339,9 @@ fn inspect(shared: &Shared, name: &str) -> Result<Reply, Refusal> {
     let cell = session(shared, name)?;
     let mut s = lock(&cell, name)?;
     s.tick();
-    Ok(Reply::data(&s.inspect()))
+    let mut view = s.inspect();
+    view.requests = shared.requests.stats(&s.id);
+    Ok(Reply::data(&view))
 }
 
 /// SESSION_STOP.
@@ -342,6 +373,7 @@ fn destroy(shared: &Shared, name: &str) -> Result<Reply, Refusal> {
     s.stop(State::Stopped, "session destroyed");
     s.shutdown();
     shared.subs.forget(&s.id);
+    shared.requests.forget(&s.id);
     drop(s);
     Ok(Reply::data(&SessionDestroyed {
         name: name.to_string(),

@@ -14,6 +14,7 @@ pub mod outbox;
 pub mod recorder;
 pub mod refusal;
 mod registry;
+mod requests;
 pub mod sequencer;
 pub mod session;
 pub mod source;

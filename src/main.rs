@@ -28,6 +28,7 @@ fn main() {
         Command::Subscriptions { session } => {
             command::subscribe::subscriptions(&socket, cli.json, session).map(|()| true)
         }
+        Command::Call(a) => command::call::run(&socket, cli.json, &a),
         Command::Record(cmd) => command::record::run(cli.json, cmd),
         Command::Chaos(a) => command::chaos::run(&socket, cli.json, &a),
         Command::Completions { shell } => {

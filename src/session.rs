@@ -1268,6 +1268,8 @@ impl Session {
                     reason: snap.and_then(|s| s.reason),
                 }
             }),
+            // Filled in by the request router (`crate::requests`), which holds them.
+            requests: Vec::new(),
         }
     }
 

@@ -39,6 +39,7 @@ use crate::protocol::{
 };
 pub use crate::reconcile::{ReconcileStatus, SymbolHandler};
 use crate::reconcile::{Subs, Trigger};
+use crate::request::{Calls, Handler, RequestError, Served, Server};
 use crate::segment::{OpenError, ShmRegion};
 use crate::spmc::{AttachError, BusReader};
 use crate::spsc::Producer;
@@ -142,6 +143,10 @@ pub struct Component {
     shared: Arc<Shared>,
     /// The desired set and its reconciliation (`crate::reconcile`).
     subs: Arc<Subs>,
+    /// Requests this component sent and waits for (`crate::request`).
+    calls: Arc<Calls>,
+    /// Request handlers and their queue, run by the handler thread.
+    server: Arc<Server>,
     ack: Ack,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -226,11 +231,36 @@ impl Component {
         // The desired set of the ACK is the first thing held: it is applied before the
         // component reads or writes anything (`consumer`, `ready`, `on_symbols`).
         let subs = Arc::new(Subs::new(ack.desired.clone(), ack.topics.clone()));
+        let calls = Arc::new(Calls::default());
+        let server = Arc::new(Server::default());
         let mut threads = Vec::new();
         {
             let (shared, subs) = (shared.clone(), subs.clone());
+            let (calls, server) = (calls.clone(), server.clone());
             threads.push(std::thread::spawn(move || {
-                reader_loop(reader, &shared, &subs)
+                reader_loop(reader, &shared, &subs, &calls, &server)
+            }));
+        }
+        {
+            // Request handlers run here: never on the reader thread, never on the data path.
+            let (server, writer) = (server.clone(), writer.clone());
+            threads.push(std::thread::spawn(move || {
+                server.run(|answer| {
+                    let mut line = protocol::encode(&Request::Answer(answer.clone()));
+                    if line.len() > crate::request::MAX_MESSAGE {
+                        line = protocol::encode(&Request::Answer(crate::request::Answer::error(
+                            answer.id,
+                            ErrorCode::HandlerError,
+                            format!(
+                                "the answer takes {} bytes as JSON, over the {} byte limit",
+                                line.len(),
+                                crate::request::MAX_MESSAGE
+                            ),
+                        )));
+                    }
+                    let mut g = writer.lock().unwrap_or_else(|e| e.into_inner());
+                    g.write_all(&line).is_ok()
+                })
             }));
         }
         {
@@ -249,6 +279,8 @@ impl Component {
             writer,
             shared,
             subs,
+            calls,
+            server,
             ack,
             threads,
         })
@@ -469,6 +501,107 @@ impl Component {
         self.status().closed
     }
 
+    /// Sends a request of type `request_type` to the component named `target` (or, if
+    /// `target` names a group, to its active member) and waits for its answer, at most
+    /// `timeout` (1 ms to 600 s). `payload` is any JSON value.
+    ///
+    /// Returns the target's answer, or a [`RequestError`]: `NoTarget` (no live component or
+    /// group of that name), `NotActive` (a group with no active member), `SelfRequest`,
+    /// `HandlerError` (the target's handler failed, panicked or does not exist), `Busy` (the
+    /// target's queue is full), `Refused` (`bad_request`: the request takes more than
+    /// [`crate::request::MAX_MESSAGE`] bytes as JSON; `bad_name`: a bad type), `Timeout` at
+    /// the deadline (the target is slow, paused or stuck; the daemon forgets the request),
+    /// `Disconnected`. It never waits much past the deadline (see
+    /// [`crate::request::REPLY_GRACE`]). Any thread may call it, several at once; at most
+    /// [`crate::request::MAX_IN_FLIGHT`] requests of one component are in flight, and a
+    /// further one waits for room within its deadline. Cost: one line each way over the
+    /// control socket, routed by the daemon (see the README for the measured round trip).
+    pub fn request(
+        &self,
+        target: &str,
+        request_type: &str,
+        payload: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, RequestError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        if !(1..=crate::request::MAX_TIMEOUT_MS).contains(&timeout_ms) {
+            return Err(RequestError::Refused {
+                code: ErrorCode::BadRequest,
+                message: format!(
+                    "a request's timeout must be 1 to {} ms, got {timeout:?}",
+                    crate::request::MAX_TIMEOUT_MS
+                ),
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        let ticket = self.calls.begin(deadline)?;
+        let call = crate::request::Call {
+            id: ticket.id,
+            session: None,
+            target: target.to_string(),
+            request_type: request_type.to_string(),
+            payload,
+            // Rounded up: the daemon's deadline is never before the caller's.
+            timeout_ms: u64::try_from(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_micros()
+                    .div_ceil(1000),
+            )
+            .unwrap_or(u64::MAX)
+            .max(1),
+        };
+        let line = protocol::encode(&Request::Call(call));
+        if line.len() > crate::request::MAX_MESSAGE {
+            self.calls.end(ticket.id);
+            return Err(RequestError::Refused {
+                code: ErrorCode::BadRequest,
+                message: format!(
+                    "the request takes {} bytes as JSON, over the {} byte limit",
+                    line.len(),
+                    crate::request::MAX_MESSAGE
+                ),
+            });
+        }
+        let sent = {
+            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            w.write_all(&line)
+        };
+        if sent.is_err() {
+            self.calls.end(ticket.id);
+            return Err(RequestError::Disconnected);
+        }
+        let wait =
+            (deadline + crate::request::REPLY_GRACE).saturating_duration_since(Instant::now());
+        let outcome = ticket.rx.recv_timeout(wait);
+        self.calls.end(ticket.id);
+        match outcome {
+            Ok(answer) => answer.into_result(),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(RequestError::Timeout(format!(
+                "no answer from {target} within {} ms",
+                timeout.as_millis()
+            ))),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(RequestError::Disconnected),
+        }
+    }
+
+    /// Answers requests of type `request_type` with `handler` (replacing an earlier one).
+    ///
+    /// Handlers run on this component's handler thread, one request at a time in arrival
+    /// order, never on the thread that reads the bus: a slow handler delays other requests to
+    /// this component, never its market data. A handler returns the answer, or an error
+    /// message that the caller gets as `handler_error` (a panic is caught and reported so).
+    /// A request whose deadline passed while it waited in the queue is not run. A request of
+    /// a type with no handler is answered `handler_error`.
+    pub fn serve(
+        &self,
+        request_type: &str,
+        handler: impl Fn(&Served) -> Result<serde_json::Value, String> + Send + Sync + 'static,
+    ) {
+        let handler: Arc<Handler> = Arc::new(handler);
+        self.server.set(request_type, handler);
+    }
+
     /// Tells the daemon we are done, waits (5 s at most) for its ACK, and disconnects.
     pub fn finished(self) -> Result<(), ClientError> {
         self.send(&Request::Finished)?;
@@ -490,11 +623,16 @@ impl Drop for Component {
     fn drop(&mut self) {
         self.shared.quit.store(true, Ordering::Relaxed);
         self.subs.wake.notify_all();
+        self.server.quit();
         if let Ok(w) = self.writer.lock() {
             let _ = w.shutdown(std::net::Shutdown::Both);
         }
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            // A handler that held the last reference drops the component on the handler
+            // thread itself: that thread ends when the handler returns, never joined by itself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -517,7 +655,13 @@ fn read_reply(r: &mut BufReader<UnixStream>) -> Result<Reply, ClientError> {
     }
 }
 
-fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared, subs: &Subs) {
+fn reader_loop(
+    mut r: BufReader<UnixStream>,
+    shared: &Shared,
+    subs: &Subs,
+    calls: &Calls,
+    server: &Server,
+) {
     let mut buf = Vec::new();
     while !shared.quit.load(Ordering::Relaxed) {
         let reply = match protocol::read_line(&mut r, &mut buf) {
@@ -540,6 +684,17 @@ fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared, subs: &Subs) {
             // other order.
             subs.received(push);
             continue;
+        }
+        match reply {
+            Reply::Request(req) => {
+                server.received(req);
+                continue;
+            }
+            Reply::Answer(answer) => {
+                calls.complete(answer);
+                continue;
+            }
+            _ => {}
         }
         let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
         match reply {
@@ -589,10 +744,15 @@ fn reader_loop(mut r: BufReader<UnixStream>, shared: &Shared, subs: &Subs) {
             Reply::Released { reason, .. } => st.released = Some(reason),
             Reply::Ack { data: Some(d), .. } => st.discovered = Some(Ok(d)),
             Reply::Ack { .. } => st.finished_ack = true,
-            Reply::Wait { .. } | Reply::Heartbeat | Reply::Subscriptions(_) => continue,
+            Reply::Wait { .. }
+            | Reply::Heartbeat
+            | Reply::Subscriptions(_)
+            | Reply::Request(_)
+            | Reply::Answer(_) => continue,
         }
         shared.changed.notify_all();
     }
+    calls.close();
     shared
         .status
         .lock()

@@ -49,6 +49,54 @@
 //! }
 //! ```
 
+//!
+//! ## Example: a component that serves requests and consumes the bus
+//! A component answers requests from other components ([`client::Component::serve`]) while it
+//! reads the bus, and asks others with a deadline ([`client::Component::request`]). Handlers
+//! run on the client library's handler thread, never on the reading loop: a slow handler
+//! never delays market data. The model and its guarantees are in [`request`].
+//! ```no_run
+//! use aegis_shm_client::client::Component;
+//! use aegis_shm_client::protocol::Role;
+//! use aegis_shm_client::request::RequestError;
+//! use aegis_shm_client::wait::{Deadline, Park};
+//! use serde_json::json;
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! // AEGIS_SOCKET and AEGIS_SESSION_TOKEN come from `aegis-shmctl session run`.
+//! let c = Component::from_env("risk", Role::Consumer, vec![])?;
+//! let events = Arc::new(AtomicU64::new(0));
+//! // Answers `aegis-shmctl call SESSION risk seen` and `request("risk", "seen", ...)`.
+//! let seen = events.clone();
+//! c.serve("seen", move |_req| Ok(json!({ "events": seen.load(Ordering::Relaxed) })));
+//! // An error message reaches the caller as `handler_error`.
+//! c.serve("fits", |req| {
+//!     let qty = req.payload["qty"].as_f64().ok_or("qty must be a number")?;
+//!     Ok(json!({ "fits": qty <= 5.0 }))
+//! });
+//! let mut bus = c.consumer()?;
+//! c.ready(Duration::from_secs(60))?;
+//! let mut wait = Park::default();
+//! loop {
+//!     let f = bus.next(&mut wait, Deadline::after(Duration::from_secs(30)))?;
+//!     if f.is_eof() {
+//!         break;
+//!     }
+//!     let _event = f.event()?;
+//!     events.fetch_add(1, Ordering::Relaxed);
+//! }
+//! // Ask another component; the answer, an error or `timeout` comes by the deadline.
+//! match c.request("portfolio", "positions", json!(null), Duration::from_millis(200)) {
+//!     Ok(positions) => println!("positions: {positions}"),
+//!     Err(RequestError::Timeout(why)) => eprintln!("portfolio is slow: {why}"),
+//!     Err(e) => eprintln!("no positions: {e}"),
+//! }
+//! c.finished()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
@@ -62,6 +110,7 @@ pub mod journal;
 pub mod protocol;
 pub mod reconcile;
 pub mod recording;
+pub mod request;
 pub(crate) mod ring;
 pub mod segment;
 pub mod spmc;

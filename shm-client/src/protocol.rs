@@ -175,9 +175,16 @@ pub enum ErrorCode {
     Evicted,
     /// A topic that no source of the (started) session publishes.
     UnknownTopic,
+    /// A request's target is no live component of the session.
+    NoTarget,
     /// From a group member that no longer holds the lease (fenced: a newer epoch is active),
-    /// for any frame or request it sends; it must stop (SPEC section 12).
+    /// for any frame or request it sends; it must stop (SPEC section 12). Also a request's
+    /// answer when its target group has no active member (SPEC 13).
     NotActive,
+    /// The target's request handler failed.
+    HandlerError,
+    /// A component sent a request to itself.
+    SelfRequest,
     /// `DISCOVER` of a group the session does not know.
     NoGroup,
 }
@@ -208,7 +215,10 @@ named_enum!(ErrorCode, "error code", {
     ComponentGone => "component_gone",
     Evicted => "evicted",
     UnknownTopic => "unknown_topic",
+    NoTarget => "no_target",
     NotActive => "not_active",
+    HandlerError => "handler_error",
+    SelfRequest => "self_request",
     NoGroup => "no_group",
 });
 
@@ -564,6 +574,12 @@ pub enum Request {
         /// Session name.
         name: String,
     },
+    /// A request to another component (`crate::request`); the CLI names the session.
+    #[serde(rename = "REQUEST")]
+    Call(crate::request::Call),
+    /// A component's answer to a request it was sent.
+    #[serde(rename = "REPLY")]
+    Answer(crate::request::Answer),
     /// Who is in a group, and who holds its lease (SPEC section 12). From a registered
     /// component: in its own session (`session` may be left out). From the CLI: `session` is
     /// needed. Exactly one of `group` and `component`.
@@ -690,6 +706,12 @@ pub enum Reply {
     /// `SUBSCRIPTIONS` request.
     #[serde(rename = "SUBSCRIPTIONS")]
     Subscriptions(crate::subscription::Push),
+    /// A request for this component to answer (`crate::request`).
+    #[serde(rename = "REQUEST")]
+    Request(crate::request::Incoming),
+    /// The answer to this peer's request.
+    #[serde(rename = "REPLY")]
+    Answer(crate::request::Answer),
     /// A refusal.
     #[serde(rename = "ERROR")]
     Error {
@@ -789,6 +811,10 @@ pub enum Cmd {
     Subscribe,
     /// [`Request::SessionSubscriptions`].
     SessionSubscriptions,
+    /// [`Request::Call`].
+    Request,
+    /// [`Request::Answer`].
+    Reply,
     /// [`Request::Discover`].
     Discover,
 }
@@ -812,6 +838,8 @@ named_enum!(Cmd, "cmd", {
     Reconciled => "RECONCILED",
     Subscribe => "SUBSCRIBE",
     SessionSubscriptions => "SESSION_SUBSCRIPTIONS",
+    Request => "REQUEST",
+    Reply => "REPLY",
     Discover => "DISCOVER",
 });
 
@@ -837,6 +865,8 @@ impl Request {
             Request::Reconciled(_) => Cmd::Reconciled,
             Request::Subscribe { .. } => Cmd::Subscribe,
             Request::SessionSubscriptions { .. } => Cmd::SessionSubscriptions,
+            Request::Call(_) => Cmd::Request,
+            Request::Answer(_) => Cmd::Reply,
             Request::Discover { .. } => Cmd::Discover,
         }
     }
@@ -959,6 +989,9 @@ pub struct Inspect {
     /// The recorder, if the session records (`--record`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recording: Option<RecordingInfo>,
+    /// Requests between components, per target and type (absent when there were none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<crate::request::RequestStats>,
 }
 
 /// The recorder in [`Inspect`]: where it records and how far it has got.

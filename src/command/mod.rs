@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_live;
+pub mod call;
 pub mod chaos;
 pub mod completions;
 pub mod demo;

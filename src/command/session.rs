@@ -225,6 +225,34 @@ pub fn print_inspect(v: &Inspect) {
             r.reason.as_ref().map(|x| format!(": {x}")).unwrap_or_default()
         );
     }
+    if !v.requests.is_empty() {
+        println!("requests:");
+        let mut t = TextTable::new(&[
+            ("TARGET", Left),
+            ("TYPE", Left),
+            ("REQUESTS", Right),
+            ("REPLIES", Right),
+            ("ERRORS", Right),
+            ("TIMEOUTS", Right),
+            ("P50_US", Right),
+            ("P99_US", Right),
+            ("MAX_US", Right),
+        ]);
+        for r in &v.requests {
+            t.row([
+                r.target.clone(),
+                r.request_type.clone(),
+                r.requests.to_string(),
+                r.replies.to_string(),
+                r.errors.to_string(),
+                r.timeouts.to_string(),
+                opt(r.p50_us),
+                opt(r.p99_us),
+                opt(r.max_us),
+            ]);
+        }
+        t.print(2);
+    }
     if q.duplicates > 0 || q.seq_gaps > 0 || !v.groups.is_empty() {
         println!(
             "resume: {} resent duplicates dropped, {} source seqs skipped",

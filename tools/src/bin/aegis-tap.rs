@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aegis_shm_client::client::{ClientError, Component, Started};
@@ -199,6 +201,8 @@ fn main() {
 struct Tap {
     name: String,
     comp: Component,
+    /// What the `stats` request answers (written by the reading loop, read by the handler).
+    live: Arc<LiveCounts>,
     bus: BusReader,
     started: Started,
     topic_names: HashMap<u32, String>,
@@ -262,6 +266,8 @@ impl Tap {
             },
         )
         .unwrap_or_else(|e| fail(e));
+        let live = Arc::new(LiveCounts::default());
+        serve_stats(&comp, &name, &live);
         let mut bus = comp.consumer().unwrap_or_else(|e| fail(e));
         if args.unchecked {
             // SAFETY: the user asked for it: every producer of the session is trusted to write
@@ -289,9 +295,11 @@ impl Tap {
         for e in comp.subscriptions().errors {
             eprintln!("aegis-tap: warning: {e}");
         }
+        live.started.store(true, Ordering::Relaxed);
         Tap {
             name,
             comp,
+            live,
             bus,
             started,
             topic_names,
@@ -319,6 +327,8 @@ impl Tap {
                 Err(ReadError::Overrun { missed: m }) => {
                     totals.overruns += 1;
                     totals.missed += m;
+                    self.live.overruns.store(totals.overruns, Ordering::Relaxed);
+                    self.live.missed.store(totals.missed, Ordering::Relaxed);
                     eprintln!("aegis-tap: overrun: {m} events missed (resumed at the head)");
                     continue;
                 }
@@ -376,11 +386,38 @@ impl Tap {
             };
             res.unwrap_or_else(|e| fail(format!("write: {e}")));
             totals.events += 1;
+            self.live.events.store(totals.events, Ordering::Relaxed);
             if tty && totals.events.is_multiple_of(PROGRESS_EVERY) {
                 eprint!("\raegis-tap: {} events", totals.events);
             }
         }
     }
+}
+
+/// The counts the `stats` request answers: one writer (the reading loop, a Relaxed store per
+/// event), read by the request handler's thread.
+#[derive(Default)]
+struct LiveCounts {
+    started: AtomicBool,
+    events: AtomicU64,
+    overruns: AtomicU64,
+    missed: AtomicU64,
+}
+
+/// Answers the request type `stats` (`aegis-shmctl call SESSION TAP stats`) with the tap's
+/// counts as JSON, on the client library's handler thread: the reading loop never waits for it.
+fn serve_stats(comp: &Component, name: &str, live: &Arc<LiveCounts>) {
+    let (name, live, since) = (name.to_string(), live.clone(), Instant::now());
+    comp.serve("stats", move |_| {
+        Ok(serde_json::json!({
+            "name": name,
+            "started": live.started.load(Ordering::Relaxed),
+            "events": live.events.load(Ordering::Relaxed),
+            "overruns": live.overruns.load(Ordering::Relaxed),
+            "missed": live.missed.load(Ordering::Relaxed),
+            "uptime_s": since.elapsed().as_secs_f64(),
+        }))
+    });
 }
 
 impl Totals {
