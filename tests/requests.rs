@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,35 +23,13 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The timeout of a request that should be answered (generous: the machine may be loaded).
 const ANSWER: Duration = Duration::from_secs(10);
 
-fn shmctl(b: &Bins, socket: &Path, args: &[&str]) -> Output {
-    Command::new(&b.shmctl)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run aegis-shmctl")
-}
-
-fn json_of(b: &Bins, socket: &Path, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = shmctl(b, socket, &all);
-    assert!(
-        out.status.success(),
-        "aegis-shmctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON output")
-}
-
 /// A private daemon and a live session; returns the harness, socket and token.
 fn setup(tag: &str) -> (Harness, Bins, std::path::PathBuf, String) {
     let b = bins();
     let mut h = Harness::new(tag);
     let socket = h.start_daemon(&b);
-    let v = json_of(&b, &socket, &["session", "create", "s", "--mode", "live"]);
-    let info = json_of(&b, &socket, &["session", "inspect", "s"]);
+    let v = shmctl_json(&b, &socket, &["session", "create", "s", "--mode", "live"]);
+    let info = shmctl_json(&b, &socket, &["session", "inspect", "s"]);
     if let Some(sid) = info["segments"]["bus"]
         .as_str()
         .and_then(|p| Path::new(p).file_name()?.to_str().map(str::to_string))
@@ -95,7 +73,7 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 /// The `inspect --json` row of `target` and `request_type`.
 fn request_row(b: &Bins, socket: &Path, target: &str, request_type: &str) -> Value {
-    let info = json_of(b, socket, &["session", "inspect", "s"]);
+    let info = shmctl_json(b, socket, &["session", "inspect", "s"]);
     info["requests"]
         .as_array()
         .and_then(|rows| {
@@ -240,7 +218,7 @@ fn timeout_against_a_stopped_target_comes_at_the_deadline() {
     // The daemon counted the timeouts, per target and type, in `inspect` and its JSON.
     let row = request_row(&b, &socket, "tap", "stats");
     assert_eq!(row["timeouts"], json!(3), "{row}");
-    let text = shmctl(&b, &socket, &["session", "inspect", "s"]);
+    let text = shmctl_output(&b, &socket, &["session", "inspect", "s"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.lines()
@@ -402,7 +380,7 @@ fn cli_call_prints_the_reply_or_the_error_and_aegis_tap_answers_stats() {
     let call = |args: &[&str]| {
         let mut all = vec!["call", "s"];
         all.extend_from_slice(args);
-        shmctl(&b, &socket, &all)
+        shmctl_output(&b, &socket, &all)
     };
     let out = wait_for("aegis-tap to answer stats", || {
         let out = call(&["tap", "stats", "--timeout-ms", "2000"]);
@@ -427,7 +405,7 @@ fn cli_call_prints_the_reply_or_the_error_and_aegis_tap_answers_stats() {
     let out = call(&["tap", "stats", "--timeout-ms", "0"]);
     assert!(!out.status.success());
     // --json: the error as JSON on stdout too.
-    let out = shmctl(&b, &socket, &["--json", "call", "s", "nobody", "stats"]);
+    let out = shmctl_output(&b, &socket, &["--json", "call", "s", "nobody", "stats"]);
     assert!(!out.status.success());
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON error");
     assert_eq!(v["error"]["code"], json!("no_target"), "{v}");
@@ -494,7 +472,7 @@ fn a_blocked_handler_never_delays_the_bus() {
         .collect();
     std::fs::write(&csv, rows).unwrap();
     // A backtest that starts once the replay and the consumer are READY.
-    let v = json_of(
+    let v = shmctl_json(
         &b,
         &socket,
         &[
@@ -502,7 +480,7 @@ fn a_blocked_handler_never_delays_the_bus() {
         ],
     );
     let token = v["token"].as_str().expect("token").to_string();
-    let info = json_of(&b, &socket, &["session", "inspect", "s"]);
+    let info = shmctl_json(&b, &socket, &["session", "inspect", "s"]);
     if let Some(sid) = info["segments"]["bus"]
         .as_str()
         .and_then(|p| Path::new(p).file_name()?.to_str().map(str::to_string))

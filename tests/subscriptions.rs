@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,34 +39,12 @@ fn trades_csv(dir: &Path, symbol: &str, rows: u64) -> PathBuf {
     path
 }
 
-fn shmctl(b: &Bins, socket: &Path, args: &[&str]) -> Output {
-    Command::new(&b.shmctl)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run aegis-shmctl")
-}
-
-fn json(b: &Bins, socket: &Path, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = shmctl(b, socket, &all);
-    assert!(
-        out.status.success(),
-        "aegis-shmctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON output")
-}
-
 /// Creates a live session; records its segments with the guard; returns its token.
 fn create(h: &mut Harness, b: &Bins, socket: &Path, name: &str, extra: &[&str]) -> String {
     let mut args = vec!["session", "create", name, "--mode", "live"];
     args.extend_from_slice(extra);
-    let v = json(b, socket, &args);
-    let info = json(b, socket, &["session", "inspect", name]);
+    let v = shmctl_json(b, socket, &args);
+    let info = shmctl_json(b, socket, &["session", "inspect", name]);
     if let Some(sid) = info["segments"]["bus"]
         .as_str()
         .and_then(|p| Path::new(p).file_name()?.to_str().map(str::to_string))
@@ -94,7 +72,7 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 fn consumer_read(b: &Bins, socket: &Path, session: &str, name: &str) -> u64 {
-    let v = json(b, socket, &["session", "inspect", session]);
+    let v = shmctl_json(b, socket, &["session", "inspect", session]);
     v["consumers"]
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["name"] == name))
@@ -104,7 +82,7 @@ fn consumer_read(b: &Bins, socket: &Path, session: &str, name: &str) -> u64 {
 
 /// The row of `component` (and `set`) in `subscriptions SESSION --json`.
 fn sub_row(b: &Bins, socket: &Path, session: &str, component: &str, set: &str) -> Value {
-    let v = json(b, socket, &["subscriptions", session]);
+    let v = shmctl_json(b, socket, &["subscriptions", session]);
     v["components"]
         .as_array()
         .and_then(|r| {
@@ -210,7 +188,7 @@ fn push_a_running_tap_outputs_only_the_new_topics_after_subscribe() {
     wait_for("the tap to read 50 ETHUSDT trades", || {
         (consumer_read(&b, &socket, "push", "tap") >= 50).then_some(())
     });
-    let v = json(
+    let v = shmctl_json(
         &b,
         &socket,
         &["subscribe", "push", "tap", "--topics", "trades.BTCUSDT"],
@@ -250,7 +228,7 @@ fn replay_symbols_follow_the_desired_set_when_pushed() {
         serde_json::json!({"only": ["BTCUSDT"]}),
         "{r}"
     );
-    let v = json(
+    let v = shmctl_json(
         &b,
         &socket,
         &["subscribe", "syms", "feed", "--symbols", "ETHUSDT"],
@@ -295,7 +273,7 @@ fn drift_a_mask_corrupted_in_shared_memory_is_repaired_and_counted_once() {
         let r = sub_row(&b, &socket, "drift", "tap", "topics");
         (r["in_sync"] == true && r["reconciles"].as_u64() >= Some(1)).then_some(())
     });
-    let info = json(&b, &socket, &["session", "inspect", "drift"]);
+    let info = shmctl_json(&b, &socket, &["session", "inspect", "drift"]);
     let bus = info["segments"]["bus"]
         .as_str()
         .expect("bus path")
@@ -327,7 +305,7 @@ fn drift_a_mask_corrupted_in_shared_memory_is_repaired_and_counted_once() {
     let r = sub_row(&b, &socket, "drift", "tap", "topics");
     assert_eq!(r["drift"], 1, "{r}");
     assert_eq!(r["in_sync"], true, "{r}");
-    let text = shmctl(&b, &socket, &["subscriptions", "drift"]);
+    let text = shmctl_output(&b, &socket, &["subscriptions", "drift"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains("DRIFT") && text.contains("trades.ETHUSDT"),
@@ -373,7 +351,7 @@ fn restart_a_re_registered_component_gets_its_desired_set_back() {
     let c = register(&socket, &token, &["trades.ETHUSDT"]);
     let only = |t: &str| NameSet::only([t.to_string()]);
     assert_eq!(c.ack().desired.topics, only("trades.ETHUSDT"));
-    json(
+    shmctl_json(
         &b,
         &socket,
         &[
@@ -441,7 +419,7 @@ fn bad_input_unknown_topic_malformed_list_and_long_name_are_refused_clearly() {
         (consumer_read(&b, &socket, "bad", "tap") >= 1).then_some(())
     });
     let refused = |args: &[&str], wants: &[&str]| {
-        let out = shmctl(&b, &socket, args);
+        let out = shmctl_output(&b, &socket, args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         for w in wants {

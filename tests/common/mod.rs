@@ -437,3 +437,27 @@ pub fn assert_segments_gone(h: &Harness) {
 pub fn is_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|c| c.is_ascii_hexdigit())
 }
+
+/// Runs `aegis-shmctl --socket SOCKET ARGS...` to the end and returns its output.
+pub fn shmctl_output(b: &Bins, socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(&b.shmctl)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run aegis-shmctl")
+}
+
+/// `aegis-shmctl --json ARGS...`, which must succeed; its JSON output.
+pub fn shmctl_json(b: &Bins, socket: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = shmctl_output(b, socket, &all);
+    assert!(
+        out.status.success(),
+        "aegis-shmctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
