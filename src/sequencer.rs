@@ -55,6 +55,10 @@ pub struct Config {
     pub core: Option<usize>,
     /// How to wait when starved (park by default; spin for pinned latency runs).
     pub wait: WaitKind,
+    /// Stamp every frame's `publish_ns` with the sequencer's clock as it goes to the bus,
+    /// instead of keeping the producer's: latency figures then measure the bus hop alone
+    /// (sequencer → consumer). Off by default; the bench's hop-split row turns it on.
+    pub stamp_at_merge: bool,
 }
 
 impl Config {
@@ -65,6 +69,7 @@ impl Config {
             batch: 256,
             core: None,
             wait: WaitKind::Park,
+            stamp_at_merge: false,
         }
     }
 }
@@ -821,7 +826,9 @@ impl Sequencer {
         // Flags on the bus are the sequencer's: whatever a producer set on an event frame
         // (EOF, HEARTBEAT, ABORT, PADDING, LATE) never reaches a consumer.
         h.flags = 0;
-        if h.publish_ns == 0 {
+        if self.config.stamp_at_merge {
+            h.publish_ns = aegis_shm_client::frame::monotonic_ns();
+        } else if h.publish_ns == 0 {
             if self.pass_ns == 0 {
                 self.pass_ns = aegis_shm_client::frame::monotonic_ns();
             }

@@ -14,6 +14,27 @@ pub(super) fn aegis_latency_name(spin: bool) -> &'static str {
 /// Name of the fan-out row: the Aegis latency row with a second consumer on the bus.
 pub(super) const FANOUT_NAME: &str = "aegis (spin, pinned), 2 consumers (the second parks)";
 
+/// Name of the hop-split row: the Aegis latency row with the frames stamped by the sequencer
+/// as it copies them to the bus, so that it measures the second hop alone.
+pub(super) const BUS_HOP_NAME: &str = "aegis bus hop only (sequencer → consumer, spin, pinned)";
+
+/// What one interleaved latency run of the Aegis rig measures.
+#[derive(Clone, Copy)]
+pub(super) struct Rig {
+    /// Consumers besides the measuring one (the fan-out row).
+    extra: usize,
+    /// The sequencer stamps the frames (the bus-hop row).
+    stamp_at_merge: bool,
+}
+
+impl Rig {
+    /// The headline row: one consumer, the producer's stamp.
+    pub(super) const ONE: Rig = Rig {
+        extra: 0,
+        stamp_at_merge: false,
+    };
+}
+
 /// [`pingpong`], [`aegis_latency`] and the same with a second consumer on the bus, interleaved:
 /// `rounds` alternating runs of `samples / rounds` samples each, merged into one row per
 /// measurement. The second consumer is a thread of its own that reads every frame and parks
@@ -22,15 +43,23 @@ pub(super) const FANOUT_NAME: &str = "aegis (spin, pinned), 2 consumers (the sec
 /// machine the hypervisor moves virtual cores between physical cores (same core, sibling,
 /// another complex) from one second to the next, and a cross-core hop then costs anywhere
 /// between 25 and 175 ns; interleaving makes both rows sample the same placements, so their
-/// ratio is meaningful. Returns `[ping-pong, aegis]`.
+/// ratio is meaningful. Returns `[ping-pong, aegis, fan-out, bus hop]`.
 pub fn latency_interleaved(
     samples: u64,
     rounds: u64,
     spin: bool,
-) -> Result<[LatencyRow; 3], BenchError> {
+) -> Result<[LatencyRow; 4], BenchError> {
     let rounds = rounds.clamp(1, samples.max(1));
     let per = samples / rounds;
-    let (mut pp, mut ae, mut fan) = (histogram(), histogram(), histogram());
+    let (mut pp, mut ae, mut fan, mut hop) = (histogram(), histogram(), histogram(), histogram());
+    let fan_rig = Rig {
+        extra: 1,
+        ..Rig::ONE
+    };
+    let hop_rig = Rig {
+        stamp_at_merge: true,
+        ..Rig::ONE
+    };
     for r in 0..rounds {
         // The last round takes the remainder, so the rows hold exactly `samples` each.
         let n = if r + 1 == rounds {
@@ -40,15 +69,18 @@ pub fn latency_interleaved(
         };
         pp.add(pingpong_histogram(n)?)
             .map_err(|e| BenchError::Failed(e.to_string()))?;
-        ae.add(aegis_latency_histogram(n, spin, 0)?)
+        ae.add(aegis_latency_histogram(n, spin, Rig::ONE)?)
             .map_err(|e| BenchError::Failed(e.to_string()))?;
-        fan.add(aegis_latency_histogram(n, spin, 1)?)
+        fan.add(aegis_latency_histogram(n, spin, fan_rig)?)
+            .map_err(|e| BenchError::Failed(e.to_string()))?;
+        hop.add(aegis_latency_histogram(n, spin, hop_rig)?)
             .map_err(|e| BenchError::Failed(e.to_string()))?;
     }
     Ok([
         latency_row(PINGPONG, &pp),
         latency_row(aegis_latency_name(spin), &ae),
         latency_row(FANOUT_NAME, &fan),
+        latency_row(BUS_HOP_NAME, &hop),
     ])
 }
 
@@ -81,7 +113,7 @@ pub const BACKOFF_GAP: Duration = Duration::from_micros(100);
 pub fn aegis_latency(samples: u64, spin: bool) -> Result<LatencyRow, BenchError> {
     Ok(latency_row(
         aegis_latency_name(spin),
-        &aegis_latency_histogram(samples, spin, 0)?,
+        &aegis_latency_histogram(samples, spin, Rig::ONE)?,
     ))
 }
 
@@ -100,7 +132,11 @@ struct LatencyRig {
 /// Ring and bus size of the latency rig.
 const LATENCY_RING: usize = 1 << 16;
 
-fn latency_rig(spin: bool, extra: usize) -> Result<LatencyRig, BenchError> {
+fn latency_rig(spin: bool, rig: Rig) -> Result<LatencyRig, BenchError> {
+    let Rig {
+        extra,
+        stamp_at_merge,
+    } = rig;
     let cores = two_cores();
     let ring_region = Arc::new(HeapRegion::new(spsc::region_len(LATENCY_RING)));
     let mut producer =
@@ -122,6 +158,7 @@ fn latency_rig(spin: bool, extra: usize) -> Result<LatencyRig, BenchError> {
         max_lateness: Duration::from_micros(1),
     });
     config.core = cores.map(|c| c.1.id);
+    config.stamp_at_merge = stamp_at_merge;
     config.wait = if spin {
         WaitKind::Spin
     } else {
@@ -261,7 +298,7 @@ fn extra_consumer(mut r: BusReader, abort: Arc<AtomicBool>) -> Result<(u64, u64)
 pub(super) fn aegis_latency_histogram(
     samples: u64,
     spin: bool,
-    extra: usize,
+    rig: Rig,
 ) -> Result<Histogram<u64>, BenchError> {
     let skip = warmup(samples);
     let total = skip + samples;
@@ -272,7 +309,7 @@ pub(super) fn aegis_latency_histogram(
         sequencer: seq_handle,
         stop,
         cores,
-    } = latency_rig(spin, extra)?;
+    } = latency_rig(spin, rig)?;
     let abort = Arc::new(AtomicBool::new(false));
     let guard = StopOnDrop(vec![stop.clone(), abort.clone()]);
     let readers = extra

@@ -445,10 +445,11 @@ mod tests {
         sane_latency(&pingpong(2_000).unwrap(), 2_000);
         sane_latency(&aegis_latency(2_000, true).unwrap(), 2_000);
         sane_latency(&aegis_latency(100, false).unwrap(), 100);
-        let [pp, ae, fan] = latency_interleaved(1_001, 4, true).unwrap();
+        let [pp, ae, fan, hop] = latency_interleaved(1_001, 4, true).unwrap();
         sane_latency(&pp, 1_001);
         sane_latency(&ae, 1_001);
         sane_latency(&fan, 1_001);
+        sane_latency(&hop, 1_001);
         sane_latency(&socket_json_latency(300).unwrap(), 300);
         sane_throughput(&inproc_merge_throughput(20_000).unwrap(), 20_000);
         sane_throughput(&aegis_throughput(20_000, 1 << 12, 1 << 13).unwrap(), 20_000);
