@@ -210,6 +210,13 @@ pub struct RunArgs {
     /// Keep the session (and its segments) after the run, for `inspect`.
     #[arg(long)]
     pub keep: bool,
+    /// Live: restart a component that dies by a signal (kill -9, a crash), with the same
+    /// command line and environment, at most N times per command. A restarted producer
+    /// resumes its source where the merge left it. The summary counts the restarts; the
+    /// run's verdict is the last start's exit. `inspect` marks such components
+    /// `restartable`, and `chaos --restart` picks among them.
+    #[arg(long, value_name = "N")]
+    pub restart_killed: Option<u32>,
 }
 
 /// `demo`.
