@@ -516,12 +516,10 @@ fn chaos_seeded_run_over_a_producer_group_ends_with_exact_counts() {
     wait_inspect(&h, &socket, "ch", "the stream flowing", |v| merged(v) >= 50);
     // Pauses shorter than the aggressive bound (1 s) fence nobody; kills need a standby, so
     // one member of three always survives.
-    let out = Command::new(&b.shmctl)
-        .arg("--socket")
-        .arg(&socket)
-        .args([
-            "--json",
-            "chaos",
+    let report = chaos(
+        &b,
+        &socket,
+        &[
             "ch",
             "--seed",
             "7",
@@ -532,23 +530,7 @@ fn chaos_seeded_run_over_a_producer_group_ends_with_exact_counts() {
             "300",
             "--every-ms",
             "700",
-            "--wait-finished",
-            "--timeout",
-            "120",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run aegis-shmctl chaos");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
-        panic!(
-            "chaos printed no report ({e}): {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(
-        out.status.success(),
-        "chaos found a broken invariant: {report:#}"
+        ],
     );
     assert_eq!(report["seed"], 7);
     let actions = report["actions"].as_array().expect("actions");
@@ -576,6 +558,146 @@ fn chaos_seeded_run_over_a_producer_group_ends_with_exact_counts() {
     );
     assert_eq!(v["sequencer"]["seq_gaps"], 0);
     request(&socket, &json!({"cmd": "SESSION_DESTROY", "name": "ch"}));
+}
+
+/// `aegis-shmctl --json chaos ARGS... --wait-finished --timeout 120`, which must find every
+/// invariant held; its report.
+fn chaos(b: &Bins, socket: &Path, args: &[&str]) -> Value {
+    let out = common::shmctl_output(
+        b,
+        socket,
+        &[
+            &["--json", "chaos"],
+            args,
+            &["--wait-finished", "--timeout", "120"],
+        ]
+        .concat(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "chaos printed no report ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        out.status.success(),
+        "chaos found a broken invariant: {report:#}"
+    );
+    report
+}
+
+/// `session run --restart-killed` restarts the paced producer each time `chaos --restart`
+/// kills it (seeded), with the same command line: the restarted replay resumes after the
+/// last seq merged, so the tap sees every event exactly once, the source's seqs stay
+/// contiguous, and the run ends well, its summary counting the restarts.
+#[test]
+fn chaos_restart_kills_a_producer_that_session_run_restarts_exactly_once() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("chaos-restart");
+    let socket = h.start_daemon(&b);
+    const N: u64 = 1000;
+    let csv = trades_csv(&h.dir, N, 5);
+    let out = h.dir.join("tap.ndjson");
+    let run = start_run_with(
+        &mut h,
+        &b,
+        &socket,
+        "cr",
+        &["--keep", "--restart-killed", "5"],
+        &[
+            replay_cmd(&b, &csv, "feed", ""),
+            tap_cmd(&b, &out, "tap", ""),
+        ],
+    );
+    let v = wait_inspect(&h, &socket, "cr", "the stream flowing", |v| merged(v) >= 50);
+    let feed = v["components"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "feed"))
+        .cloned()
+        .expect("the producer in inspect");
+    assert_eq!(
+        feed["launch"],
+        json!({"command": 0, "incarnation": 1}),
+        "{v:#}"
+    );
+    assert_eq!(feed["restartable"], true, "{v:#}");
+    // Only the producer: a restarted tap would start at the head.
+    let report = chaos(
+        &b,
+        &socket,
+        &[
+            "cr",
+            "--seed",
+            "11",
+            "--duration",
+            "3",
+            "--restart",
+            "--targets",
+            "feed",
+            "--every-ms",
+            "900",
+        ],
+    );
+    let actions = report["actions"].as_array().expect("actions");
+    let kills = actions.len() as u64;
+    assert!(kills >= 1, "the plan hit nothing: {report:#}");
+    for a in actions {
+        assert_eq!(
+            (&a["fault"], &a["target"]),
+            (&json!("restart"), &json!("feed"))
+        );
+        assert!(
+            a["restart_ms"].as_u64().is_some(),
+            "not restarted: {report:#}"
+        );
+        assert_ne!(a["new_pid"], a["pid"]);
+    }
+    assert_eq!(report["restarts"]["restarted"].as_u64(), Some(kills));
+    let names: Vec<&str> = report["invariants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"restarted") && names.contains(&"sources_contiguous"),
+        "{report:#}"
+    );
+    // The same seed, the same plan.
+    assert_eq!(report["plan"].as_array().map(Vec::len), Some(actions.len()));
+    let summary = finish_run(&mut h, run, "cr");
+    assert_eq!(summary["ok"], true, "{summary:#}");
+    let feed_run = summary["components"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|c| c["command"].as_str().unwrap().contains("--name feed"))
+        })
+        .expect("the producer's row");
+    assert_eq!(feed_run["restarts"].as_u64(), Some(kills), "{summary:#}");
+    assert_eq!(feed_run["exit"], 0, "{summary:#}");
+    assert!(feed_run["restarted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["signal"] == 9));
+    assert_exactly_once(&tap_ids(&out), N, "tap through restarts");
+    let v = inspect(&socket, "cr");
+    assert_eq!(v["sources"].as_array().map(Vec::len), Some(1), "{v:#}");
+    let src = &v["sources"][0];
+    assert_eq!(
+        (
+            src["events"].as_u64(),
+            src["last_seq"].as_u64(),
+            src["seq_gaps"].as_u64()
+        ),
+        (Some(N), Some(N - 1), Some(0)),
+        "{v:#}"
+    );
+    assert_eq!(src["takeovers"].as_u64(), Some(kills), "{v:#}");
+    request(&socket, &json!({"cmd": "SESSION_DESTROY", "name": "cr"}));
 }
 
 /// One failover trial: a live session with two paced replays in group `feed` under
