@@ -700,6 +700,153 @@ fn chaos_restart_kills_a_producer_that_session_run_restarts_exactly_once() {
     request(&socket, &json!({"cmd": "SESSION_DESTROY", "name": "cr"}));
 }
 
+/// `aegis-shmctl discover`: a consumer group of two (registered from this process) and a
+/// component in no group, as a table and as JSON; an unknown session, group or component is
+/// an error (exit 1), and so is asking for neither or both.
+#[test]
+fn discover_lists_live_members_and_the_active_one() {
+    use aegis_shm_client::client::Component;
+    use aegis_shm_client::protocol::{Register, Role};
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("discover");
+    let socket = h.start_daemon(&b);
+    let created = request(
+        &socket,
+        &json!({"cmd": "SESSION_CREATE", "name": "dv", "mode": "live"}),
+    );
+    let token = created["data"]["token"].as_str().expect("a token");
+    let join = |name: &str, group: Option<&str>| {
+        Component::connect(
+            Some(&socket),
+            Register {
+                component_name: name.into(),
+                session_token: token.into(),
+                role: Some(Role::Consumer),
+                pid: Some(std::process::id()),
+                group: group.map(str::to_string),
+                ..Register::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("register {name}: {e}"))
+    };
+    let _members = [
+        join("risk-a", Some("risk")),
+        join("risk-b", Some("risk")),
+        join("solo", None),
+    ];
+    let d = common::shmctl_json(&b, &socket, &["discover", "dv", "--group", "risk"]);
+    assert_eq!(
+        (&d["session"], &d["group"], &d["active"], &d["epoch"]),
+        (&json!("dv"), &json!("risk"), &json!("risk-a"), &json!(1)),
+        "{d:#}"
+    );
+    let roles: Vec<(&str, &str)> = d["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), m["role"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        roles,
+        [("risk-a", "active"), ("risk-b", "standby")],
+        "{d:#}"
+    );
+    assert_eq!(d["members"][0]["pid"], std::process::id());
+    let by_member = common::shmctl_json(&b, &socket, &["discover", "dv", "--component", "risk-b"]);
+    assert_eq!(by_member, d, "a member's group is its group");
+    let text = common::shmctl_output(&b, &socket, &["discover", "dv", "--group", "risk"]);
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.contains("group risk of session dv: epoch 1, active: risk-a, 2 live members"),
+        "{text}"
+    );
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let pid = std::process::id().to_string();
+    assert_eq!(
+        rows,
+        [
+            vec!["MEMBER", "PID", "ROLE", "STATE"],
+            vec!["risk-a", pid.as_str(), "active", "registered"],
+            vec!["risk-b", pid.as_str(), "standby", "registered"],
+        ],
+        "{text}"
+    );
+    let solo = common::shmctl_json(&b, &socket, &["discover", "dv", "--component", "solo"]);
+    assert_eq!(
+        (
+            &solo["group"],
+            &solo["active"],
+            solo["members"].as_array().map(Vec::len)
+        ),
+        (&Value::Null, &json!("solo"), Some(1)),
+        "{solo:#}"
+    );
+    let text = common::shmctl_output(&b, &socket, &["discover", "dv", "--component", "solo"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .contains("component solo of session dv: in no group, alive"),
+        "{text:?}"
+    );
+    for (args, says) in [
+        (&["discover", "nope", "--group", "risk"][..], "no_session"),
+        (&["discover", "dv", "--group", "nope"][..], "no_group"),
+        (
+            &["discover", "dv", "--component", "nope"][..],
+            "no_component",
+        ),
+        (&["discover", "dv"][..], "--group"),
+        (
+            &["discover", "dv", "--group", "risk", "--component", "solo"][..],
+            "cannot be used",
+        ),
+    ] {
+        let out = common::shmctl_output(&b, &socket, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && out.stdout.is_empty() && err.contains(says),
+            "{args:?}: {} {err}",
+            out.status
+        );
+    }
+}
+
+/// `--restart-killed` is for live sessions: a backtest refuses it before anything starts.
+#[test]
+fn restart_killed_needs_a_live_session() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("restart-backtest");
+    let socket = h.start_daemon(&b);
+    let out = common::shmctl_output(
+        &b,
+        &socket,
+        &[
+            "session",
+            "run",
+            "rb",
+            "--mode",
+            "backtest",
+            "--restart-killed",
+            "1",
+            "-c",
+            "true",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--restart-killed needs a live session"),
+        "{}: {err}",
+        out.status
+    );
+    let list = common::shmctl_json(&b, &socket, &["session", "list"]);
+    assert_eq!(list, json!([]), "nothing was created");
+}
+
 /// One failover trial: a live session with two paced replays in group `feed` under
 /// `policy`, and this process as a consumer. Once 100 events are read, the active member
 /// gets `fault` (SIGKILL, or SIGSTOP to hang it); returns the time from the signal to the

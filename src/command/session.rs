@@ -770,3 +770,22 @@ fn supervise(
         std::thread::sleep(RUN_POLL);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn killed_by_reads_the_signal_or_the_shells_128_plus_n() {
+        // Raw wait statuses: a signal in the low 7 bits, an exit code in the next byte.
+        assert_eq!(killed_by(ExitStatus::from_raw(9)), Some(9));
+        assert_eq!(killed_by(ExitStatus::from_raw(15)), Some(15));
+        // `sh -c` that forked its command reports "killed by 9" as 137.
+        assert_eq!(killed_by(ExitStatus::from_raw(137 << 8)), Some(9));
+        // Ordinary exits are no signal: they are never restarted.
+        assert_eq!(killed_by(ExitStatus::from_raw(0)), None);
+        assert_eq!(killed_by(ExitStatus::from_raw(1 << 8)), None);
+        assert_eq!(killed_by(ExitStatus::from_raw(128 << 8)), None);
+        assert_eq!(killed_by(ExitStatus::from_raw(255 << 8)), None);
+    }
+}
