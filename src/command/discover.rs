@@ -54,6 +54,9 @@ fn print_text(d: &Discovered, a: &DiscoverArgs) {
             }
         ),
     }
+    if d.members.is_empty() {
+        return;
+    }
     let mut t = TextTable::new(&[
         ("MEMBER", Align::Left),
         ("PID", Align::Right),

@@ -384,12 +384,32 @@ pub fn run_session(socket: &Path, json_out: bool, a: &RunArgs) -> Result<bool, C
         }
         t.print(2);
         for c in r.components.iter().filter(|c| !c.restarted.is_empty()) {
-            let how: Vec<String> = c
+            let mut signals: Vec<i32> = c.restarted.iter().map(|x| x.signal).collect();
+            signals.sort_unstable();
+            signals.dedup();
+            let pids: Vec<String> = c
                 .restarted
                 .iter()
-                .map(|x| format!("pid {} (signal {}) -> pid {}", x.pid, x.signal, x.new_pid))
+                .map(|x| x.pid.to_string())
+                .chain(std::iter::once(c.pid.to_string()))
                 .collect();
-            println!("  restarted {:?}: {}", c.command, how.join(", "));
+            println!(
+                "  restarted {} time{} after signal {}: pid {}  ({})",
+                c.restarts,
+                if c.restarts == 1 { "" } else { "s" },
+                signals
+                    .iter()
+                    .map(i32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                pids.join(" -> "),
+                c.command
+            );
+        }
+        for c in r.components.iter() {
+            if let Some(e) = &c.restart_error {
+                println!("  {e}");
+            }
         }
         println!(
             "  {} events merged in {:.3} s",
