@@ -61,6 +61,19 @@ fn request(socket: &Path, v: &Value) -> Value {
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("bad answer {answer:?}: {e}"))
 }
 
+/// Creates live session `name` (starting once `expect` components are READY, if given);
+/// returns its token.
+fn create_live(socket: &Path, name: &str, expect: Option<u32>) -> String {
+    let created = request(
+        socket,
+        &json!({"cmd": "SESSION_CREATE", "name": name, "mode": "live", "expect": expect}),
+    );
+    created["data"]["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token for session {name}: {created}"))
+        .to_string()
+}
+
 fn inspect(socket: &Path, name: &str) -> Value {
     let a = request(socket, &json!({"cmd": "SESSION_INSPECT", "name": name}));
     a["data"].clone()
@@ -280,14 +293,7 @@ fn restarted_live_producer_resumes_exactly_once() {
     const N: u64 = 600;
     let csv = trades_csv(&h.dir, N, 5);
     let out = h.dir.join("tap.ndjson");
-    let created = request(
-        &socket,
-        &json!({"cmd": "SESSION_CREATE", "name": "rs", "mode": "live", "expect": 2}),
-    );
-    let token = created["data"]["token"]
-        .as_str()
-        .expect("a token")
-        .to_string();
+    let token = create_live(&socket, "rs", Some(2));
     let env = |c: &mut Command| {
         c.env("AEGIS_SOCKET", &socket)
             .env("AEGIS_SESSION_TOKEN", &token)
@@ -711,11 +717,8 @@ fn discover_lists_live_members_and_the_active_one() {
     let b = bins();
     let mut h = Harness::new("discover");
     let socket = h.start_daemon(&b);
-    let created = request(
-        &socket,
-        &json!({"cmd": "SESSION_CREATE", "name": "dv", "mode": "live"}),
-    );
-    let token = created["data"]["token"].as_str().expect("a token");
+    let token = create_live(&socket, "dv", None);
+    let token = token.as_str();
     let join = |name: &str, group: Option<&str>| {
         Component::connect(
             Some(&socket),
@@ -866,14 +869,7 @@ fn failover_trial(
     use aegis_shm_client::client::Component;
     use aegis_shm_client::protocol::{Register, Role};
     use std::sync::{Arc, Mutex};
-    let created = request(
-        socket,
-        &json!({"cmd": "SESSION_CREATE", "name": trial, "mode": "live", "expect": 3}),
-    );
-    let token = created["data"]["token"]
-        .as_str()
-        .expect("a token")
-        .to_string();
+    let token = create_live(socket, trial, Some(3));
     let mut pids = Vec::new();
     for m in ["a", "b"] {
         let mut c = Command::new(&b.replay);

@@ -190,6 +190,12 @@ impl Target {
         }
     }
 
+    /// Sends `sig` to its pid (the daemon's word for it, never a name).
+    fn signal(&self, sig: Signal) -> Result<(), CliError> {
+        kill(Pid::from_raw(self.pid as i32), sig)
+            .map_err(|e| CliError(format!("{sig} to {} (pid {}): {e}", self.name, self.pid)))
+    }
+
     /// "NAME (pid P, group G, ROLE)" or "NAME (pid P, command I)".
     fn describe(&self) -> String {
         match (&self.group, self.restartable) {
@@ -363,12 +369,10 @@ pub fn run(socket: &Path, json: bool, a: &ChaosArgs) -> Result<bool, CliError> {
             new_pid: None,
             restart_ms: None,
         };
-        let pid = Pid::from_raw(t.pid as i32);
         match step.fault {
             Fault::Kill => {
                 say(json, start, &format!("kill -9 {}", t.describe()));
-                kill(pid, Signal::SIGKILL)
-                    .map_err(|e| CliError(format!("kill -9 {} (pid {}): {e}", t.name, t.pid)))?;
+                t.signal(Signal::SIGKILL)?;
             }
             Fault::Pause => {
                 let ms = a.pause.unwrap_or(0);
@@ -378,12 +382,11 @@ pub fn run(socket: &Path, json: bool, a: &ChaosArgs) -> Result<bool, CliError> {
                     start,
                     &format!("SIGSTOP {} for {ms} ms", t.describe()),
                 );
-                kill(pid, Signal::SIGSTOP)
-                    .map_err(|e| CliError(format!("SIGSTOP {} (pid {}): {e}", t.name, t.pid)))?;
+                t.signal(Signal::SIGSTOP)?;
                 std::thread::sleep(Duration::from_millis(ms));
                 // The process may have been killed meanwhile (by an operator); SIGCONT to a
                 // gone pid is not an error here.
-                let _ = kill(pid, Signal::SIGCONT);
+                let _ = t.signal(Signal::SIGCONT);
                 say(json, start, &format!("SIGCONT {} (pid {})", t.name, t.pid));
             }
             Fault::Restart => {
@@ -394,8 +397,7 @@ pub fn run(socket: &Path, json: bool, a: &ChaosArgs) -> Result<bool, CliError> {
                     start,
                     &format!("kill -9 {}, which session run restarts", t.describe()),
                 );
-                kill(pid, Signal::SIGKILL)
-                    .map_err(|e| CliError(format!("kill -9 {} (pid {}): {e}", t.name, t.pid)))?;
+                t.signal(Signal::SIGKILL)?;
                 let killed = Instant::now();
                 let deadline = Duration::from_secs(a.restart_timeout);
                 match wait_restart(socket, &a.session, launch, t.pid, deadline)? {
