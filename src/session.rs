@@ -1366,8 +1366,8 @@ impl Session {
     }
 
     /// Whether `session run` will restart component `c` if it dies by a signal: a live
-    /// session not over, `c` alive and started by a `session run` command that has restarts
-    /// left under `--restart-killed`.
+    /// session that has not begun to drain, `c` alive and started by a `session run` command
+    /// that has restarts left under `--restart-killed`.
     fn restartable(&self, c: &Component) -> bool {
         let budget = match (self.spec.restart_killed, c.launch) {
             (Some(n), Some(l)) => l.restarts() < n,
@@ -1375,7 +1375,7 @@ impl Session {
         };
         budget
             && matches!(self.mode, Mode::Live { .. })
-            && !self.state.is_final()
+            && matches!(self.state, State::Created | State::Running)
             && !c.state.gone()
             && c.pid != 0
     }

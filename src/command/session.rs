@@ -746,10 +746,12 @@ fn supervise(
             last = Some(v);
         }
         let state = last.as_ref().map(|s| s.state);
-        // A restart only makes sense while the session goes on (the daemon refuses
-        // `--restart-killed` for a backtest).
+        // A restart only makes sense while the session takes components and data flows: not
+        // once it drains (a consumer started then would wait at the bus head for an end it
+        // never sees) or is over. The daemon refuses `--restart-killed` for a backtest.
         if let Some(budget) = a.restart_killed {
-            if state.is_some_and(|s| !s.is_final()) && Instant::now() < deadline {
+            let goes_on = matches!(state, Some(SessionState::Created | SessionState::Running));
+            if goes_on && Instant::now() < deadline {
                 children.restart_killed(launcher, budget);
             }
         }
