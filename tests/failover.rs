@@ -818,6 +818,73 @@ fn discover_lists_live_members_and_the_active_one() {
     }
 }
 
+/// `session run --restart-killed 2` restarts a command that a signal killed, twice, with
+/// the same command line, its index and the next incarnation in the environment, then gives
+/// up (the run fails, saying so); a command that exits with a status is never restarted.
+#[test]
+fn session_run_restarts_only_what_a_signal_killed_and_at_most_n_times() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("restart-budget");
+    let socket = h.start_daemon(&b);
+    let log = h.dir.join("starts.log");
+    let killed = format!(
+        "echo \"$AEGIS_COMMAND_INDEX $AEGIS_INCARNATION ${{AEGIS_SESSION_TOKEN:+token}}\" >> {}; kill -9 $$",
+        q(&log)
+    );
+    let r = common::session_run(
+        &mut h,
+        &b,
+        &socket,
+        "kb",
+        "live",
+        &["--restart-killed", "2"],
+        &[killed],
+    );
+    assert!(!r.status.success(), "{:#}", r.summary);
+    let c = &r.summary["components"][0];
+    assert_eq!(
+        (&c["restarts"], &c["signal"], &c["exit"]),
+        (&json!(2), &json!(9), &json!(-1)),
+        "{:#}",
+        r.summary
+    );
+    let pids: Vec<&Value> = c["restarted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| &x["new_pid"])
+        .collect();
+    assert_eq!(pids.len(), 2);
+    assert_eq!(pids[1], &c["pid"], "the last restart is the last start");
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "0 1 token\n0 2 token\n0 3 token\n",
+        "three starts of command 0, each with the session's environment"
+    );
+    assert!(
+        r.stderr.contains("killed by signal 9; restarted"),
+        "{}",
+        r.stderr
+    );
+    let exited = common::session_run(
+        &mut h,
+        &b,
+        &socket,
+        "ke",
+        "live",
+        &["--restart-killed", "2"],
+        &["exit 3".to_string()],
+    );
+    let c = &exited.summary["components"][0];
+    assert_eq!(
+        (&c["restarts"], &c["signal"], &c["exit"]),
+        (&json!(0), &Value::Null, &json!(3)),
+        "{:#}",
+        exited.summary
+    );
+}
+
 /// `--restart-killed` is for live sessions: a backtest refuses it before anything starts.
 #[test]
 fn restart_killed_needs_a_live_session() {
