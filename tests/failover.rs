@@ -703,6 +703,22 @@ fn chaos_restart_kills_a_producer_that_session_run_restarts_exactly_once() {
         "{v:#}"
     );
     assert_eq!(src["takeovers"].as_u64(), Some(kills), "{v:#}");
+    let text = common::shmctl_output(&b, &socket, &["session", "inspect", "cr"]);
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    let row: Vec<String> = vec![
+        src["name"].as_str().unwrap().to_string(),
+        kills.to_string(),
+        "feed".into(),
+        (N - 1).to_string(),
+        src["duplicates"].to_string(),
+        "0".into(),
+    ];
+    let after = text.split("takeovers:\n").nth(1).unwrap_or_default();
+    let found = after
+        .lines()
+        .nth(1)
+        .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>());
+    assert_eq!(found.as_ref(), Some(&row), "inspect text:\n{text}");
     request(&socket, &json!({"cmd": "SESSION_DESTROY", "name": "cr"}));
 }
 

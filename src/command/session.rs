@@ -262,7 +262,38 @@ pub fn print_inspect(v: &Inspect) {
             q.duplicates, q.seq_gaps
         );
     }
+    print_takeovers(v);
     print_groups(v);
+}
+
+/// The sources that changed hands (a promoted standby, a restarted producer): how often,
+/// and their seq figures.
+fn print_takeovers(v: &Inspect) {
+    let moved: Vec<_> = v.sources.iter().filter(|s| s.takeovers > 0).collect();
+    if moved.is_empty() {
+        return;
+    }
+    println!("takeovers:");
+    let mut t = TextTable::new(&[
+        ("SOURCE", Left),
+        ("TAKEOVERS", Right),
+        ("PRODUCER", Left),
+        ("LAST_SEQ", Right),
+        ("DUPLICATES", Right),
+        ("SEQ_GAPS", Right),
+    ]);
+    for s in moved {
+        let p = s.progress.as_ref();
+        t.row([
+            s.name.clone(),
+            s.takeovers.to_string(),
+            s.component.clone().unwrap_or_default(),
+            opt(p.and_then(|p| p.last_seq)),
+            opt(p.map(|p| p.duplicates)),
+            opt(p.map(|p| p.seq_gaps)),
+        ]);
+    }
+    t.print(2);
 }
 
 /// The groups of `inspect` (hot standby), one row per member.
