@@ -671,7 +671,7 @@ fn chaos_restart_kills_a_producer_that_session_run_restarts_exactly_once() {
         names.contains(&"restarted") && names.contains(&"sources_contiguous"),
         "{report:#}"
     );
-    // The same seed, the same plan.
+    // Every planned step found its target: the producer stays restartable (budget 5).
     assert_eq!(report["plan"].as_array().map(Vec::len), Some(actions.len()));
     let summary = finish_run(&mut h, run, "cr");
     assert_eq!(summary["ok"], true, "{summary:#}");
