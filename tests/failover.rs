@@ -671,7 +671,8 @@ fn chaos_restart_kills_a_producer_that_session_run_restarts_exactly_once() {
         names.contains(&"restarted") && names.contains(&"sources_contiguous"),
         "{report:#}"
     );
-    // Every planned step found its target: the producer stays restartable (budget 10, more than the plan can hold).
+    // Every planned step found its target: the producer stays restartable (a budget of 10,
+    // more steps than 3 s at 450 ms or more apart can hold).
     assert_eq!(report["plan"].as_array().map(Vec::len), Some(actions.len()));
     let summary = finish_run(&mut h, run, "cr");
     assert_eq!(summary["ok"], true, "{summary:#}");
