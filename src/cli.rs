@@ -59,9 +59,13 @@ pub enum Command {
     #[command(subcommand)]
     Record(RecordCommand),
     /// Seeded fault injection into a running session: kill -9 and SIGSTOP/SIGCONT of its
-    /// group members (pids the daemon knows), then the invariants checked (counts,
-    /// duplicates, gaps). Exits non-zero if one fails.
+    /// group members, kill -9 of components `session run` restarts (pids the daemon knows),
+    /// then the invariants checked (counts, duplicates, gaps, restarts). Exits non-zero if
+    /// one fails.
     Chaos(ChaosArgs),
+    /// The live members of a group (or of a component's group) and which one is active.
+    /// Exits non-zero for an unknown session, group or component.
+    Discover(DiscoverArgs),
     /// Print the shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -210,6 +214,13 @@ pub struct RunArgs {
     /// Keep the session (and its segments) after the run, for `inspect`.
     #[arg(long)]
     pub keep: bool,
+    /// Live: restart a component that dies by a signal (kill -9, a crash), with the same
+    /// command line and environment, at most N times per command. A restarted producer
+    /// resumes its source where the merge left it. The summary counts the restarts; the
+    /// run's verdict is the last start's exit. `inspect` marks such components
+    /// `restartable`, and `chaos --restart` picks among them.
+    #[arg(long, value_name = "N")]
+    pub restart_killed: Option<u32>,
 }
 
 /// `demo`.
@@ -266,6 +277,29 @@ pub struct ChaosArgs {
     /// With --wait-finished: give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// kill -9 components that `session run --restart-killed` will restart (`restartable`
+    /// in `inspect`), then wait for the restarted start to register and report the time.
+    #[arg(long)]
+    pub restart: bool,
+    /// With --restart: how long to wait for a killed component's restart to register, in
+    /// seconds.
+    #[arg(long, default_value_t = 10, value_name = "S")]
+    pub restart_timeout: u64,
+}
+
+/// `discover`.
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["group", "component"])))]
+pub struct DiscoverArgs {
+    /// The session.
+    pub session: String,
+    /// A group: its live members and the active one.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// A component: the live members of its group (or the component alone if it is in
+    /// none).
+    #[arg(long)]
+    pub component: Option<String>,
 }
 
 /// `bench`.

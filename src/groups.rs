@@ -332,6 +332,7 @@ impl Session {
         let rec = self.sources.get_mut(name)?;
         let old = std::mem::replace(&mut rec.backing, Backing::Ring(ring.clone()));
         rec.component = component;
+        rec.takeovers += 1;
         self.orphans.remove(name);
         let r = self.running.as_ref()?;
         let rank = r.ranks.iter().position(|n| n == name)?;

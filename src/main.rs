@@ -31,6 +31,7 @@ fn main() {
         Command::Call(a) => command::call::run(&socket, cli.json, &a),
         Command::Record(cmd) => command::record::run(cli.json, cmd),
         Command::Chaos(a) => command::chaos::run(&socket, cli.json, &a),
+        Command::Discover(a) => command::discover::run(&socket, cli.json, &a),
         Command::Completions { shell } => {
             command::completions::run(shell);
             Ok(true)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aegis_shm_client::protocol::{
     self, Ack, AckSource, ComponentEvicted, ComponentInfo, ComponentState, ConsumerInfo, ErrorCode,
-    Inspect, Register, Reply, Role, Segments, SequencerStats, SessionInfo, SessionSpec,
+    Inspect, Launch, Register, Reply, Role, Segments, SequencerStats, SessionInfo, SessionSpec,
     SessionState, SourceInfo, SourceKind, SourceProgress, SourceStatus,
 };
 use aegis_shm_client::segment::{segment_path, ShmRegion, LAYOUT_VERSION};
@@ -161,6 +161,8 @@ pub struct Component {
     /// Per source in `sources`: the ring of its own it got because the source existed
     /// already (a group's standby, a restart); `None`: the source's own ring.
     pub rings: Vec<Option<Arc<ShmRegion>>>,
+    /// The `session run` command that started it (from its REGISTER).
+    pub launch: Option<Launch>,
 }
 
 impl Component {
@@ -196,6 +198,8 @@ pub(crate) struct SourceRec {
     pub(crate) kind: SourceKind,
     pub(crate) topic: String,
     pub(crate) component: String,
+    /// Times the source changed hands (`groups::switch_source`).
+    pub(crate) takeovers: u64,
 }
 
 /// Where a source's frames come from.
@@ -331,6 +335,11 @@ impl Session {
                 ),
             },
         };
+        if spec.restart_killed.is_some() && mode == Mode::Backtest {
+            return Err(Refusal::bad_request(
+                "--restart-killed needs a live session: a backtest cannot take a restarted producer and stay exact",
+            ));
+        }
         let bus_bytes = parse_pow2(spec.bus_bytes, DEFAULT_BUS_BYTES, "--bus-bytes")?;
         parse_pow2(spec.source_bytes, DEFAULT_SOURCE_BYTES, "--source-bytes")?;
         if let Some(r) = spec.reconcile_s {
@@ -479,6 +488,7 @@ impl Session {
             group: join.as_ref().map(|j| j.name().to_string()),
             fenced: false,
             rings,
+            launch: reg.launch,
         });
         let group = self.admit(conn, join, &taken, &mut ack_sources);
         Ok(Ack {
@@ -697,6 +707,7 @@ impl Session {
                     kind: s.kind,
                     topic: s.topic.clone(),
                     component: reg.component_name.clone(),
+                    takeovers: 0,
                 },
             );
         }
@@ -1227,6 +1238,8 @@ impl Session {
                     pid: c.pid,
                     state: c.public_state(),
                     reason: c.reason(),
+                    launch: c.launch,
+                    restartable: self.restartable(c),
                 })
                 .collect(),
             sources: self.source_infos(),
@@ -1310,17 +1323,26 @@ impl Session {
             .into_iter()
             .map(|s| {
                 let rec = self.sources.get(&s.name);
+                // The seq figures the sequencer publishes per rank (`takeover.rs`).
+                let seqs = self.running.as_ref().and_then(|r| {
+                    let rank = r.ranks.iter().position(|n| *n == s.name)?;
+                    Some((&r.takeovers, rank))
+                });
                 SourceInfo {
                     state: s.state.into(),
                     events: s.events,
                     progress: Some(SourceProgress {
                         rejected: s.rejected,
+                        last_seq: seqs.and_then(|(k, rank)| k.last_seq(rank)),
+                        duplicates: seqs.map_or(0, |(k, rank)| k.duplicates(rank)),
+                        seq_gaps: seqs.map_or(0, |(k, rank)| k.gaps(rank)),
                         watermark: s.watermark,
                         reason: s.reason,
                     }),
                     kind: rec.map(|r| r.kind),
                     topic: rec.map(|r| r.topic.clone()),
                     component: rec.map(|r| r.component.clone()),
+                    takeovers: rec.map_or(0, |r| r.takeovers),
                     name: s.name,
                 }
             })
@@ -1338,8 +1360,24 @@ impl Session {
                 kind: Some(r.kind),
                 topic: Some(r.topic.clone()),
                 component: Some(r.component.clone()),
+                takeovers: r.takeovers,
             })
             .collect()
+    }
+
+    /// Whether `session run` will restart component `c` if it dies by a signal: a live
+    /// session that has not begun to drain, `c` alive and started by a `session run` command
+    /// that has restarts left under `--restart-killed`.
+    fn restartable(&self, c: &Component) -> bool {
+        let budget = match (self.spec.restart_killed, c.launch) {
+            (Some(n), Some(l)) => l.restarts() < n,
+            _ => false,
+        };
+        budget
+            && matches!(self.mode, Mode::Live { .. })
+            && matches!(self.state, State::Created | State::Running)
+            && !c.state.gone()
+            && c.pid != 0
     }
 
     /// The sequencer's counters; `elapsed` (s) gives the rate.

@@ -61,6 +61,19 @@ fn request(socket: &Path, v: &Value) -> Value {
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("bad answer {answer:?}: {e}"))
 }
 
+/// Creates live session `name` (starting once `expect` components are READY, if given);
+/// returns its token.
+fn create_live(socket: &Path, name: &str, expect: Option<u32>) -> String {
+    let created = request(
+        socket,
+        &json!({"cmd": "SESSION_CREATE", "name": name, "mode": "live", "expect": expect}),
+    );
+    created["data"]["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token for session {name}: {created}"))
+        .to_string()
+}
+
 fn inspect(socket: &Path, name: &str) -> Value {
     let a = request(socket, &json!({"cmd": "SESSION_INSPECT", "name": name}));
     a["data"].clone()
@@ -280,14 +293,7 @@ fn restarted_live_producer_resumes_exactly_once() {
     const N: u64 = 600;
     let csv = trades_csv(&h.dir, N, 5);
     let out = h.dir.join("tap.ndjson");
-    let created = request(
-        &socket,
-        &json!({"cmd": "SESSION_CREATE", "name": "rs", "mode": "live", "expect": 2}),
-    );
-    let token = created["data"]["token"]
-        .as_str()
-        .expect("a token")
-        .to_string();
+    let token = create_live(&socket, "rs", Some(2));
     let env = |c: &mut Command| {
         c.env("AEGIS_SOCKET", &socket)
             .env("AEGIS_SESSION_TOKEN", &token)
@@ -516,12 +522,10 @@ fn chaos_seeded_run_over_a_producer_group_ends_with_exact_counts() {
     wait_inspect(&h, &socket, "ch", "the stream flowing", |v| merged(v) >= 50);
     // Pauses shorter than the aggressive bound (1 s) fence nobody; kills need a standby, so
     // one member of three always survives.
-    let out = Command::new(&b.shmctl)
-        .arg("--socket")
-        .arg(&socket)
-        .args([
-            "--json",
-            "chaos",
+    let report = chaos(
+        &b,
+        &socket,
+        &[
             "ch",
             "--seed",
             "7",
@@ -532,23 +536,7 @@ fn chaos_seeded_run_over_a_producer_group_ends_with_exact_counts() {
             "300",
             "--every-ms",
             "700",
-            "--wait-finished",
-            "--timeout",
-            "120",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run aegis-shmctl chaos");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
-        panic!(
-            "chaos printed no report ({e}): {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(
-        out.status.success(),
-        "chaos found a broken invariant: {report:#}"
+        ],
     );
     assert_eq!(report["seed"], 7);
     let actions = report["actions"].as_array().expect("actions");
@@ -578,6 +566,374 @@ fn chaos_seeded_run_over_a_producer_group_ends_with_exact_counts() {
     request(&socket, &json!({"cmd": "SESSION_DESTROY", "name": "ch"}));
 }
 
+/// `aegis-shmctl --json chaos ARGS... --wait-finished --timeout 120`, which must find every
+/// invariant held; its report.
+fn chaos(b: &Bins, socket: &Path, args: &[&str]) -> Value {
+    let out = common::shmctl_output(
+        b,
+        socket,
+        &[
+            &["--json", "chaos"],
+            args,
+            &["--wait-finished", "--timeout", "120"],
+        ]
+        .concat(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "chaos printed no report ({e}): {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        out.status.success(),
+        "chaos found a broken invariant: {report:#}"
+    );
+    report
+}
+
+/// `session run --restart-killed` restarts the paced producer each time `chaos --restart`
+/// kills it (seeded), with the same command line: the restarted replay resumes after the
+/// last seq merged, so the tap sees every event exactly once, the source's seqs stay
+/// contiguous, and the run ends well, its summary counting the restarts.
+#[test]
+fn chaos_restart_kills_a_producer_that_session_run_restarts_exactly_once() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("chaos-restart");
+    let socket = h.start_daemon(&b);
+    const N: u64 = 1000;
+    let csv = trades_csv(&h.dir, N, 5);
+    let out = h.dir.join("tap.ndjson");
+    let run = start_run_with(
+        &mut h,
+        &b,
+        &socket,
+        "cr",
+        &["--keep", "--restart-killed", "10"],
+        &[
+            replay_cmd(&b, &csv, "feed", ""),
+            tap_cmd(&b, &out, "tap", ""),
+        ],
+    );
+    let v = wait_inspect(&h, &socket, "cr", "the stream flowing", |v| merged(v) >= 50);
+    let feed = v["components"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "feed"))
+        .cloned()
+        .expect("the producer in inspect");
+    assert_eq!(
+        feed["launch"],
+        json!({"command": 0, "incarnation": 1}),
+        "{v:#}"
+    );
+    assert_eq!(feed["restartable"], true, "{v:#}");
+    // Only the producer: a restarted tap would start at the head.
+    let report = chaos(
+        &b,
+        &socket,
+        &[
+            "cr",
+            "--seed",
+            "11",
+            "--duration",
+            "3",
+            "--restart",
+            "--targets",
+            "feed",
+            "--every-ms",
+            "900",
+        ],
+    );
+    let actions = report["actions"].as_array().expect("actions");
+    let kills = actions.len() as u64;
+    assert!(kills >= 1, "the plan hit nothing: {report:#}");
+    for a in actions {
+        assert_eq!(
+            (&a["fault"], &a["target"]),
+            (&json!("restart"), &json!("feed"))
+        );
+        assert!(
+            a["restart_ms"].as_u64().is_some(),
+            "not restarted: {report:#}"
+        );
+        assert_ne!(a["new_pid"], a["pid"]);
+    }
+    assert_eq!(report["restarts"]["restarted"].as_u64(), Some(kills));
+    let names: Vec<&str> = report["invariants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"restarted") && names.contains(&"sources_contiguous"),
+        "{report:#}"
+    );
+    // Every planned step found its target: the producer stays restartable (a budget of 10,
+    // more steps than 3 s at 450 ms or more apart can hold).
+    assert_eq!(report["plan"].as_array().map(Vec::len), Some(actions.len()));
+    let summary = finish_run(&mut h, run, "cr");
+    assert_eq!(summary["ok"], true, "{summary:#}");
+    let feed_run = summary["components"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|c| c["command"].as_str().unwrap().contains("--name feed"))
+        })
+        .expect("the producer's row");
+    assert_eq!(feed_run["restarts"].as_u64(), Some(kills), "{summary:#}");
+    assert_eq!(feed_run["exit"], 0, "{summary:#}");
+    assert!(feed_run["restarted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["signal"] == 9));
+    assert_exactly_once(&tap_ids(&out), N, "tap through restarts");
+    let v = inspect(&socket, "cr");
+    assert_eq!(v["sources"].as_array().map(Vec::len), Some(1), "{v:#}");
+    let src = &v["sources"][0];
+    assert_eq!(
+        (
+            src["events"].as_u64(),
+            src["last_seq"].as_u64(),
+            src["seq_gaps"].as_u64()
+        ),
+        (Some(N), Some(N - 1), Some(0)),
+        "{v:#}"
+    );
+    assert_eq!(src["takeovers"].as_u64(), Some(kills), "{v:#}");
+    let text = common::shmctl_output(&b, &socket, &["session", "inspect", "cr"]);
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    let row: Vec<String> = vec![
+        src["name"].as_str().unwrap().to_string(),
+        kills.to_string(),
+        "feed".into(),
+        (N - 1).to_string(),
+        src["duplicates"].to_string(),
+        "0".into(),
+    ];
+    let after = text.split("takeovers:\n").nth(1).unwrap_or_default();
+    let found = after
+        .lines()
+        .nth(1)
+        .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>());
+    assert_eq!(found.as_ref(), Some(&row), "inspect text:\n{text}");
+    request(&socket, &json!({"cmd": "SESSION_DESTROY", "name": "cr"}));
+}
+
+/// `aegis-shmctl discover`: a consumer group of two (registered from this process) and a
+/// component in no group, as a table and as JSON; an unknown session, group or component is
+/// an error (exit 1), and so is asking for neither or both.
+#[test]
+fn discover_lists_live_members_and_the_active_one() {
+    use aegis_shm_client::client::Component;
+    use aegis_shm_client::protocol::{Register, Role};
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("discover");
+    let socket = h.start_daemon(&b);
+    let token = create_live(&socket, "dv", None);
+    let token = token.as_str();
+    let join = |name: &str, group: Option<&str>| {
+        Component::connect(
+            Some(&socket),
+            Register {
+                component_name: name.into(),
+                session_token: token.into(),
+                role: Some(Role::Consumer),
+                pid: Some(std::process::id()),
+                group: group.map(str::to_string),
+                ..Register::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("register {name}: {e}"))
+    };
+    let _members = [
+        join("risk-a", Some("risk")),
+        join("risk-b", Some("risk")),
+        join("solo", None),
+    ];
+    let d = common::shmctl_json(&b, &socket, &["discover", "dv", "--group", "risk"]);
+    assert_eq!(
+        (&d["session"], &d["group"], &d["active"], &d["epoch"]),
+        (&json!("dv"), &json!("risk"), &json!("risk-a"), &json!(1)),
+        "{d:#}"
+    );
+    let roles: Vec<(&str, &str)> = d["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), m["role"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        roles,
+        [("risk-a", "active"), ("risk-b", "standby")],
+        "{d:#}"
+    );
+    assert_eq!(d["members"][0]["pid"], std::process::id());
+    let by_member = common::shmctl_json(&b, &socket, &["discover", "dv", "--component", "risk-b"]);
+    assert_eq!(by_member, d, "a member's group is its group");
+    let text = common::shmctl_output(&b, &socket, &["discover", "dv", "--group", "risk"]);
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.contains("group risk of session dv: epoch 1, active: risk-a, 2 live members"),
+        "{text}"
+    );
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let pid = std::process::id().to_string();
+    assert_eq!(
+        rows,
+        [
+            vec!["MEMBER", "PID", "ROLE", "STATE"],
+            vec!["risk-a", pid.as_str(), "active", "registered"],
+            vec!["risk-b", pid.as_str(), "standby", "registered"],
+        ],
+        "{text}"
+    );
+    let solo = common::shmctl_json(&b, &socket, &["discover", "dv", "--component", "solo"]);
+    assert_eq!(
+        (
+            &solo["group"],
+            &solo["active"],
+            solo["members"].as_array().map(Vec::len)
+        ),
+        (&Value::Null, &json!("solo"), Some(1)),
+        "{solo:#}"
+    );
+    let text = common::shmctl_output(&b, &socket, &["discover", "dv", "--component", "solo"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .contains("component solo of session dv: in no group, alive"),
+        "{text:?}"
+    );
+    for (args, says) in [
+        (&["discover", "nope", "--group", "risk"][..], "no_session"),
+        (&["discover", "dv", "--group", "nope"][..], "no_group"),
+        (
+            &["discover", "dv", "--component", "nope"][..],
+            "no_component",
+        ),
+        (&["discover", "dv"][..], "--group"),
+        (
+            &["discover", "dv", "--group", "risk", "--component", "solo"][..],
+            "cannot be used",
+        ),
+    ] {
+        let out = common::shmctl_output(&b, &socket, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && out.stdout.is_empty() && err.contains(says),
+            "{args:?}: {} {err}",
+            out.status
+        );
+    }
+}
+
+/// `session run --restart-killed 2` restarts a command that a signal killed, twice, with
+/// the same command line, its index and the next incarnation in the environment, then gives
+/// up (the run fails, saying so); a command that exits with a status is never restarted.
+#[test]
+fn session_run_restarts_only_what_a_signal_killed_and_at_most_n_times() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("restart-budget");
+    let socket = h.start_daemon(&b);
+    let log = h.dir.join("starts.log");
+    let killed = format!(
+        "echo \"$AEGIS_COMMAND_INDEX $AEGIS_INCARNATION ${{AEGIS_SESSION_TOKEN:+token}}\" >> {}; kill -9 $$",
+        q(&log)
+    );
+    let r = common::session_run(
+        &mut h,
+        &b,
+        &socket,
+        "kb",
+        "live",
+        &["--restart-killed", "2"],
+        &[killed],
+    );
+    assert!(!r.status.success(), "{:#}", r.summary);
+    let c = &r.summary["components"][0];
+    assert_eq!(
+        (&c["restarts"], &c["signal"], &c["exit"]),
+        (&json!(2), &json!(9), &json!(-1)),
+        "{:#}",
+        r.summary
+    );
+    let pids: Vec<&Value> = c["restarted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| &x["new_pid"])
+        .collect();
+    assert_eq!(pids.len(), 2);
+    assert_eq!(pids[1], &c["pid"], "the last restart is the last start");
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "0 1 token\n0 2 token\n0 3 token\n",
+        "three starts of command 0, each with the session's environment"
+    );
+    assert!(
+        r.stderr.contains("killed by signal 9; restarted"),
+        "{}",
+        r.stderr
+    );
+    let exited = common::session_run(
+        &mut h,
+        &b,
+        &socket,
+        "ke",
+        "live",
+        &["--restart-killed", "2"],
+        &["exit 3".to_string()],
+    );
+    let c = &exited.summary["components"][0];
+    assert_eq!(
+        (&c["restarts"], &c["signal"], &c["exit"]),
+        (&json!(0), &Value::Null, &json!(3)),
+        "{:#}",
+        exited.summary
+    );
+}
+
+/// `--restart-killed` is for live sessions: a backtest refuses it before anything starts.
+#[test]
+fn restart_killed_needs_a_live_session() {
+    let _g = serial();
+    let b = bins();
+    let mut h = Harness::new("restart-backtest");
+    let socket = h.start_daemon(&b);
+    let out = common::shmctl_output(
+        &b,
+        &socket,
+        &[
+            "session",
+            "run",
+            "rb",
+            "--mode",
+            "backtest",
+            "--restart-killed",
+            "1",
+            "-c",
+            "true",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--restart-killed needs a live session"),
+        "{}: {err}",
+        out.status
+    );
+    let list = common::shmctl_json(&b, &socket, &["session", "list"]);
+    assert_eq!(list, json!([]), "nothing was created");
+}
+
 /// One failover trial: a live session with two paced replays in group `feed` under
 /// `policy`, and this process as a consumer. Once 100 events are read, the active member
 /// gets `fault` (SIGKILL, or SIGSTOP to hang it); returns the time from the signal to the
@@ -597,14 +953,7 @@ fn failover_trial(
     use aegis_shm_client::client::Component;
     use aegis_shm_client::protocol::{Register, Role};
     use std::sync::{Arc, Mutex};
-    let created = request(
-        socket,
-        &json!({"cmd": "SESSION_CREATE", "name": trial, "mode": "live", "expect": 3}),
-    );
-    let token = created["data"]["token"]
-        .as_str()
-        .expect("a token")
-        .to_string();
+    let token = create_live(socket, trial, Some(3));
     let mut pids = Vec::new();
     for m in ["a", "b"] {
         let mut c = Command::new(&b.replay);

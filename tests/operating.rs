@@ -197,7 +197,16 @@ fn completions_for_bash_zsh_and_fish() {
         assert!(o.status.success(), "{shell}: {}", text(&o.stderr));
         let script = text(&o.stdout);
         // Subcommands and options (fish names them without their dashes).
-        for word in ["aegis-shmctl", "session", "top", "bench", "plot", "once"] {
+        for word in [
+            "aegis-shmctl",
+            "session",
+            "top",
+            "bench",
+            "plot",
+            "once",
+            "discover",
+            "restart-killed",
+        ] {
             assert!(script.contains(word), "{shell}: no {word} in\n{script}");
         }
     }

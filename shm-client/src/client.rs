@@ -196,7 +196,13 @@ impl Component {
 
     /// Connects to the daemon at `socket` (see [`protocol::socket_path`]) and registers.
     /// Fails with the daemon's ERROR, or after a 5 s deadline.
-    pub fn connect(socket: Option<&Path>, reg: Register) -> Result<Component, ClientError> {
+    ///
+    /// A component started by `aegis-shmctl session run` says which of its commands it is
+    /// ([`protocol::Launch::from_env`]) unless `reg.launch` is set already.
+    pub fn connect(socket: Option<&Path>, mut reg: Register) -> Result<Component, ClientError> {
+        if reg.launch.is_none() {
+            reg.launch = protocol::Launch::from_env();
+        }
         let path = protocol::socket_path(socket);
         let stream = UnixStream::connect(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {

@@ -436,6 +436,44 @@ pub struct Register {
     /// The group's failover policy (default `balanced`); every member must agree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<Failover>,
+    /// Which `session run` command started it, and which start of that command this is
+    /// (from `$AEGIS_COMMAND_INDEX` and `$AEGIS_INCARNATION`, which `session run` sets): the
+    /// daemon tells `chaos` which pid `session run` will restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<Launch>,
+}
+
+/// How `session run` started a component (SPEC section 12: restarts through its command
+/// lines).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Launch {
+    /// The index of its `-c` command (0 for the first).
+    pub command: u32,
+    /// 1 for the first start of that command, 2 after one restart, ...
+    pub incarnation: u32,
+}
+
+impl Launch {
+    /// The environment variable that carries [`Launch::command`].
+    pub const COMMAND_ENV: &'static str = "AEGIS_COMMAND_INDEX";
+    /// The environment variable that carries [`Launch::incarnation`].
+    pub const INCARNATION_ENV: &'static str = "AEGIS_INCARNATION";
+
+    /// The launch `session run` described in the environment, if both variables are set
+    /// and are numbers (an incarnation is at least 1).
+    pub fn from_env() -> Option<Launch> {
+        let var = |k: &str| std::env::var(k).ok()?.trim().parse::<u32>().ok();
+        Some(Launch {
+            command: var(Self::COMMAND_ENV)?,
+            incarnation: var(Self::INCARNATION_ENV).filter(|n| *n >= 1)?,
+        })
+    }
+
+    /// Restarts `session run` made of the command before this incarnation.
+    pub fn restarts(&self) -> u32 {
+        self.incarnation.saturating_sub(1)
+    }
 }
 
 /// Settings of a new session.
@@ -470,6 +508,11 @@ pub struct SessionSpec {
     /// Recording segment size in bytes (default 256 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_segment_bytes: Option<u64>,
+    /// Live, set by `session run --restart-killed N`: it restarts a component that died by
+    /// a signal, at most N times per command. `inspect` then marks the components it will
+    /// restart (`restartable`), for `chaos --restart`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_killed: Option<u32>,
 }
 
 /// Component → daemon, and CLI → daemon.
@@ -1030,6 +1073,13 @@ pub struct ComponentInfo {
     pub state: ComponentState,
     /// Why it is dead, in error or stalled.
     pub reason: Option<String>,
+    /// The `session run` command that started it, and which start of it this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<Launch>,
+    /// Alive, and `session run` will restart it if it dies by a signal (its command has
+    /// restarts left under `--restart-killed`).
+    #[serde(default)]
+    pub restartable: bool,
 }
 
 /// A source in [`Inspect`].
@@ -1051,6 +1101,9 @@ pub struct SourceInfo {
     pub topic: Option<String>,
     /// The component that writes it.
     pub component: Option<String>,
+    /// Times it changed hands (a promoted standby, a restarted producer).
+    #[serde(default)]
+    pub takeovers: u64,
 }
 
 /// A running source's counters in [`SourceInfo`].
@@ -1058,6 +1111,15 @@ pub struct SourceInfo {
 pub struct SourceProgress {
     /// Events refused (corrupt or out of order).
     pub rejected: u64,
+    /// Live: the source seq of the last event accounted for (merged or refused).
+    #[serde(default)]
+    pub last_seq: Option<u64>,
+    /// Live: resent events dropped (at or below the seq a new producer resumed after).
+    #[serde(default)]
+    pub duplicates: u64,
+    /// Live: source seqs skipped.
+    #[serde(default)]
+    pub seq_gaps: u64,
     /// Highest timestamp merged (ns).
     pub watermark: u64,
     /// Why it failed or was removed.

@@ -131,6 +131,7 @@ fn real_path_throughput(
         ],
         timeout: 600,
         keep: false,
+        restart_killed: None,
     };
     let out = super::session::run_components(&socket, &args, |_, c| {
         c.stdout(Stdio::null()).stderr(Stdio::null());

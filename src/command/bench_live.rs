@@ -133,6 +133,7 @@ fn live_session(
         ],
         timeout: 120,
         keep: false,
+        restart_killed: None,
     };
     let cpu0 = daemon.cpu_seconds();
     let report = std::fs::File::create(&report_path)?;

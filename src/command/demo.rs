@@ -196,6 +196,7 @@ fn run_session(
         commands,
         timeout: 600,
         keep: false,
+        restart_killed: None,
     };
     super::session::run_components(socket, &args, |i, c| {
         if i > 0 {

@@ -6,6 +6,7 @@ pub mod call;
 pub mod chaos;
 pub mod completions;
 pub mod demo;
+pub mod discover;
 pub mod gc;
 pub mod plot;
 pub mod private_daemon;

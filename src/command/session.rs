@@ -1,12 +1,13 @@
 //! `aegis-shmctl session ...`: create, run, start, list, inspect, stop, destroy, evict.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime};
 
 use aegis_shm_client::protocol::{
-    ComponentEvicted, Inspect, Request, SessionCreated, SessionDestroyed, SessionInfo, SessionSpec,
-    SessionStarted, SessionState, SessionStopped,
+    ComponentEvicted, Inspect, Launch, Request, SessionCreated, SessionDestroyed, SessionInfo,
+    SessionSpec, SessionStarted, SessionState, SessionStopped,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -41,6 +42,8 @@ fn spec(a: &CreateArgs, expect: Option<u32>) -> SessionSpec {
             .as_ref()
             .map(|d| std::path::absolute(d).unwrap_or(d.clone())),
         record_segment_bytes: a.record_segment_bytes,
+        // `session run --restart-killed` sets it.
+        restart_killed: None,
     }
 }
 
@@ -259,7 +262,38 @@ pub fn print_inspect(v: &Inspect) {
             q.duplicates, q.seq_gaps
         );
     }
+    print_takeovers(v);
     print_groups(v);
+}
+
+/// The sources that changed hands (a promoted standby, a restarted producer): how often,
+/// and their seq figures.
+fn print_takeovers(v: &Inspect) {
+    let moved: Vec<_> = v.sources.iter().filter(|s| s.takeovers > 0).collect();
+    if moved.is_empty() {
+        return;
+    }
+    println!("takeovers:");
+    let mut t = TextTable::new(&[
+        ("SOURCE", Left),
+        ("TAKEOVERS", Right),
+        ("PRODUCER", Left),
+        ("LAST_SEQ", Right),
+        ("DUPLICATES", Right),
+        ("SEQ_GAPS", Right),
+    ]);
+    for s in moved {
+        let p = s.progress.as_ref();
+        t.row([
+            s.name.clone(),
+            s.takeovers.to_string(),
+            s.component.clone().unwrap_or_default(),
+            opt(p.and_then(|p| p.last_seq)),
+            opt(p.map(|p| p.duplicates)),
+            opt(p.map(|p| p.seq_gaps)),
+        ]);
+    }
+    t.print(2);
 }
 
 /// The groups of `inspect` (hot standby), one row per member.
@@ -364,11 +398,50 @@ pub fn run_session(socket: &Path, json_out: bool, a: &RunArgs) -> Result<bool, C
             a.create.name,
             state.map_or("?", SessionState::name)
         );
-        let mut t = TextTable::new(&[("EXIT", Right), ("COMMAND", Left)]);
+        // The restarts column only when restarts were asked for: the table stays as it was.
+        let mut cols = vec![("EXIT", Right)];
+        if a.restart_killed.is_some() {
+            cols.push(("RESTARTS", Right));
+        }
+        cols.push(("COMMAND", Left));
+        let mut t = TextTable::new(&cols);
         for c in &r.components {
-            t.row([opt(c.exit), c.command.clone()]);
+            let mut row = vec![opt(c.exit)];
+            if a.restart_killed.is_some() {
+                row.push(c.restarts.to_string());
+            }
+            row.push(c.command.clone());
+            t.row(row);
         }
         t.print(2);
+        for c in r.components.iter().filter(|c| !c.restarted.is_empty()) {
+            let mut signals: Vec<i32> = c.restarted.iter().map(|x| x.signal).collect();
+            signals.sort_unstable();
+            signals.dedup();
+            let pids: Vec<String> = c
+                .restarted
+                .iter()
+                .map(|x| x.pid.to_string())
+                .chain(std::iter::once(c.pid.to_string()))
+                .collect();
+            println!(
+                "  restarted {} time{} after signal {}: pid {}  ({})",
+                c.restarts,
+                if c.restarts == 1 { "" } else { "s" },
+                signals
+                    .iter()
+                    .map(i32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                pids.join(" -> "),
+                c.command
+            );
+        }
+        for c in r.components.iter() {
+            if let Some(e) = &c.restart_error {
+                println!("  {e}");
+            }
+        }
         println!(
             "  {} events merged in {:.3} s",
             opt(r.session.as_ref().map(|s| s.sequencer.events_merged)),
@@ -412,21 +485,89 @@ pub struct RunSummary {
 pub struct ComponentRun {
     /// The command (run with `sh -c`).
     pub command: String,
-    /// Its pid.
+    /// Its pid (the last start's, after restarts).
     pub pid: u32,
-    /// Its exit status (-9 if we killed it, -1 for a signal), `null` if unknown.
+    /// Its exit status (-9 if we killed it, -1 for a signal), `null` if unknown. After
+    /// restarts, the last start's.
     pub exit: Option<i32>,
+    /// The signal that ended the last start, if one did.
+    pub signal: Option<i32>,
+    /// Times `--restart-killed` restarted it.
+    pub restarts: u32,
+    /// Each restart: the start that died, the signal, the new start.
+    pub restarted: Vec<Restart>,
+    /// Why a restart was due but did not happen (the command could not be started again).
+    pub restart_error: Option<String>,
     /// Its peak resident set in kB: the largest `VmHWM` of it and its descendants, sampled
     /// while it ran (a lower bound, close to the peak for a process whose memory does not
     /// shrink).
     pub max_rss_kb: Option<u64>,
 }
 
-/// The components of a run and what became of them.
+/// A restart under `--restart-killed`.
+#[derive(Serialize, Debug, Clone)]
+pub struct Restart {
+    /// The pid of the start that died.
+    pub pid: u32,
+    /// The signal that killed it.
+    pub signal: i32,
+    /// The pid of the new start.
+    pub new_pid: u32,
+    /// When the new start was spawned (ms since the Unix epoch).
+    pub unix_ms: u64,
+}
+
+/// Whether a component died by a signal, and by which: its process was signalled, or
+/// `sh -c` reported status 128+N, the shell's word for a command it forked (rather than
+/// exec'd) being killed by signal N.
+fn killed_by(st: ExitStatus) -> Option<i32> {
+    st.signal().or_else(|| {
+        st.code()
+            .filter(|c| (129..=128 + 64).contains(c))
+            .map(|c| c - 128)
+    })
+}
+
+/// Starts the commands of a run, the first time and on every restart, the same way: `sh -c
+/// CMD` with the session, the command's index and its incarnation in the environment.
+struct Launcher<'a> {
+    socket: PathBuf,
+    token: String,
+    session: String,
+    configure: &'a dyn Fn(usize, &mut Command),
+}
+
+impl Launcher<'_> {
+    /// Spawns command `i` for its `incarnation`-th time (1 for the first).
+    fn spawn(&self, i: usize, cmd: &str, incarnation: u32) -> std::io::Result<Child> {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(cmd)
+            .env("AEGIS_SOCKET", &self.socket)
+            .env("AEGIS_SESSION_TOKEN", &self.token)
+            .env("AEGIS_SESSION", &self.session)
+            .env(Launch::COMMAND_ENV, i.to_string())
+            .env(Launch::INCARNATION_ENV, incarnation.to_string())
+            .stdin(Stdio::null());
+        (self.configure)(i, &mut c);
+        c.spawn()
+    }
+}
+
+/// One component of a run: its command, its current process and what became of it.
+struct Comp {
+    command: String,
+    child: Child,
+    exit: Option<i32>,
+    signal: Option<i32>,
+    max_rss_kb: Option<u64>,
+    restarted: Vec<Restart>,
+    restart_error: Option<String>,
+}
+
+/// The components of a run.
 struct Children {
-    procs: Vec<(String, Child)>,
-    exits: Vec<Option<i32>>,
-    max_rss_kb: Vec<Option<u64>>,
+    comps: Vec<Comp>,
 }
 
 impl Children {
@@ -436,54 +577,130 @@ impl Children {
     fn poll(&mut self) {
         // One look at /proc per poll, whatever the number of components.
         let parents = process_parents();
-        for (i, (_, ch)) in self.procs.iter_mut().enumerate() {
-            if self.exits[i].is_none() {
-                // The component and whatever it started (`sh -c` may fork it): the largest.
-                let tree = std::iter::once(ch.id()).chain(descendants_in(&parents, ch.id()));
-                let peak = tree.filter_map(peak_rss_kb).max();
-                if let Some(kb) = peak {
-                    self.max_rss_kb[i] = Some(kb.max(self.max_rss_kb[i].unwrap_or(0)));
-                }
-                if let Ok(Some(st)) = ch.try_wait() {
-                    self.exits[i] = Some(st.code().unwrap_or(-1));
-                }
+        for c in self.comps.iter_mut().filter(|c| c.exit.is_none()) {
+            // The component and whatever it started (`sh -c` may fork it): the largest.
+            let id = c.child.id();
+            let tree = std::iter::once(id).chain(descendants_in(&parents, id));
+            if let Some(kb) = tree.filter_map(peak_rss_kb).max() {
+                c.max_rss_kb = Some(kb.max(c.max_rss_kb.unwrap_or(0)));
+            }
+            if let Ok(Some(st)) = c.child.try_wait() {
+                c.exit = Some(st.code().unwrap_or(-1));
+                c.signal = killed_by(st);
             }
         }
     }
 
     fn all_exited(&self) -> bool {
-        self.exits.iter().all(|e| e.is_some())
+        self.comps.iter().all(|c| c.exit.is_some())
+    }
+
+    /// The first component that exited, with its status.
+    fn first_exit(&self) -> Option<(&str, i32)> {
+        self.comps
+            .iter()
+            .find_map(|c| c.exit.map(|e| (c.command.as_str(), e)))
+    }
+
+    /// `--restart-killed N`: starts again, with the same command line and environment (but
+    /// the next incarnation), every component that died by a signal and was restarted
+    /// fewer than `budget` times.
+    fn restart_killed(&mut self, launcher: &Launcher<'_>, budget: u32) {
+        for (i, c) in self.comps.iter_mut().enumerate() {
+            let Some(signal) = c.signal.filter(|_| c.exit.is_some()) else {
+                continue;
+            };
+            if c.restarted.len() as u32 >= budget || c.restart_error.is_some() {
+                continue;
+            }
+            let incarnation = c.restarted.len() as u32 + 2;
+            let pid = c.child.id();
+            match launcher.spawn(i, &c.command, incarnation) {
+                Ok(child) => {
+                    eprintln!(
+                        "session run: {:?} (pid {pid}) was killed by signal {signal}; restarted as pid {} ({} of {budget})",
+                        c.command,
+                        child.id(),
+                        incarnation - 1
+                    );
+                    c.restarted.push(Restart {
+                        pid,
+                        signal,
+                        new_pid: child.id(),
+                        unix_ms: unix_ms(),
+                    });
+                    c.child = child;
+                    c.exit = None;
+                    c.signal = None;
+                }
+                Err(e) => {
+                    let why = format!("cannot restart {:?}: {e}", c.command);
+                    eprintln!("session run: {why}");
+                    c.restart_error = Some(why);
+                }
+            }
+        }
     }
 
     /// Kills every component still running (recorded as exit -9).
     fn kill_rest(&mut self) {
-        for (i, (_, ch)) in self.procs.iter_mut().enumerate() {
-            if self.exits[i].is_none() {
-                kill(ch);
-                self.exits[i] = Some(-9);
-            }
+        for c in self.comps.iter_mut().filter(|c| c.exit.is_none()) {
+            kill(&mut c.child);
+            c.exit = Some(-9);
         }
+    }
+
+    /// The summary rows.
+    fn runs(&self) -> Vec<ComponentRun> {
+        self.comps
+            .iter()
+            .map(|c| ComponentRun {
+                command: c.command.clone(),
+                pid: c.child.id(),
+                exit: c.exit,
+                signal: c.signal,
+                restarts: c.restarted.len() as u32,
+                restarted: c.restarted.clone(),
+                restart_error: c.restart_error.clone(),
+                max_rss_kb: c.max_rss_kb,
+            })
+            .collect()
     }
 }
 
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Creates the session, starts the components (`sh -c`), waits for them and the session.
-/// `configure(index, cmd)` may adjust each child (stdout redirection, say).
+/// `configure(index, cmd)` may adjust each child (stdout redirection, say), on every start.
 pub fn run_components(
     socket: &Path,
     a: &RunArgs,
     configure: impl Fn(usize, &mut Command),
 ) -> Result<Outcome, CliError> {
     let expect = Some(a.commands.len() as u32);
-    let created: SessionCreated =
-        request(socket, &Request::SessionCreate(spec(&a.create, expect)), T)?;
+    let mut spec = spec(&a.create, expect);
+    spec.restart_killed = a.restart_killed;
+    let created: SessionCreated = request(socket, &Request::SessionCreate(spec), T)?;
     let name = a.create.name.clone();
-    let mut children = spawn_components(socket, a, &created.token, configure)?;
-    let (last, timed_out, mut reason) = supervise(socket, a, &mut children);
+    let launcher = Launcher {
+        // The components' working directory need not be ours: the path goes absolute.
+        socket: std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf()),
+        token: created.token.clone(),
+        session: name.clone(),
+        configure: &configure,
+    };
+    let mut children = spawn_components(socket, a, &launcher)?;
+    let (last, timed_out, mut reason) = supervise(socket, a, &mut children, &launcher);
     if !a.keep {
         let _ = request::<Value>(socket, &Request::SessionDestroy { name }, T);
     }
     let finished = last.as_ref().map(|s| s.state) == Some(SessionState::Finished);
-    let ok = finished && !timed_out && children.exits.iter().all(|e| *e == Some(0));
+    let ok = finished && !timed_out && children.comps.iter().all(|c| c.exit == Some(0));
     if timed_out && reason.is_none() {
         reason = Some(format!("timed out after {} s", a.timeout));
     }
@@ -491,17 +708,7 @@ pub fn run_components(
         session: last,
         timed_out,
         reason,
-        components: children
-            .procs
-            .iter()
-            .zip(children.exits.iter().zip(&children.max_rss_kb))
-            .map(|((cmd, ch), (e, rss))| ComponentRun {
-                command: cmd.clone(),
-                pid: ch.id(),
-                exit: *e,
-                max_rss_kb: *rss,
-            })
-            .collect(),
+        components: children.runs(),
         ok,
     };
     Ok(Outcome { ok, run })
@@ -522,34 +729,25 @@ pub fn peak_rss_kb(pid: u32) -> Option<u64> {
 fn spawn_components(
     socket: &Path,
     a: &RunArgs,
-    token: &str,
-    configure: impl Fn(usize, &mut Command),
+    launcher: &Launcher<'_>,
 ) -> Result<Children, CliError> {
-    let name = &a.create.name;
-    let abs_socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
-    let mut children = Children {
-        procs: Vec::new(),
-        exits: Vec::new(),
-        max_rss_kb: Vec::new(),
-    };
+    let mut children = Children { comps: Vec::new() };
     for (i, cmd) in a.commands.iter().enumerate() {
-        let mut c = Command::new("sh");
-        c.arg("-c")
-            .arg(cmd)
-            .env("AEGIS_SOCKET", &abs_socket)
-            .env("AEGIS_SESSION_TOKEN", token)
-            .env("AEGIS_SESSION", name)
-            .stdin(Stdio::null());
-        configure(i, &mut c);
-        match c.spawn() {
-            Ok(child) => {
-                children.procs.push((cmd.clone(), child));
-                children.exits.push(None);
-                children.max_rss_kb.push(None);
-            }
+        match launcher.spawn(i, cmd, 1) {
+            Ok(child) => children.comps.push(Comp {
+                command: cmd.clone(),
+                child,
+                exit: None,
+                signal: None,
+                max_rss_kb: None,
+                restarted: Vec::new(),
+                restart_error: None,
+            }),
             Err(e) => {
                 children.kill_rest();
-                let destroy = Request::SessionDestroy { name: name.clone() };
+                let destroy = Request::SessionDestroy {
+                    name: a.create.name.clone(),
+                };
                 let _ = request::<Value>(socket, &destroy, T);
                 return Err(CliError(format!("cannot start {cmd:?}: {e}")));
             }
@@ -558,12 +756,14 @@ fn spawn_components(
     Ok(children)
 }
 
-/// Waits for the components and the session: returns the last `inspect`, whether
+/// Waits for the components and the session, restarting killed components under
+/// `--restart-killed` while the session goes on: returns the last `inspect`, whether
 /// `--timeout` ran out, and why the run ended early.
 fn supervise(
     socket: &Path,
     a: &RunArgs,
     children: &mut Children,
+    launcher: &Launcher<'_>,
 ) -> (Option<Inspect>, bool, Option<String>) {
     let name = &a.create.name;
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
@@ -577,16 +777,23 @@ fn supervise(
             last = Some(v);
         }
         let state = last.as_ref().map(|s| s.state);
+        // A restart only makes sense while the session takes components and data flows: not
+        // once it drains (a consumer started then would wait at the bus head for an end it
+        // never sees) or is over. The daemon refuses `--restart-killed` for a backtest.
+        if let Some(budget) = a.restart_killed {
+            let goes_on = matches!(state, Some(SessionState::Created | SessionState::Running));
+            if goes_on && Instant::now() < deadline {
+                children.restart_killed(launcher, budget);
+            }
+        }
         // A component that exited while the session has not started yet (inspected after the
         // exit was seen) means the barrier (one READY per -c) can never be met. Stop the
         // session now: its components get STOP and exit. This used to wait for --timeout
         // (default one hour).
         if state == Some(SessionState::Created) && reason.is_none() {
-            if let Some(i) = children.exits.iter().position(|e| e.is_some()) {
+            if let Some((cmd, exit)) = children.first_exit() {
                 reason = Some(format!(
-                    "component {:?} exited with status {} before the session started",
-                    children.procs[i].0,
-                    children.exits[i].unwrap_or(-1)
+                    "component {cmd:?} exited with status {exit} before the session started"
                 ));
                 let stop = Request::SessionStop { name: name.clone() };
                 let _ = request::<Value>(socket, &stop, T);
@@ -614,5 +821,24 @@ fn supervise(
             return (last, true, reason);
         }
         std::thread::sleep(RUN_POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn killed_by_reads_the_signal_or_the_shells_128_plus_n() {
+        // Raw wait statuses: a signal in the low 7 bits, an exit code in the next byte.
+        assert_eq!(killed_by(ExitStatus::from_raw(9)), Some(9));
+        assert_eq!(killed_by(ExitStatus::from_raw(15)), Some(15));
+        // `sh -c` that forked its command reports "killed by 9" as 137.
+        assert_eq!(killed_by(ExitStatus::from_raw(137 << 8)), Some(9));
+        // Ordinary exits are no signal: they are never restarted.
+        assert_eq!(killed_by(ExitStatus::from_raw(0)), None);
+        assert_eq!(killed_by(ExitStatus::from_raw(1 << 8)), None);
+        assert_eq!(killed_by(ExitStatus::from_raw(128 << 8)), None);
+        assert_eq!(killed_by(ExitStatus::from_raw(255 << 8)), None);
     }
 }
