@@ -235,7 +235,24 @@ impl FrameHeader {
     }
 
     /// Parses a header from bytes (the inverse of [`FrameHeader::to_bytes`]).
+    #[inline]
     pub fn from_bytes(b: &[u8; FRAME_HEADER_LEN]) -> FrameHeader {
+        #[cfg(target_endian = "little")]
+        {
+            // SAFETY: `FrameHeader` is `repr(C)`, `FRAME_HEADER_LEN` bytes with no padding
+            // (asserted above), made of integers only, so every bit pattern is a value; on a
+            // little-endian target its memory layout is exactly the byte layout of `to_bytes`
+            // (`header_round_trips_through_bytes`). One unaligned 48-byte load instead of ten
+            // field reads: the daemon parses every journal frame with it.
+            unsafe { std::ptr::read_unaligned(b.as_ptr() as *const FrameHeader) }
+        }
+        #[cfg(not(target_endian = "little"))]
+        Self::from_bytes_portable(b)
+    }
+
+    /// [`FrameHeader::from_bytes`] field by field, for any byte order.
+    #[cfg_attr(target_endian = "little", allow(dead_code))]
+    fn from_bytes_portable(b: &[u8; FRAME_HEADER_LEN]) -> FrameHeader {
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         FrameHeader {
@@ -345,6 +362,7 @@ mod tests {
             publish_ns: 5,
         };
         assert_eq!(FrameHeader::from_bytes(&h.to_bytes()), h);
+        assert_eq!(FrameHeader::from_bytes_portable(&h.to_bytes()), h);
     }
 
     #[test]
