@@ -29,6 +29,10 @@ pub enum WriteError {
     },
 }
 
+/// How far ahead of its tail the writer fetches the line it will write (see
+/// `RingData::prefetch_write`): one line per frame, about ten frames ahead.
+const PREFETCH_AHEAD: u64 = 1024;
+
 /// The writing end of the bus (the sequencer). One per bus.
 pub struct BusWriter {
     m: Mapped,
@@ -228,6 +232,7 @@ impl BusWriter {
         }
         self.tail += at.stride;
         self.next_seq += 1;
+        ring.prefetch_write(self.tail + PREFETCH_AHEAD);
         Ok(h.bus_seq)
     }
 
