@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aegis::sequencer::{merge_key, Config, Input, Mode, Sequencer, SequencerError};
-use aegis_shm_client::event::{AnyEvent, Book, Decimal, EventRef, Kline, Symbol, Trade};
+use aegis_shm_client::event::{AnyEvent, Book, Custom, Decimal, EventRef, Kline, Symbol, Trade};
 use aegis_shm_client::frame::{flags, FrameHeader, Kind};
 use aegis_shm_client::segment::HeapRegion;
 use aegis_shm_client::spmc::{self, BusReader, BusWriter, Policy};
@@ -44,7 +44,7 @@ fn make_event(kind: Kind, tag: u64) -> AnyEvent {
             ask_price: d,
             ask_qty: d,
         }),
-        _ => AnyEvent::Kline(Kline {
+        Kind::Kline => AnyEvent::Kline(Kline {
             symbol: sym,
             interval: Symbol::new("1m").unwrap(),
             open_time: 0,
@@ -59,6 +59,8 @@ fn make_event(kind: Kind, tag: u64) -> AnyEvent {
             taker_buy_base: d,
             taker_buy_quote: d,
         }),
+        Kind::Custom => AnyEvent::Custom(Custom::new("signal", &tag.to_le_bytes()).unwrap()),
+        Kind::Control => unreachable!("not an event"),
     }
 }
 
@@ -67,6 +69,7 @@ fn tag_of(e: EventRef<'_>) -> u64 {
         EventRef::Trade(t) => t.id.to_native(),
         EventRef::Book(b) => b.update_id.to_native(),
         EventRef::Kline(k) => k.trades.to_native(),
+        EventRef::Custom(c) => u64::from_le_bytes(c.bytes().try_into().expect("8 bytes")),
     }
 }
 
@@ -82,6 +85,7 @@ fn push(p: &mut Producer, ts: u64, topic: u32, ev: AnyEvent) {
         AnyEvent::Trade(e) => p.push(ts, topic, e, &mut w, d).map(drop).map_err(|_| ()),
         AnyEvent::Book(e) => p.push(ts, topic, e, &mut w, d).map(drop).map_err(|_| ()),
         AnyEvent::Kline(e) => p.push(ts, topic, e, &mut w, d).map(drop).map_err(|_| ()),
+        AnyEvent::Custom(e) => p.push(ts, topic, e, &mut w, d).map(drop).map_err(|_| ()),
     };
     r.expect("push within the deadline");
 }
@@ -196,7 +200,12 @@ fn reference(names: &[String], sources: &[Vec<Ev>]) -> Vec<(u16, u64)> {
 }
 
 fn kind_strategy() -> impl Strategy<Value = Kind> {
-    prop_oneof![Just(Kind::Trade), Just(Kind::Book), Just(Kind::Kline)]
+    prop_oneof![
+        Just(Kind::Trade),
+        Just(Kind::Book),
+        Just(Kind::Kline),
+        Just(Kind::Custom)
+    ]
 }
 
 /// A source: non-decreasing timestamps from a tiny range, so ties across kinds and sources

@@ -6,6 +6,9 @@
 //! - trade: `seq, ts, kind, source, topic, symbol, id, price, qty, buyer_maker`
 //! - book: `seq, ts, kind, source, topic, symbol, update_id, bid_price, bid_qty, ask_price,
 //!   ask_qty`
+//! - custom (an application's event, SPEC section 13): `seq, ts, kind, source, topic, type,
+//!   bytes`, where `topic` is `custom.<type>` and `bytes` is the event's bytes as lowercase
+//!   hex, two digits per byte (`""` when there are none)
 //!
 //! Integers (sequence numbers, ids, counts, times in nanoseconds) are bare JSON numbers;
 //! prices and quantities are JSON strings holding the exact decimal, normalised (trailing
@@ -68,6 +71,7 @@ pub fn write_line(
         EventRef::Trade(_) => "trade",
         EventRef::Book(_) => "book",
         EventRef::Kline(_) => "kline",
+        EventRef::Custom(_) => "custom",
     };
     write!(
         out,
@@ -130,7 +134,45 @@ pub fn write_line(
                 b.ask_qty,
             )
         }
+        EventRef::Custom(c) => {
+            out.write_all(b",\"type\":")?;
+            write_json_str(out, c.type_name())?;
+            out.write_all(b",\"bytes\":\"")?;
+            write_hex(out, c.bytes())?;
+            out.write_all(b"\"}\n")
+        }
     }
+}
+
+/// Writes `bytes` as lowercase hex, two digits per byte.
+pub fn write_hex(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 128];
+    for chunk in bytes.chunks(buf.len() / 2) {
+        for (i, b) in chunk.iter().enumerate() {
+            buf[2 * i] = DIGITS[(b >> 4) as usize];
+            buf[2 * i + 1] = DIGITS[(b & 15) as usize];
+        }
+        out.write_all(&buf[..2 * chunk.len()])?;
+    }
+    Ok(())
+}
+
+/// Parses lowercase or uppercase hex, two digits per byte (the `bytes` of a custom line).
+pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    if !s.len().is_multiple_of(2) {
+        return Err(format!("hex {s:?} has an odd number of digits"));
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Ok(c - b'0'),
+        b'a'..=b'f' => Ok(c - b'a' + 10),
+        b'A'..=b'F' => Ok(c - b'A' + 10),
+        _ => Err(format!("{:?} is not a hex digit", c as char)),
+    };
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
 }
 
 #[cfg(test)]
