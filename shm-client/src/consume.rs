@@ -20,6 +20,12 @@
 //!
 //! The copy costs a few nanoseconds per event (events are small and fixed-size). A consumer
 //! that wants the archives in place, zero-copy, reads [`BusReader::next`] itself.
+//!
+//! **No self-delivery** (SPEC section 13): a component that also produces (role `both`) does
+//! not get the events of its own sources back, whatever their kind, unless it asks for them
+//! with [`Events::receive_own_events`]. Other consumers see every event. The filter is one
+//! bit test per event against [`Component::own_source_ids`], resolved at the first event; a
+//! reader of [`BusReader::next`] applies that set itself.
 
 use std::time::{Duration, Instant};
 
@@ -97,6 +103,10 @@ pub struct Events<'a> {
     idle_since: Option<Instant>,
     checked: Option<Instant>,
     done: bool,
+    /// Deliver the events of the component's own sources too.
+    receive_own: bool,
+    /// The component's own source ids (bit set), once resolved at the first event.
+    own: Option<u64>,
 }
 
 impl Component {
@@ -113,6 +123,8 @@ impl Component {
             idle_since: None,
             checked: None,
             done: false,
+            receive_own: false,
+            own: None,
         })
     }
 }
@@ -121,6 +133,13 @@ impl Events<'_> {
     /// The reader underneath (its slot, its delivered count).
     pub fn reader(&self) -> &BusReader {
         &self.bus
+    }
+
+    /// Whether to deliver the events of this component's own sources too (default `false`:
+    /// no self-delivery). Only a component that produces has any.
+    pub fn receive_own_events(mut self, yes: bool) -> Self {
+        self.receive_own = yes;
+        self
     }
 
     /// Between two empty polls: the control connection every [`CHECK_EVERY`], the idle
@@ -166,6 +185,14 @@ impl Events<'_> {
                     if f.kind() == Kind::Control {
                         continue;
                     }
+                    match skip_own(self.comp, &mut self.own, self.receive_own, h.source_id) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => {
+                            self.done = true;
+                            return Some(Err(e));
+                        }
+                    }
                     return Some(match f.event() {
                         Ok(ev) => Ok(Delivered {
                             seq: h.bus_seq,
@@ -207,6 +234,31 @@ impl Events<'_> {
             }
         }
     }
+}
+
+/// Whether the frame of source `id` is the component's own and must be skipped (`own`: its
+/// source ids, resolved on first use).
+#[inline]
+fn skip_own(
+    comp: &Component,
+    own: &mut Option<u64>,
+    receive_own: bool,
+    id: u16,
+) -> Result<bool, ConsumeError> {
+    if receive_own {
+        return Ok(false);
+    }
+    let mask = match *own {
+        Some(mask) => mask,
+        None => {
+            // A frame on the bus means the session started: STARTED is at hand.
+            let mask = comp.own_source_ids().map_err(|e| {
+                ConsumeError::Stopped(format!("cannot tell this component's sources: {e}"))
+            })?;
+            *own.insert(mask)
+        }
+    };
+    Ok(id < 64 && mask & (1 << id) != 0)
 }
 
 impl Iterator for Events<'_> {

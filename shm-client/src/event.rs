@@ -342,6 +342,9 @@ pub enum CustomError {
     /// More than [`MAX_CUSTOM_BYTES`] bytes.
     #[error("a custom event carries at most {MAX_CUSTOM_BYTES} bytes, got {0}")]
     TooManyBytes(usize),
+    /// A custom source's topic does not start with `custom.`.
+    #[error("topic {0:?} is not custom.<type>")]
+    NotCustomTopic(String),
 }
 
 /// The type name of a [`Custom`] event: 1 to [`TYPE_NAME_LEN`] ASCII letters, digits, `_`,
@@ -387,13 +390,12 @@ pub fn custom_topic(type_name: &str) -> String {
 
 /// The type name a custom source's topic names (`custom.signal` → `signal`), checked as
 /// [`TypeName::new`] checks it. Fails if `topic` does not start with `custom.`
-/// ([`CustomError::EmptyTypeName`]) or names a bad type.
+/// ([`CustomError::NotCustomTopic`]) or names a bad type.
 pub fn custom_topic_type(topic: &str) -> Result<TypeName, CustomError> {
-    TypeName::new(
-        topic
-            .strip_prefix(CUSTOM_TOPIC_PREFIX)
-            .ok_or(CustomError::EmptyTypeName)?,
-    )
+    let name = topic
+        .strip_prefix(CUSTOM_TOPIC_PREFIX)
+        .ok_or_else(|| CustomError::NotCustomTopic(topic.to_string()))?;
+    TypeName::new(name)
 }
 
 fn check_type_name(b: &[u8]) -> Result<(), CustomError> {

@@ -103,6 +103,7 @@
 
 pub mod client;
 pub mod consume;
+pub mod custom;
 pub mod doorbell;
 pub mod event;
 pub mod frame;
