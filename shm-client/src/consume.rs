@@ -142,9 +142,9 @@ impl Events<'_> {
         self
     }
 
-    /// Between two empty polls: the control connection every [`CHECK_EVERY`], the idle
-    /// timeout, then one wait.
-    fn idle_wait(&mut self) -> Result<(), ConsumeError> {
+    /// Between two empty polls: the control connection every [`CHECK_EVERY`], and the idle
+    /// timeout.
+    fn check(&mut self) -> Result<(), ConsumeError> {
         let now = Instant::now();
         let since = *self.idle_since.get_or_insert(now);
         if self
@@ -165,13 +165,43 @@ impl Events<'_> {
                 return Err(ConsumeError::Idle(self.idle));
             }
         }
-        // Sleeps until the bus moves (or the slot is released), at most until the next check.
-        let next_check = self.checked.unwrap_or(now) + CHECK_EVERY;
+        Ok(())
+    }
+
+    /// [`Events::check`], then one wait: until the bus moves (or the slot is released), at
+    /// most until the next check.
+    fn idle_wait(&mut self) -> Result<(), ConsumeError> {
+        self.check()?;
+        let next_check = self.checked.unwrap_or_else(Instant::now) + CHECK_EVERY;
         self.bus.idle(&mut self.wait, Deadline::at(next_check));
         Ok(())
     }
 
-    fn next_event(&mut self) -> Option<Result<Delivered, ConsumeError>> {
+    /// The next event if one is waiting, without waiting: `Ok(None)` when the bus has nothing
+    /// new now, or when the stream is over ([`Events::ended`]). For a component with work
+    /// of its own between events (ending its own source once its inputs have ended, say);
+    /// [`Events::wait`] sleeps until the bus moves. Errors are those of the iteration, the
+    /// idle timeout included; after a final one, `ended` is true.
+    pub fn try_next(&mut self) -> Result<Option<Delivered>, ConsumeError> {
+        if self.done {
+            return Ok(None);
+        }
+        self.next_event(false).transpose()
+    }
+
+    /// Whether the stream is over: END-OF-STREAM was read, or a final error was returned.
+    pub fn ended(&self) -> bool {
+        self.done
+    }
+
+    /// Sleeps until the bus moves (or the slot is released), at most until `deadline`; after
+    /// an empty [`Events::try_next`]. Spins briefly first, then parks on the bus's doorbell.
+    pub fn wait(&mut self, deadline: Deadline) {
+        self.bus.idle(&mut self.wait, deadline);
+    }
+
+    /// The next event; on an empty bus waits (`block`) or returns `None` after the checks.
+    fn next_event(&mut self, block: bool) -> Option<Result<Delivered, ConsumeError>> {
         loop {
             match self.bus.try_next() {
                 Ok(Some(f)) => {
@@ -212,9 +242,17 @@ impl Events<'_> {
                     });
                 }
                 Ok(None) => {
-                    if let Err(e) = self.idle_wait() {
+                    let checked = if block {
+                        self.idle_wait()
+                    } else {
+                        self.check()
+                    };
+                    if let Err(e) = checked {
                         self.done = true;
                         return Some(Err(e));
+                    }
+                    if !block {
+                        return None;
                     }
                 }
                 Err(ReadError::Overrun { missed }) => {
@@ -268,6 +306,6 @@ impl Iterator for Events<'_> {
         if self.done {
             return None;
         }
-        self.next_event()
+        self.next_event(true)
     }
 }

@@ -56,6 +56,22 @@ pub fn bins() -> Bins {
     }
 }
 
+/// An example binary, built by `cargo test` next to the test binaries' profile directory.
+pub fn example(b: &Bins, name: &str) -> PathBuf {
+    let p = b
+        .shmctl
+        .parent()
+        .expect("the profile directory")
+        .join("examples")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "example {name} not found at {}: `cargo test` builds the examples (or `cargo build --release --examples -p aegis-shm-client`)",
+        p.display()
+    );
+    p
+}
+
 /// One test at a time (see the module docs). A failed test poisons the lock; the next one
 /// goes on regardless.
 pub fn serial() -> MutexGuard<'static, ()> {
