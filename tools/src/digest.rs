@@ -319,6 +319,32 @@ mod tests {
     }
 
     #[test]
+    fn custom_events_are_digested_by_type_and_bytes() {
+        use aegis_shm_client::event::{encode_into, Custom, Event};
+        #[repr(C, align(16))]
+        struct Buf([u8; 512]);
+        let digest = |ev: &Custom| {
+            let mut buf = Buf([0; 512]);
+            let n = encode_into(ev, &mut buf.0).unwrap();
+            let mut d = StreamDigest::new();
+            d.update(&FrameHeader::event(Kind::Trade, 5, 1, 64), &[7; 64]);
+            d.update(&FrameHeader::event(Custom::KIND, 5, 2, n), &buf.0[..n]);
+            d.finish()
+        };
+        let signal = digest(&Custom::new("signal", b"buy").unwrap());
+        assert_eq!(signal, digest(&Custom::new("signal", b"buy").unwrap()));
+        assert_ne!(signal, digest(&Custom::new("signal", b"sell").unwrap()));
+        assert_ne!(signal, digest(&Custom::new("signal", b"buy\0").unwrap()));
+        assert_ne!(signal, digest(&Custom::new("order", b"buy").unwrap()));
+        let mut c = Counts::new();
+        c.add(
+            &FrameHeader::event(Kind::Custom, 5, 2, 290),
+            "custom.signal",
+        );
+        assert_eq!((c.events, c.customs, c.klines), (1, 1, 0));
+    }
+
+    #[test]
     fn counts_render_for_people_and_as_json() {
         let mut c = Counts::new();
         let k = FrameHeader::event(Kind::Kline, 1, 0, 8);

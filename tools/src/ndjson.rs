@@ -158,23 +158,6 @@ pub fn write_hex(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Parses lowercase or uppercase hex, two digits per byte (the `bytes` of a custom line).
-pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
-    if !s.len().is_multiple_of(2) {
-        return Err(format!("hex {s:?} has an odd number of digits"));
-    }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Ok(c - b'0'),
-        b'a'..=b'f' => Ok(c - b'a' + 10),
-        b'A'..=b'F' => Ok(c - b'A' + 10),
-        _ => Err(format!("{:?} is not a hex digit", c as char)),
-    };
-    s.as_bytes()
-        .chunks(2)
-        .map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +210,31 @@ mod tests {
         assert_eq!(got, want);
         let v: serde_json::Value = serde_json::from_str(&got).unwrap();
         assert_eq!(v["close_time"], 1_726_876_859_999_000_000u64);
+    }
+
+    #[test]
+    fn custom_lines_carry_type_and_hex_bytes() {
+        use aegis_shm_client::event::{Custom, MAX_CUSTOM_BYTES};
+        let ev = AnyEvent::Custom(Custom::new("signal", b"BTCUSDT buy\x00\xff").unwrap());
+        assert_eq!(
+            line(3, 7, flags::LATE, "A-signals", "custom.signal", &ev),
+            concat!(
+                r#"{"seq":3,"ts":7,"kind":"custom","source":"A-signals","topic":"custom.signal","late":true,"#,
+                r#""type":"signal","bytes":"425443555344542062757900ff"}"#,
+                "\n"
+            )
+        );
+        let empty = AnyEvent::Custom(Custom::new("fill", b"").unwrap());
+        assert!(line(0, 1, 0, "s", "custom.fill", &empty).ends_with(
+            r#""type":"fill","bytes":""}
+"#
+        ));
+        // The largest event, over several chunks of the writer's buffer.
+        let big: Vec<u8> = (0..MAX_CUSTOM_BYTES).map(|i| (i * 7) as u8).collect();
+        let mut hex = Vec::new();
+        write_hex(&mut hex, &big).unwrap();
+        let want: String = big.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(String::from_utf8(hex).unwrap(), want);
     }
 
     #[test]
