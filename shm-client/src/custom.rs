@@ -238,6 +238,8 @@ mod tests {
         let mut buf = Aligned([0; 512]);
         let n = crate::event::encode_into(&ev, &mut buf.0).unwrap();
         assert_eq!(n, Custom::ARCHIVED_LEN);
+        // 32 bytes of type name, a u16 length, 256 bytes: 352 in a ring with header and padding.
+        assert_eq!((n, crate::frame::stride(n)), (290, 352));
         assert!(decode(Kind::Custom, &buf.0[..n]).is_ok());
         // Layout: type name 0..32, len 32..34, bytes 34...
         let mut bad = Aligned(buf.0);
