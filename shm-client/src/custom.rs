@@ -51,10 +51,25 @@ pub enum PublishError {
     /// The event is refused: more than [`crate::event::MAX_CUSTOM_BYTES`] bytes.
     #[error(transparent)]
     Event(#[from] CustomError),
-    /// The ring had no room (now, or by the deadline), or can never hold the frame; the
-    /// event is handed back.
+    /// The ring had no room (now, or by the deadline), or can never hold the frame. Nothing
+    /// was published; the caller still has its bytes to try again.
     #[error(transparent)]
-    Ring(#[from] PushError<Custom>),
+    Ring(#[from] PushError<()>),
+}
+
+/// The push error without the event (hundreds of bytes), which the caller can make again.
+fn without_event(e: PushError<Custom>) -> PublishError {
+    PublishError::Ring(match e {
+        PushError::Full(_) => PushError::Full(()),
+        PushError::Timeout(_) => PushError::Timeout(()),
+        PushError::TooLarge {
+            stride, capacity, ..
+        } => PushError::TooLarge {
+            value: (),
+            stride,
+            capacity,
+        },
+    })
 }
 
 impl SourceDecl {
@@ -102,7 +117,9 @@ impl CustomPublisher {
     /// [`CustomPublisher::flush`]. Fails at once on a full ring ([`PushError::Full`]).
     pub fn try_publish(&mut self, ts: u64, bytes: &[u8]) -> Result<Seq, PublishError> {
         let ev = Custom::typed(self.type_name, bytes)?;
-        Ok(self.producer.try_push(ts, self.topic_id, ev)?)
+        self.producer
+            .try_push(ts, self.topic_id, ev)
+            .map_err(without_event)
     }
 
     /// Like [`CustomPublisher::try_publish`], but waits with `wait` for room until
@@ -115,7 +132,9 @@ impl CustomPublisher {
         deadline: Deadline,
     ) -> Result<Seq, PublishError> {
         let ev = Custom::typed(self.type_name, bytes)?;
-        Ok(self.producer.push(ts, self.topic_id, ev, wait, deadline)?)
+        self.producer
+            .push(ts, self.topic_id, ev, wait, deadline)
+            .map_err(without_event)
     }
 
     /// Makes the events published so far visible to the sequencer.
@@ -171,6 +190,19 @@ mod tests {
             p.try_publish(12, &big),
             Err(PublishError::Event(CustomError::TooManyBytes(n))) if n == MAX_CUSTOM_BYTES + 1
         ));
+        // A full ring refuses at once; nothing is published.
+        let mut pushed = 2;
+        let full = loop {
+            match p.try_publish(20, b"x") {
+                Ok(_) => pushed += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(full, PublishError::Ring(PushError::Full(()))),
+            "{full:?}"
+        );
+        assert_eq!(pushed, 4096 / 352);
         p.flush();
         for (ts, want) in [(10, &b"buy"[..]), (11, &b""[..])] {
             let f = rx.peek().unwrap().expect("a frame");
