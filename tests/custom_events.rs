@@ -26,22 +26,6 @@ const TRADES: u64 = 3000;
 const EVERY: u64 = 10;
 const SIGNALS: u64 = TRADES / EVERY;
 
-/// A Binance trades CSV of `TRADES` rows, one ms apart, ids from 0.
-fn trades_csv(dir: &Path) -> PathBuf {
-    let path = dir.join("BTCUSDT-trades-2024-09-21.csv");
-    let rows: String = (0..TRADES)
-        .map(|i| {
-            format!(
-                "{i},63201.{:02},0.001,63.2,{},true,true\n",
-                i % 100,
-                1_726_876_800_000 + i
-            )
-        })
-        .collect();
-    std::fs::write(&path, rows).unwrap();
-    path
-}
-
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -81,7 +65,7 @@ fn custom_events_reach_other_consumers_not_their_publisher_and_replay_from_a_rec
     let _g = serial();
     let b = bins();
     let mut h = Harness::new("custom-live");
-    let csv = trades_csv(&h.dir);
+    let csv = trades_csv(&h.dir, TRADES);
     let rec = h.dir.join("rec");
     let socket = h.start_daemon(&b);
     let (tap_b, nd_b) = tap(&h, &b, "B", "ndjson", None);
@@ -191,7 +175,7 @@ fn a_publisher_that_opts_in_receives_its_own_events() {
     let _g = serial();
     let b = bins();
     let mut h = Harness::new("custom-own");
-    let csv = trades_csv(&h.dir);
+    let csv = trades_csv(&h.dir, TRADES);
     let socket = h.start_daemon(&b);
     let (tap_b, nd_b) = tap(&h, &b, "B", "count", None);
     let commands = [

@@ -72,6 +72,23 @@ pub fn example(b: &Bins, name: &str) -> PathBuf {
     p
 }
 
+/// A Binance trades CSV `BTCUSDT-trades-2024-09-21.csv` in `dir`: `n` rows one ms apart, ids
+/// from 0.
+pub fn trades_csv(dir: &Path, n: u64) -> PathBuf {
+    let path = dir.join("BTCUSDT-trades-2024-09-21.csv");
+    let rows: String = (0..n)
+        .map(|i| {
+            format!(
+                "{i},63201.{:02},0.001,63.2,{},true,true\n",
+                i % 100,
+                1_726_876_800_000 + i
+            )
+        })
+        .collect();
+    std::fs::write(&path, rows).unwrap();
+    path
+}
+
 /// One test at a time (see the module docs). A failed test poisons the lock; the next one
 /// goes on regardless.
 pub fn serial() -> MutexGuard<'static, ()> {
