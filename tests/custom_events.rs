@@ -388,7 +388,7 @@ fn backtest_custom_events_sort_after_klines_at_equal_ts_and_are_digested() {
             (&"order".into(), &"custom.order".into())
         );
         let ts = v["ts"].as_u64().unwrap();
-        if (ts - FIRST_CLOSE) % MINUTE == 0 {
+        if (ts - FIRST_CLOSE).is_multiple_of(MINUTE) {
             // At a close time: right after that kline.
             let k = &rows[i - 1];
             assert_eq!(
