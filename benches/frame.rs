@@ -74,6 +74,7 @@ fn encode_frame(ev: &AnyEvent, buf: &mut Aligned, hdr: &mut [u8; FRAME_HEADER_LE
         AnyEvent::Trade(e) => encode_into(e, &mut buf.0),
         AnyEvent::Book(e) => encode_into(e, &mut buf.0),
         AnyEvent::Kline(e) => encode_into(e, &mut buf.0),
+        AnyEvent::Custom(e) => encode_into(e, &mut buf.0),
     }
     .expect("encode");
     *hdr = FrameHeader::event(ev.kind(), TS, 0, n).to_bytes();
@@ -87,6 +88,8 @@ fn price(ev: EventRef<'_>) -> i64 {
         EventRef::Trade(t) => t.price.mantissa.to_native(),
         EventRef::Book(b) => b.bid_price.mantissa.to_native(),
         EventRef::Kline(k) => k.close.mantissa.to_native(),
+        // No price: the length of its bytes stands in (the bench times market data only).
+        EventRef::Custom(c) => c.bytes().len() as i64,
     }
 }
 
@@ -124,6 +127,7 @@ fn check() {
             AnyEvent::Trade(t) => t.price.mantissa,
             AnyEvent::Book(b) => b.bid_price.mantissa,
             AnyEvent::Kline(k) => k.close.mantissa,
+            AnyEvent::Custom(c) => c.bytes().len() as i64,
         };
         assert_eq!(decode_frame(&hdr, &buf.0, checked), want);
         assert_eq!(decode_frame(&hdr, &buf.0, unchecked), want);

@@ -1,7 +1,7 @@
 //! The sequencer: merges a session's source rings into the bus, deterministically.
 //!
 //! Merge key, compared left to right (SPEC section 3): `ts`, kind priority (Trade < Book <
-//! Kline), source rank (position of the source's name in the sorted list of names), source
+//! Kline < Custom), source rank (position of the source's name in the sorted list of names), source
 //! sequence. The key is packed into a `u128` so one comparison decides.
 //!
 //! The heads of all sources are cached, and the minimum is found by a linear scan over them.
@@ -599,7 +599,7 @@ impl Sequencer {
         let cap = s.reader.capacity().max(MIN_STAGING_BYTES);
         if s.staged_bytes + need > cap {
             return Err(format!(
-                "a run of events at one timestamp ({}) out of kind order (trade, book, kline) \
+                "a run of events at one timestamp ({}) out of kind order (trade, book, kline, custom) \
                  is longer than the staging bound ({cap} bytes, the source ring's size): it cannot be ordered in bounded \
                  memory; give its kinds separate sources, or a larger --source-bytes",
                 h.ts

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use aegis_shm_client::event;
 use aegis_shm_client::protocol::{
     self, Ack, AckSource, ComponentEvicted, ComponentInfo, ComponentState, ConsumerInfo, ErrorCode,
     Inspect, Launch, Register, Reply, Role, Segments, SequencerStats, SessionInfo, SessionSpec,
@@ -321,6 +322,27 @@ fn uuid_text(b: &[u8; 16]) -> String {
     )
 }
 
+/// A custom source publishes on `custom.<type>` with a valid type name, and the `custom.`
+/// topics belong to custom sources only: a topic's name tells its kind.
+fn check_custom_topic(s: &protocol::SourceDecl) -> Result<(), Refusal> {
+    let custom_named = s.topic.starts_with(event::CUSTOM_TOPIC_PREFIX);
+    match s.kind {
+        SourceKind::Custom => event::custom_topic_type(&s.topic).map(drop).map_err(|e| {
+            Refusal::bad_request(format!(
+                "custom source {}: its topic must be custom.<type>, got {:?}: {e}",
+                s.name, s.topic
+            ))
+        }),
+        k if custom_named => Err(Refusal::bad_request(format!(
+            "source {} of kind {} may not publish on {:?}: custom.* topics are for sources of kind custom",
+            s.name,
+            k.name(),
+            s.topic
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl Session {
     /// Creates a session and its bus and control segments.
     pub fn create(spec: SessionSpec) -> Result<Session, Refusal> {
@@ -604,6 +626,7 @@ impl Session {
             if !protocol::valid_name(&s.topic) {
                 return Err(Refusal::bad_name("topic", &s.topic));
             }
+            check_custom_topic(s)?;
             if (self.sources.contains_key(&s.name) && !taken.contains(&s.name))
                 || reg.sources[..i].iter().any(|o| o.name == s.name)
             {

@@ -53,22 +53,6 @@ fn create(h: &mut Harness, b: &Bins, socket: &Path, name: &str, expect: u32) -> 
     v["token"].as_str().expect("token").to_string()
 }
 
-/// A trades CSV of `n` rows, one ms apart.
-fn trades_csv(dir: &Path, n: u64) -> std::path::PathBuf {
-    let path = dir.join("BTCUSDT-trades-2024-09-21.csv");
-    let rows: String = (0..n)
-        .map(|i| {
-            format!(
-                "{i},63201.{:02},0.001,63.2,{},true,true\n",
-                i % 100,
-                1_726_876_800_000 + i
-            )
-        })
-        .collect();
-    std::fs::write(&path, rows).unwrap();
-    path
-}
-
 /// Starts `aegis-replay CSV` as a producer of the session.
 fn replay(h: &mut Harness, b: &Bins, socket: &Path, token: &str, csv: &Path) {
     h.spawn(

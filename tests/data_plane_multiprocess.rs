@@ -267,6 +267,9 @@ fn child_producer() {
             AnyEvent::Kline(e) => tx
                 .push(ts, topic, e, &mut wait, deadline)
                 .map_err(|e| e.to_string()),
+            AnyEvent::Custom(e) => tx
+                .push(ts, topic, e, &mut wait, deadline)
+                .map_err(|e| e.to_string()),
         };
         let seq = pushed.unwrap_or_else(|e| panic!("producer: push of event {i} failed: {e}"));
         assert_eq!(seq, i, "producer: source_seq");
@@ -334,6 +337,9 @@ fn child_consumer() {
             Ok(EventRef::Trade(t)) => f.kind() == Kind::Trade && t.id.to_native() > 0,
             Ok(EventRef::Book(b)) => f.kind() == Kind::Book && b.update_id.to_native() > 0,
             Ok(EventRef::Kline(k)) => f.kind() == Kind::Kline && k.close_time.to_native() == h.ts,
+            Ok(EventRef::Custom(_)) => {
+                panic!("consumer {slot}: event {n} is custom, none was sent")
+            }
             Err(e) => panic!("consumer {slot}: event {n} does not validate: {e}"),
         };
         assert!(

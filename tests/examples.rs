@@ -5,25 +5,8 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 
 use common::*;
-
-/// An example binary, built by `cargo test` next to the test binaries' profile directory.
-fn example(b: &Bins, name: &str) -> PathBuf {
-    let p = b
-        .shmctl
-        .parent()
-        .expect("the profile directory")
-        .join("examples")
-        .join(name);
-    assert!(
-        p.is_file(),
-        "example {name} not found at {}: `cargo test` builds the examples (or `cargo build --release --examples -p aegis-shm-client`)",
-        p.display()
-    );
-    p
-}
 
 #[test]
 fn feed_handler_and_vwap_strategy_run_in_a_session() {

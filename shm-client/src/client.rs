@@ -34,8 +34,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::custom::CustomPublisher;
 use crate::protocol::{
-    self, Ack, ErrorCode, GroupRole, Lease, Register, Reply, Request, Role, SourceDecl,
+    self, Ack, ErrorCode, GroupRole, Lease, Register, Reply, Request, Role, SourceDecl, SourceKind,
 };
 pub use crate::reconcile::{ReconcileStatus, SymbolHandler};
 use crate::reconcile::{Subs, Trigger};
@@ -338,6 +339,52 @@ impl Component {
             p.set_next_seq(last + 1);
         }
         Ok((p, s.topic_id))
+    }
+
+    /// Opens the producer end of the custom source `source` (declared at REGISTER with
+    /// [`SourceDecl::custom`]): a publisher of its type's events, stamped with its topic.
+    /// Fails as [`Component::producer`] does, or with `UnknownSource` if `source` is not a
+    /// custom source of this component.
+    pub fn custom_publisher(&self, source: &str) -> Result<CustomPublisher, ClientError> {
+        let unknown = || ClientError::UnknownSource(source.to_string());
+        let s = self
+            .ack
+            .sources
+            .iter()
+            .find(|s| s.name == source && s.kind == SourceKind::Custom)
+            .ok_or_else(unknown)?;
+        // The ACK's topic table holds our own topics, with the ids of the ACK's sources.
+        let type_name = self
+            .ack
+            .topics
+            .iter()
+            .find(|(_, &id)| id == s.topic_id)
+            .and_then(|(name, _)| crate::event::custom_topic_type(name).ok())
+            .ok_or_else(|| {
+                ClientError::Protocol(format!(
+                    "the ACK names no custom.<type> topic with id {} for source {source}",
+                    s.topic_id
+                ))
+            })?;
+        let (producer, topic_id) = self.producer(source)?;
+        Ok(CustomPublisher::new(producer, topic_id, type_name))
+    }
+
+    /// The source ids (ranks) of this component's own sources, as a bit set: bit `i` is
+    /// source id `i`. Ranks are fixed when the session starts, so this waits (5 s at most)
+    /// for STARTED; a component without sources gets 0 at once. Ids beyond 63 cannot occur
+    /// (a session has at most [`crate::stats::MAX_SOURCES`] sources).
+    pub fn own_source_ids(&self) -> Result<u64, ClientError> {
+        if self.ack.sources.is_empty() {
+            return Ok(0);
+        }
+        let started = self.wait_for(IO_TIMEOUT, "STARTED", |s| s.started.clone())?;
+        Ok(started
+            .source_names
+            .iter()
+            .enumerate()
+            .filter(|(id, name)| *id < 64 && self.ack.sources.iter().any(|s| &s.name == *name))
+            .fold(0u64, |mask, (id, _)| mask | 1 << id))
     }
 
     /// Whether the daemon reads `source` straight from the journal this producer declared

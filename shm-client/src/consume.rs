@@ -20,6 +20,12 @@
 //!
 //! The copy costs a few nanoseconds per event (events are small and fixed-size). A consumer
 //! that wants the archives in place, zero-copy, reads [`BusReader::next`] itself.
+//!
+//! **No self-delivery** (SPEC section 13): a component that also produces (role `both`) does
+//! not get the events of its own sources back, whatever their kind, unless it asks for them
+//! with [`Events::receive_own_events`]. Other consumers see every event. The filter is one
+//! bit test per event against [`Component::own_source_ids`], resolved at the first event; a
+//! reader of [`BusReader::next`] applies that set itself.
 
 use std::time::{Duration, Instant};
 
@@ -97,6 +103,10 @@ pub struct Events<'a> {
     idle_since: Option<Instant>,
     checked: Option<Instant>,
     done: bool,
+    /// Deliver the events of the component's own sources too.
+    receive_own: bool,
+    /// The component's own source ids (bit set), once resolved at the first event.
+    own: Option<u64>,
 }
 
 impl Component {
@@ -113,6 +123,8 @@ impl Component {
             idle_since: None,
             checked: None,
             done: false,
+            receive_own: false,
+            own: None,
         })
     }
 }
@@ -123,9 +135,16 @@ impl Events<'_> {
         &self.bus
     }
 
-    /// Between two empty polls: the control connection every [`CHECK_EVERY`], the idle
-    /// timeout, then one wait.
-    fn idle_wait(&mut self) -> Result<(), ConsumeError> {
+    /// Whether to deliver the events of this component's own sources too (default `false`:
+    /// no self-delivery). Only a component that produces has any.
+    pub fn receive_own_events(mut self, yes: bool) -> Self {
+        self.receive_own = yes;
+        self
+    }
+
+    /// Between two empty polls: the control connection every [`CHECK_EVERY`], and the idle
+    /// timeout.
+    fn check(&mut self) -> Result<(), ConsumeError> {
         let now = Instant::now();
         let since = *self.idle_since.get_or_insert(now);
         if self
@@ -146,13 +165,43 @@ impl Events<'_> {
                 return Err(ConsumeError::Idle(self.idle));
             }
         }
-        // Sleeps until the bus moves (or the slot is released), at most until the next check.
-        let next_check = self.checked.unwrap_or(now) + CHECK_EVERY;
+        Ok(())
+    }
+
+    /// [`Events::check`], then one wait: until the bus moves (or the slot is released), at
+    /// most until the next check.
+    fn idle_wait(&mut self) -> Result<(), ConsumeError> {
+        self.check()?;
+        let next_check = self.checked.unwrap_or_else(Instant::now) + CHECK_EVERY;
         self.bus.idle(&mut self.wait, Deadline::at(next_check));
         Ok(())
     }
 
-    fn next_event(&mut self) -> Option<Result<Delivered, ConsumeError>> {
+    /// The next event if one is waiting, without waiting: `Ok(None)` when the bus has nothing
+    /// new now, or when the stream is over ([`Events::ended`]). For a component with work
+    /// of its own between events (ending its own source once its inputs have ended, say);
+    /// [`Events::wait`] sleeps until the bus moves. Errors are those of the iteration, the
+    /// idle timeout included; after a final one, `ended` is true.
+    pub fn try_next(&mut self) -> Result<Option<Delivered>, ConsumeError> {
+        if self.done {
+            return Ok(None);
+        }
+        self.next_event(false).transpose()
+    }
+
+    /// Whether the stream is over: END-OF-STREAM was read, or a final error was returned.
+    pub fn ended(&self) -> bool {
+        self.done
+    }
+
+    /// Sleeps until the bus moves (or the slot is released), at most until `deadline`; after
+    /// an empty [`Events::try_next`]. Spins briefly first, then parks on the bus's doorbell.
+    pub fn wait(&mut self, deadline: Deadline) {
+        self.bus.idle(&mut self.wait, deadline);
+    }
+
+    /// The next event; on an empty bus waits (`block`) or returns `None` after the checks.
+    fn next_event(&mut self, block: bool) -> Option<Result<Delivered, ConsumeError>> {
         loop {
             match self.bus.try_next() {
                 Ok(Some(f)) => {
@@ -165,6 +214,14 @@ impl Events<'_> {
                     }
                     if f.kind() == Kind::Control {
                         continue;
+                    }
+                    match skip_own(self.comp, &mut self.own, self.receive_own, h.source_id) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => {
+                            self.done = true;
+                            return Some(Err(e));
+                        }
                     }
                     return Some(match f.event() {
                         Ok(ev) => Ok(Delivered {
@@ -185,9 +242,17 @@ impl Events<'_> {
                     });
                 }
                 Ok(None) => {
-                    if let Err(e) = self.idle_wait() {
+                    let checked = if block {
+                        self.idle_wait()
+                    } else {
+                        self.check()
+                    };
+                    if let Err(e) = checked {
                         self.done = true;
                         return Some(Err(e));
+                    }
+                    if !block {
+                        return None;
                     }
                 }
                 Err(ReadError::Overrun { missed }) => {
@@ -209,6 +274,31 @@ impl Events<'_> {
     }
 }
 
+/// Whether the frame of source `id` is the component's own and must be skipped (`own`: its
+/// source ids, resolved on first use).
+#[inline]
+fn skip_own(
+    comp: &Component,
+    own: &mut Option<u64>,
+    receive_own: bool,
+    id: u16,
+) -> Result<bool, ConsumeError> {
+    if receive_own {
+        return Ok(false);
+    }
+    let mask = match *own {
+        Some(mask) => mask,
+        None => {
+            // A frame on the bus means the session started: STARTED is at hand.
+            let mask = comp.own_source_ids().map_err(|e| {
+                ConsumeError::Stopped(format!("cannot tell this component's sources: {e}"))
+            })?;
+            *own.insert(mask)
+        }
+    };
+    Ok(id < 64 && mask & (1 << id) != 0)
+}
+
 impl Iterator for Events<'_> {
     type Item = Result<Delivered, ConsumeError>;
 
@@ -216,6 +306,6 @@ impl Iterator for Events<'_> {
         if self.done {
             return None;
         }
-        self.next_event()
+        self.next_event(true)
     }
 }

@@ -1,4 +1,5 @@
-//! The event schema (rkyv 0.8): [`Trade`], [`Book`] and [`Kline`].
+//! The event schema (rkyv 0.8): [`Trade`], [`Book`] and [`Kline`] (market data), and
+//! [`Custom`] (an application's own event: a type name and opaque bytes).
 //!
 //! Every event is fixed-size, with no out-of-line data, so its archive is exactly
 //! `size_of::<Archived…>()` bytes and a producer knows how much ring space to claim before it
@@ -220,7 +221,12 @@ impl ArchivedSymbol {
 }
 
 fn symbol_str(b: &[u8; SYMBOL_LEN]) -> &str {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(SYMBOL_LEN);
+    padded_str(b)
+}
+
+/// The text of a zero-padded ASCII field (invalid UTF-8 shows as `?`).
+fn padded_str(b: &[u8]) -> &str {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     std::str::from_utf8(&b[..end]).unwrap_or("?")
 }
 
@@ -308,6 +314,202 @@ pub struct Kline {
     pub taker_buy_quote: Decimal,
 }
 
+/// Longest [`Custom`] type name, in bytes.
+pub const TYPE_NAME_LEN: usize = 32;
+/// Most opaque bytes a [`Custom`] event carries.
+pub const MAX_CUSTOM_BYTES: usize = 256;
+
+/// Why a [`Custom`] event (or a custom source's topic) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CustomError {
+    /// The type name is empty.
+    #[error("a custom event's type name must not be empty")]
+    EmptyTypeName,
+    /// The type name is longer than [`TYPE_NAME_LEN`] bytes.
+    #[error("custom event type name {name:?} is {len} bytes long, the limit is {TYPE_NAME_LEN}")]
+    TypeNameTooLong {
+        /// The name (cut to 64 characters if longer).
+        name: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The type name has a character outside `[A-Za-z0-9._-]`.
+    #[error("custom event type name {name:?} has characters outside [A-Za-z0-9._-] (it names the topic custom.<type>)")]
+    BadTypeName {
+        /// The name, escaped for printing.
+        name: String,
+    },
+    /// More than [`MAX_CUSTOM_BYTES`] bytes.
+    #[error("a custom event carries at most {MAX_CUSTOM_BYTES} bytes, got {0}")]
+    TooManyBytes(usize),
+    /// A custom source's topic does not start with `custom.`.
+    #[error("topic {0:?} is not custom.<type>")]
+    NotCustomTopic(String),
+}
+
+/// The type name of a [`Custom`] event: 1 to [`TYPE_NAME_LEN`] ASCII letters, digits, `_`,
+/// `-` or `.`, zero-padded. Its events travel on topic `custom.<type>`.
+#[derive(Archive, Serialize, Deserialize, Copy, Clone, PartialEq, Eq, Hash)]
+#[rkyv(derive(Debug))]
+pub struct TypeName([u8; TYPE_NAME_LEN]);
+
+impl TypeName {
+    /// Checks and pads `name`. Fails if it is empty, longer than [`TYPE_NAME_LEN`] bytes, or
+    /// has a character outside `[A-Za-z0-9._-]` (no spaces, no control characters).
+    pub fn new(name: &str) -> Result<TypeName, CustomError> {
+        check_type_name(name.as_bytes())?;
+        let mut out = [0u8; TYPE_NAME_LEN];
+        out[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(TypeName(out))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        padded_str(&self.0)
+    }
+
+    /// The topic its events travel on: `custom.<type>`.
+    pub fn topic(&self) -> String {
+        custom_topic(self.as_str())
+    }
+}
+
+impl fmt::Debug for TypeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// Prefix of the topics of custom events: `custom.<type>`.
+pub const CUSTOM_TOPIC_PREFIX: &str = "custom.";
+
+/// The topic of custom events of type `type_name`: `custom.<type>`.
+pub fn custom_topic(type_name: &str) -> String {
+    format!("{CUSTOM_TOPIC_PREFIX}{type_name}")
+}
+
+/// The type name a custom source's topic names (`custom.signal` → `signal`), checked as
+/// [`TypeName::new`] checks it. Fails if `topic` does not start with `custom.`
+/// ([`CustomError::NotCustomTopic`]) or names a bad type.
+pub fn custom_topic_type(topic: &str) -> Result<TypeName, CustomError> {
+    let name = topic
+        .strip_prefix(CUSTOM_TOPIC_PREFIX)
+        .ok_or_else(|| CustomError::NotCustomTopic(topic.to_string()))?;
+    TypeName::new(name)
+}
+
+fn check_type_name(b: &[u8]) -> Result<(), CustomError> {
+    let shown = || {
+        String::from_utf8_lossy(b)
+            .escape_debug()
+            .take(64)
+            .collect::<String>()
+    };
+    if b.is_empty() {
+        return Err(CustomError::EmptyTypeName);
+    }
+    if b.len() > TYPE_NAME_LEN {
+        return Err(CustomError::TypeNameTooLong {
+            name: shown(),
+            len: b.len(),
+        });
+    }
+    if !b
+        .iter()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+    {
+        return Err(CustomError::BadTypeName { name: shown() });
+    }
+    Ok(())
+}
+
+/// An application event: a component's own signal, order or fill, published as a source of
+/// kind `custom` into the merged stream (SPEC section 13). On equal timestamps it sorts after
+/// every market-data kind. Fixed-size like every event: [`MAX_CUSTOM_BYTES`] inline, of which
+/// the first [`Custom::bytes`] are the event's; the rest are zero, so equal events have equal
+/// archives (and digests).
+#[derive(Archive, Serialize, Deserialize, Copy, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct Custom {
+    type_name: TypeName,
+    len: u16,
+    bytes: [u8; MAX_CUSTOM_BYTES],
+}
+
+impl Custom {
+    /// An event of type `type_name` (see [`TypeName::new`]) carrying `bytes` (at most
+    /// [`MAX_CUSTOM_BYTES`]). The bytes are opaque to Aegis: their encoding is the
+    /// application's.
+    pub fn new(type_name: &str, bytes: &[u8]) -> Result<Custom, CustomError> {
+        Custom::typed(TypeName::new(type_name)?, bytes)
+    }
+
+    /// As [`Custom::new`], with a type name checked already.
+    pub fn typed(type_name: TypeName, bytes: &[u8]) -> Result<Custom, CustomError> {
+        if bytes.len() > MAX_CUSTOM_BYTES {
+            return Err(CustomError::TooManyBytes(bytes.len()));
+        }
+        let mut b = [0u8; MAX_CUSTOM_BYTES];
+        b[..bytes.len()].copy_from_slice(bytes);
+        Ok(Custom {
+            type_name,
+            len: bytes.len() as u16,
+            bytes: b,
+        })
+    }
+
+    /// The type name.
+    pub fn type_name(&self) -> &str {
+        self.type_name.as_str()
+    }
+
+    /// The event's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..(self.len as usize).min(MAX_CUSTOM_BYTES)]
+    }
+}
+
+impl fmt::Debug for Custom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Custom")
+            .field("type_name", &self.type_name)
+            .field("bytes", &self.bytes())
+            .finish()
+    }
+}
+
+impl ArchivedCustom {
+    /// The type name (`?` if it is not UTF-8, which [`decode`] refuses).
+    pub fn type_name(&self) -> &str {
+        padded_str(&self.type_name.0)
+    }
+
+    /// The event's bytes (cut to [`MAX_CUSTOM_BYTES`] if the length says more, which
+    /// [`decode`] refuses).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..(self.len.to_native() as usize).min(MAX_CUSTOM_BYTES)]
+    }
+
+    /// What bytecheck cannot see: a valid type name, a length within bounds, zero bytes
+    /// after the event's.
+    fn check(&self) -> Result<(), String> {
+        let name = &self.type_name.0;
+        let end = name.iter().position(|&c| c == 0).unwrap_or(TYPE_NAME_LEN);
+        check_type_name(&name[..end]).map_err(|e| e.to_string())?;
+        if name[end..].iter().any(|&c| c != 0) {
+            return Err("custom type name not zero-padded".into());
+        }
+        let len = self.len.to_native() as usize;
+        if len > MAX_CUSTOM_BYTES {
+            return Err(CustomError::TooManyBytes(len).to_string());
+        }
+        if self.bytes[len..].iter().any(|&c| c != 0) {
+            return Err("custom event bytes not zero-padded".into());
+        }
+        Ok(())
+    }
+}
+
 /// An event type that can travel in a frame.
 pub trait Event: Archive + for<'a, 'b> Serialize<HighSerializer<'a, 'b>> + Sized {
     /// The frame kind of this event.
@@ -332,6 +534,9 @@ impl Event for Book {
 impl Event for Kline {
     const KIND: Kind = Kind::Kline;
 }
+impl Event for Custom {
+    const KIND: Kind = Kind::Custom;
+}
 
 /// Serialises `ev` into `buf` (straight into ring memory on the hot path) and returns the
 /// archive's length. Fails only if `buf` is shorter than `E::ARCHIVED_LEN`.
@@ -350,15 +555,18 @@ pub enum AnyEvent {
     Book(Book),
     /// A kline.
     Kline(Kline),
+    /// An application event.
+    Custom(Custom),
 }
 
 impl AnyEvent {
-    /// The symbol, whatever the kind.
+    /// The symbol, whatever the market-data kind; empty for a custom event, which has none.
     pub fn symbol(&self) -> &str {
         match self {
             AnyEvent::Trade(t) => t.symbol.as_str(),
             AnyEvent::Book(b) => b.symbol.as_str(),
             AnyEvent::Kline(k) => k.symbol.as_str(),
+            AnyEvent::Custom(_) => "",
         }
     }
 
@@ -368,6 +576,7 @@ impl AnyEvent {
             AnyEvent::Trade(_) => Kind::Trade,
             AnyEvent::Book(_) => Kind::Book,
             AnyEvent::Kline(_) => Kind::Kline,
+            AnyEvent::Custom(_) => Kind::Custom,
         }
     }
 
@@ -377,16 +586,24 @@ impl AnyEvent {
             AnyEvent::Trade(e) => encode_into(e, buf),
             AnyEvent::Book(e) => encode_into(e, buf),
             AnyEvent::Kline(e) => encode_into(e, buf),
+            AnyEvent::Custom(e) => encode_into(e, buf),
         }
     }
 
     /// Exact archive length.
     pub fn archived_len(&self) -> usize {
-        match self {
-            AnyEvent::Trade(_) => Trade::ARCHIVED_LEN,
-            AnyEvent::Book(_) => Book::ARCHIVED_LEN,
-            AnyEvent::Kline(_) => Kline::ARCHIVED_LEN,
-        }
+        archived_len(self.kind()).expect("an event kind")
+    }
+}
+
+/// The payload length of an event kind (events are fixed-size); `None` for control frames.
+pub fn archived_len(kind: Kind) -> Option<usize> {
+    match kind {
+        Kind::Trade => Some(Trade::ARCHIVED_LEN),
+        Kind::Book => Some(Book::ARCHIVED_LEN),
+        Kind::Kline => Some(Kline::ARCHIVED_LEN),
+        Kind::Custom => Some(Custom::ARCHIVED_LEN),
+        Kind::Control => None,
     }
 }
 
@@ -399,6 +616,8 @@ pub enum EventRef<'a> {
     Book(&'a ArchivedBook),
     /// A kline.
     Kline(&'a ArchivedKline),
+    /// An application event.
+    Custom(&'a ArchivedCustom),
 }
 
 impl<'a> EventRef<'a> {
@@ -408,15 +627,17 @@ impl<'a> EventRef<'a> {
             EventRef::Trade(_) => Kind::Trade,
             EventRef::Book(_) => Kind::Book,
             EventRef::Kline(_) => Kind::Kline,
+            EventRef::Custom(_) => Kind::Custom,
         }
     }
 
-    /// The symbol, whatever the kind.
+    /// The symbol, whatever the market-data kind; empty for a custom event, which has none.
     pub fn symbol(&self) -> &'a str {
         match self {
             EventRef::Trade(t) => t.symbol.as_str(),
             EventRef::Book(b) => b.symbol.as_str(),
             EventRef::Kline(k) => k.symbol.as_str(),
+            EventRef::Custom(_) => "",
         }
     }
 
@@ -431,6 +652,9 @@ impl<'a> EventRef<'a> {
             EventRef::Book(b) => rkyv::deserialize::<Book, rancor::Error>(*b).map(AnyEvent::Book),
             EventRef::Kline(k) => {
                 rkyv::deserialize::<Kline, rancor::Error>(*k).map(AnyEvent::Kline)
+            }
+            EventRef::Custom(c) => {
+                rkyv::deserialize::<Custom, rancor::Error>(*c).map(AnyEvent::Custom)
             }
         };
         owned.expect("a fixed-size archive of plain fields deserialises")
@@ -456,8 +680,8 @@ pub enum DecodeError {
     },
 }
 
-/// Reads the event in `payload` in place, validating it with bytecheck. Costs one pass over
-/// the archive's fields.
+/// Reads the event in `payload` in place, validating it with bytecheck (and, for a custom
+/// event, its type name, length and zero padding). Costs one pass over the archive's fields.
 pub fn decode(kind: Kind, payload: &[u8]) -> Result<EventRef<'_>, DecodeError> {
     let inv = |e: rancor::Error| DecodeError::Invalid(e.to_string());
     Ok(match kind {
@@ -469,6 +693,11 @@ pub fn decode(kind: Kind, payload: &[u8]) -> Result<EventRef<'_>, DecodeError> {
         }
         Kind::Kline => {
             EventRef::Kline(rkyv::access::<ArchivedKline, rancor::Error>(payload).map_err(inv)?)
+        }
+        Kind::Custom => {
+            let c = rkyv::access::<ArchivedCustom, rancor::Error>(payload).map_err(inv)?;
+            c.check().map_err(DecodeError::Invalid)?;
+            EventRef::Custom(c)
         }
         Kind::Control => return Err(DecodeError::NotAnEvent(kind)),
     })
@@ -495,6 +724,7 @@ pub unsafe fn decode_unchecked(kind: Kind, payload: &[u8]) -> Result<EventRef<'_
         Kind::Trade => EventRef::Trade(get(kind, payload)?),
         Kind::Book => EventRef::Book(get(kind, payload)?),
         Kind::Kline => EventRef::Kline(get(kind, payload)?),
+        Kind::Custom => EventRef::Custom(get(kind, payload)?),
         Kind::Control => return Err(DecodeError::NotAnEvent(kind)),
     })
 }

@@ -52,6 +52,8 @@ pub enum Kind {
     Book = 2,
     /// A [`crate::event::Kline`].
     Kline = 3,
+    /// A [`crate::event::Custom`]: an application event (a signal, an order, a fill).
+    Custom = 4,
 }
 
 impl Kind {
@@ -62,27 +64,31 @@ impl Kind {
             1 => Some(Kind::Trade),
             2 => Some(Kind::Book),
             3 => Some(Kind::Kline),
+            4 => Some(Kind::Custom),
             _ => None,
         }
     }
 
-    /// Merge priority on equal timestamps: Trade (0) before Book (1) before Kline (2).
+    /// Merge priority on equal timestamps: Trade (0) before Book (1) before Kline (2) before
+    /// Custom (3). Control frames never take part in a merge; they share the last value, so
+    /// that a priority always fits the merge key's two bits.
     pub fn priority(self) -> u8 {
         match self {
             Kind::Trade => 0,
             Kind::Book => 1,
             Kind::Kline => 2,
-            Kind::Control => 3,
+            Kind::Custom | Kind::Control => 3,
         }
     }
 
-    /// The name used in NDJSON (`trade`, `book`, `kline`, `control`).
+    /// The name used in NDJSON (`trade`, `book`, `kline`, `custom`, `control`).
     pub fn name(self) -> &'static str {
         match self {
             Kind::Control => "control",
             Kind::Trade => "trade",
             Kind::Book => "book",
             Kind::Kline => "kline",
+            Kind::Custom => "custom",
         }
     }
 }

@@ -29,7 +29,6 @@
 //! bus frames of any kind, as the bus carried them (see [`RecordingHeader`] and
 //! [`check_recorded_frame`]).
 
-use crate::event::{Book, Event, Kline, Trade};
 use crate::frame::{flags, FrameHeader, Kind, FRAME_ALIGN, FRAME_HEADER_LEN};
 
 /// The first 8 bytes of every journal.
@@ -344,15 +343,7 @@ fn padded_str(b: &[u8]) -> Result<Option<String>, String> {
         .map_err(|_| "name field is not UTF-8".to_string())
 }
 
-/// The payload length of an event kind (events are fixed-size); `None` for control frames.
-pub fn archived_len(kind: Kind) -> Option<usize> {
-    match kind {
-        Kind::Trade => Some(Trade::ARCHIVED_LEN),
-        Kind::Book => Some(Book::ARCHIVED_LEN),
-        Kind::Kline => Some(Kline::ARCHIVED_LEN),
-        Kind::Control => None,
-    }
-}
+pub use crate::event::archived_len;
 
 /// Checks a frame header against the journal's rules, given that at most `available` bytes
 /// (from the frame's start) may belong to the frame: a valid frame header, an event of the
@@ -389,6 +380,7 @@ pub fn check_frame(h: &FrameHeader, available: usize, kind: JournalKind) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{Event, Trade};
 
     fn header() -> JournalHeader {
         JournalHeader {

@@ -14,11 +14,15 @@
 //!    ring memory (claim, write, commit) and hands the event back if the ring is full;
 //!    [`spsc::Producer::push`] waits with a [`wait::WaitStrategy`] until a deadline. Commits are
 //!    batched: the cursor is published once per batch, or on [`spsc::Producer::flush`].
+//!    A component's own application events (signals, orders, fills) are sources of kind
+//!    `custom`: [`client::Component::custom_publisher`] publishes them (see [`custom`]).
 //! 3. **Consume.** [`spmc::BusReader::try_next`] returns the next frame in bus order, read in
 //!    place; [`event::decode`] gives the archived event, validated by bytecheck (or
 //!    [`event::decode_unchecked`] on the opt-in fast path). The common loop is one `for`:
 //!    [`client::Component::events`] yields native copies ([`consume::Delivered`]), ends at
 //!    END-OF-STREAM, and reports a stop, an eviction or a silent bus as an error item.
+//!    It skips the events of the component's own sources (no self-delivery) unless asked
+//!    ([`consume::Events::receive_own_events`]).
 //! 4. **Shutdown.** The producer ends its stream with [`spsc::Producer::finish`] (an EOF
 //!    frame); the sequencer writes END-OF-STREAM to the bus once every source has ended; the
 //!    consumer sees a frame with the EOF flag and detaches.
@@ -103,6 +107,7 @@
 
 pub mod client;
 pub mod consume;
+pub mod custom;
 pub mod doorbell;
 pub mod event;
 pub mod frame;

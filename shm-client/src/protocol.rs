@@ -92,9 +92,11 @@ pub enum SourceKind {
     Book,
     /// Klines (candles).
     Kline,
+    /// Application events ([`crate::event::Custom`]) of one type, on topic `custom.<type>`.
+    Custom,
 }
 
-named_enum!(SourceKind, "kind", { Trade => "trade", Book => "book", Kline => "kline" });
+named_enum!(SourceKind, "kind", { Trade => "trade", Book => "book", Kline => "kline", Custom => "custom" });
 
 impl From<SourceKind> for crate::frame::Kind {
     fn from(k: SourceKind) -> crate::frame::Kind {
@@ -102,6 +104,7 @@ impl From<SourceKind> for crate::frame::Kind {
             SourceKind::Trade => crate::frame::Kind::Trade,
             SourceKind::Book => crate::frame::Kind::Book,
             SourceKind::Kline => crate::frame::Kind::Kline,
+            SourceKind::Custom => crate::frame::Kind::Custom,
         }
     }
 }
@@ -114,6 +117,7 @@ impl TryFrom<crate::frame::Kind> for SourceKind {
             crate::frame::Kind::Trade => Ok(SourceKind::Trade),
             crate::frame::Kind::Book => Ok(SourceKind::Book),
             crate::frame::Kind::Kline => Ok(SourceKind::Kline),
+            crate::frame::Kind::Custom => Ok(SourceKind::Custom),
             crate::frame::Kind::Control => Err(k),
         }
     }
@@ -361,7 +365,9 @@ impl Role {
 pub struct SourceDecl {
     /// The source's name (`[A-Za-z0-9._-]{1,64}`), unique in the session.
     pub name: String,
-    /// `trade`, `book` or `kline` (another value makes the REGISTER a `bad_request`).
+    /// `trade`, `book`, `kline` or `custom` (another value makes the REGISTER a
+    /// `bad_request`). A `custom` source publishes [`crate::event::Custom`] events of one
+    /// type on topic `custom.<type>`.
     pub kind: SourceKind,
     /// The topic it publishes, e.g. `klines.BTCUSDT.1m`.
     pub topic: String,

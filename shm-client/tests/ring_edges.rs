@@ -1488,9 +1488,9 @@ fn reader_refuses_corrupt_headers() {
     type Want = fn(&FrameError) -> bool;
     let cases: Vec<(&str, Edit, Want)> = vec![
         (
-            "unknown kind 4",
-            |h| h.kind = 4,
-            |e| *e == FrameError::UnknownKind(4),
+            "unknown kind 5 (4 is custom)",
+            |h| h.kind = 5,
+            |e| *e == FrameError::UnknownKind(5),
         ),
         (
             "unknown kind 255",

@@ -56,6 +56,39 @@ pub fn bins() -> Bins {
     }
 }
 
+/// An example binary, built by `cargo test` next to the test binaries' profile directory.
+pub fn example(b: &Bins, name: &str) -> PathBuf {
+    let p = b
+        .shmctl
+        .parent()
+        .expect("the profile directory")
+        .join("examples")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "example {name} not found at {}: `cargo test` builds the examples (or `cargo build --release --examples -p aegis-shm-client`)",
+        p.display()
+    );
+    p
+}
+
+/// A Binance trades CSV `BTCUSDT-trades-2024-09-21.csv` in `dir`: `n` rows one ms apart, ids
+/// from 0.
+pub fn trades_csv(dir: &Path, n: u64) -> PathBuf {
+    let path = dir.join("BTCUSDT-trades-2024-09-21.csv");
+    let rows: String = (0..n)
+        .map(|i| {
+            format!(
+                "{i},63201.{:02},0.001,63.2,{},true,true\n",
+                i % 100,
+                1_726_876_800_000 + i
+            )
+        })
+        .collect();
+    std::fs::write(&path, rows).unwrap();
+    path
+}
+
 /// One test at a time (see the module docs). A failed test poisons the lock; the next one
 /// goes on regardless.
 pub fn serial() -> MutexGuard<'static, ()> {

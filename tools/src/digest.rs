@@ -80,6 +80,8 @@ pub struct Counts {
     pub books: u64,
     /// Kline events.
     pub klines: u64,
+    /// Custom (application) events.
+    pub customs: u64,
     /// Events flagged LATE (live mode).
     pub late: u64,
     /// Events per topic name.
@@ -104,6 +106,7 @@ impl Counts {
         match header.kind() {
             Some(Kind::Trade) => self.trades += 1,
             Some(Kind::Book) => self.books += 1,
+            Some(Kind::Custom) => self.customs += 1,
             _ => self.klines += 1,
         }
         self.events += 1;
@@ -158,11 +161,12 @@ impl Counts {
     /// A table for people, ending with a newline:
     ///
     /// ```text
-    /// events  2184
-    ///   trade     0
-    ///   book      0
-    ///   kline  2184
-    ///   late      0
+    /// events   2184
+    ///   trade      0
+    ///   book       0
+    ///   kline   2184
+    ///   custom     0
+    ///   late       0
     /// topics
     ///   klines.BTCUSDT.1h   744
     ///   klines.BTCUSDT.1m  1440
@@ -172,13 +176,14 @@ impl Counts {
             ("trade", self.trades),
             ("book", self.books),
             ("kline", self.klines),
+            ("custom", self.customs),
             ("late", self.late),
         ];
         let num_w = self.events.to_string().len();
         let mut s = String::new();
-        let _ = writeln!(s, "events  {:>num_w$}", self.events);
+        let _ = writeln!(s, "events   {:>num_w$}", self.events);
         for (name, n) in rows {
-            let _ = writeln!(s, "  {name:<5} {n:>num_w$}");
+            let _ = writeln!(s, "  {name:<6} {n:>num_w$}");
         }
         s.push_str("topics\n");
         let name_w = self.topics.keys().map(String::len).max().unwrap_or(0);
@@ -195,7 +200,7 @@ impl Counts {
     }
 
     /// One line of JSON (no newline):
-    /// `{"events":2184,"kinds":{"trade":0,"book":0,"kline":2184},"late":0,"topics":{"klines.BTCUSDT.1h":744,"klines.BTCUSDT.1m":1440}}`
+    /// `{"events":2184,"kinds":{"trade":0,"book":0,"kline":2184,"custom":0},"late":0,"topics":{"klines.BTCUSDT.1h":744,"klines.BTCUSDT.1m":1440}}`
     /// (topics sorted by name).
     pub fn render_json(&self) -> String {
         let mut out = Vec::new();
@@ -208,8 +213,8 @@ fn write_json(out: &mut Vec<u8>, c: &Counts) -> std::io::Result<()> {
     use std::io::Write;
     write!(
         out,
-        "{{\"events\":{},\"kinds\":{{\"trade\":{},\"book\":{},\"kline\":{}}},\"late\":{},\"topics\":{{",
-        c.events, c.trades, c.books, c.klines, c.late
+        "{{\"events\":{},\"kinds\":{{\"trade\":{},\"book\":{},\"kline\":{},\"custom\":{}}},\"late\":{},\"topics\":{{",
+        c.events, c.trades, c.books, c.klines, c.customs, c.late
     )?;
     for (i, (topic, n)) in c.topics.iter().enumerate() {
         if i > 0 {
@@ -314,6 +319,32 @@ mod tests {
     }
 
     #[test]
+    fn custom_events_are_digested_by_type_and_bytes() {
+        use aegis_shm_client::event::{encode_into, Custom, Event};
+        #[repr(C, align(16))]
+        struct Buf([u8; 512]);
+        let digest = |ev: &Custom| {
+            let mut buf = Buf([0; 512]);
+            let n = encode_into(ev, &mut buf.0).unwrap();
+            let mut d = StreamDigest::new();
+            d.update(&FrameHeader::event(Kind::Trade, 5, 1, 64), &[7; 64]);
+            d.update(&FrameHeader::event(Custom::KIND, 5, 2, n), &buf.0[..n]);
+            d.finish()
+        };
+        let signal = digest(&Custom::new("signal", b"buy").unwrap());
+        assert_eq!(signal, digest(&Custom::new("signal", b"buy").unwrap()));
+        assert_ne!(signal, digest(&Custom::new("signal", b"sell").unwrap()));
+        assert_ne!(signal, digest(&Custom::new("signal", b"buy\0").unwrap()));
+        assert_ne!(signal, digest(&Custom::new("order", b"buy").unwrap()));
+        let mut c = Counts::new();
+        c.add(
+            &FrameHeader::event(Kind::Custom, 5, 2, 290),
+            "custom.signal",
+        );
+        assert_eq!((c.events, c.customs, c.klines), (1, 1, 0));
+    }
+
+    #[test]
     fn counts_render_for_people_and_as_json() {
         let mut c = Counts::new();
         let k = FrameHeader::event(Kind::Kline, 1, 0, 8);
@@ -341,7 +372,7 @@ mod tests {
         assert_eq!(
             json,
             concat!(
-                r#"{"events":2186,"kinds":{"trade":1,"book":1,"kline":2184},"late":1,"#,
+                r#"{"events":2186,"kinds":{"trade":1,"book":1,"kline":2184,"custom":0},"late":1,"#,
                 r#""topics":{"book.BTCUSDT":1,"klines.BTCUSDT.1h":744,"klines.BTCUSDT.1m":1440,"trades.BTCUSDT":1}}"#
             )
         );
@@ -351,15 +382,15 @@ mod tests {
         let human = c.render_human();
         assert_eq!(
             human,
-            "events  2186\n  trade    1\n  book     1\n  kline 2184\n  late     1\ntopics\n  \
+            "events   2186\n  trade     1\n  book      1\n  kline  2184\n  custom    0\n  late      1\ntopics\n  \
              book.BTCUSDT          1\n  klines.BTCUSDT.1h   744\n  klines.BTCUSDT.1m  1440\n  \
              trades.BTCUSDT        1\n"
         );
         assert_eq!(
             Counts::new().render_json(),
-            r#"{"events":0,"kinds":{"trade":0,"book":0,"kline":0},"late":0,"topics":{}}"#
+            r#"{"events":0,"kinds":{"trade":0,"book":0,"kline":0,"custom":0},"late":0,"topics":{}}"#
         );
-        assert!(Counts::new().render_human().starts_with("events  0\n"));
+        assert!(Counts::new().render_human().starts_with("events   0\n"));
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! - trade: `seq, ts, kind, source, topic, symbol, id, price, qty, buyer_maker`
 //! - book: `seq, ts, kind, source, topic, symbol, update_id, bid_price, bid_qty, ask_price,
 //!   ask_qty`
+//! - custom (an application's event, SPEC section 13): `seq, ts, kind, source, topic, type,
+//!   bytes`, where `topic` is `custom.<type>` and `bytes` is the event's bytes as lowercase
+//!   hex, two digits per byte (`""` when there are none)
 //!
 //! Integers (sequence numbers, ids, counts, times in nanoseconds) are bare JSON numbers;
 //! prices and quantities are JSON strings holding the exact decimal, normalised (trailing
@@ -68,6 +71,7 @@ pub fn write_line(
         EventRef::Trade(_) => "trade",
         EventRef::Book(_) => "book",
         EventRef::Kline(_) => "kline",
+        EventRef::Custom(_) => "custom",
     };
     write!(
         out,
@@ -130,7 +134,28 @@ pub fn write_line(
                 b.ask_qty,
             )
         }
+        EventRef::Custom(c) => {
+            out.write_all(b",\"type\":")?;
+            write_json_str(out, c.type_name())?;
+            out.write_all(b",\"bytes\":\"")?;
+            write_hex(out, c.bytes())?;
+            out.write_all(b"\"}\n")
+        }
     }
+}
+
+/// Writes `bytes` as lowercase hex, two digits per byte.
+pub fn write_hex(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 128];
+    for chunk in bytes.chunks(buf.len() / 2) {
+        for (i, b) in chunk.iter().enumerate() {
+            buf[2 * i] = DIGITS[(b >> 4) as usize];
+            buf[2 * i + 1] = DIGITS[(b & 15) as usize];
+        }
+        out.write_all(&buf[..2 * chunk.len()])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -185,6 +210,31 @@ mod tests {
         assert_eq!(got, want);
         let v: serde_json::Value = serde_json::from_str(&got).unwrap();
         assert_eq!(v["close_time"], 1_726_876_859_999_000_000u64);
+    }
+
+    #[test]
+    fn custom_lines_carry_type_and_hex_bytes() {
+        use aegis_shm_client::event::{Custom, MAX_CUSTOM_BYTES};
+        let ev = AnyEvent::Custom(Custom::new("signal", b"BTCUSDT buy\x00\xff").unwrap());
+        assert_eq!(
+            line(3, 7, flags::LATE, "A-signals", "custom.signal", &ev),
+            concat!(
+                r#"{"seq":3,"ts":7,"kind":"custom","source":"A-signals","topic":"custom.signal","late":true,"#,
+                r#""type":"signal","bytes":"425443555344542062757900ff"}"#,
+                "\n"
+            )
+        );
+        let empty = AnyEvent::Custom(Custom::new("fill", b"").unwrap());
+        assert!(line(0, 1, 0, "s", "custom.fill", &empty).ends_with(
+            r#""type":"fill","bytes":""}
+"#
+        ));
+        // The largest event, over several chunks of the writer's buffer.
+        let big: Vec<u8> = (0..MAX_CUSTOM_BYTES).map(|i| (i * 7) as u8).collect();
+        let mut hex = Vec::new();
+        write_hex(&mut hex, &big).unwrap();
+        let want: String = big.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(String::from_utf8(hex).unwrap(), want);
     }
 
     #[test]

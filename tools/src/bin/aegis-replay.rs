@@ -846,6 +846,7 @@ impl Out<'_> {
                 AnyEvent::Trade(e) => push_event(p, ts, self.topic, e, wait, stall),
                 AnyEvent::Book(e) => push_event(p, ts, self.topic, e, wait, stall),
                 AnyEvent::Kline(e) => push_event(p, ts, self.topic, e, wait, stall),
+                AnyEvent::Custom(e) => push_event(p, ts, self.topic, e, wait, stall),
             };
             r.map_err(|e| format!("{src}: {e}"))?;
             self.pushed(|| reader.bytes_read())?;
