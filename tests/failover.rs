@@ -238,6 +238,32 @@ fn tap_cmd(b: &Bins, out: &Path, name: &str, extra: &str) -> String {
     )
 }
 
+/// `session run` of a producer group `feed` (two replays of one paced `n`-trade file, the
+/// aggressive policy) and one NDJSON tap; returns the run and the tap's output file.
+fn start_feed_group(
+    h: &mut Harness,
+    b: &Bins,
+    socket: &Path,
+    session: &str,
+    n: u64,
+) -> (usize, PathBuf) {
+    let csv = trades_csv(&h.dir, n, 5);
+    let out = h.dir.join("tap.ndjson");
+    let grp = "--group feed --failover aggressive";
+    let run = start_run(
+        h,
+        b,
+        socket,
+        session,
+        &[
+            replay_cmd(b, &csv, "feed-a", grp),
+            replay_cmd(b, &csv, "feed-b", grp),
+            tap_cmd(b, &out, "tap", ""),
+        ],
+    );
+    (run, out)
+}
+
 #[test]
 fn replay_group_failover_after_kill9_is_exactly_once() {
     let _g = serial();
@@ -245,20 +271,7 @@ fn replay_group_failover_after_kill9_is_exactly_once() {
     let mut h = Harness::new("failover-kill");
     let socket = h.start_daemon(&b);
     const N: u64 = 600;
-    let csv = trades_csv(&h.dir, N, 5);
-    let out = h.dir.join("tap.ndjson");
-    let grp = "--group feed --failover aggressive";
-    let run = start_run(
-        &mut h,
-        &b,
-        &socket,
-        "fo",
-        &[
-            replay_cmd(&b, &csv, "feed-a", grp),
-            replay_cmd(&b, &csv, "feed-b", grp),
-            tap_cmd(&b, &out, "tap", ""),
-        ],
-    );
+    let (run, out) = start_feed_group(&mut h, &b, &socket, "fo", N);
     let v = wait_inspect(&h, &socket, "fo", "a third of the stream merged", |v| {
         merged(v) >= N / 3
     });
@@ -441,20 +454,7 @@ fn split_brain_paused_active_producer_is_fenced_and_never_merged() {
     let mut h = Harness::new("split");
     let socket = h.start_daemon(&b);
     const N: u64 = 800;
-    let csv = trades_csv(&h.dir, N, 5);
-    let out = h.dir.join("tap.ndjson");
-    let grp = "--group feed --failover aggressive";
-    let run = start_run(
-        &mut h,
-        &b,
-        &socket,
-        "sb",
-        &[
-            replay_cmd(&b, &csv, "feed-a", grp),
-            replay_cmd(&b, &csv, "feed-b", grp),
-            tap_cmd(&b, &out, "tap", ""),
-        ],
-    );
+    let (run, out) = start_feed_group(&mut h, &b, &socket, "sb", N);
     let v = wait_inspect(&h, &socket, "sb", "a quarter merged", |v| {
         merged(v) >= N / 4
     });
