@@ -131,6 +131,8 @@ struct Status {
     closed: bool,
 }
 
+/// Lock order: a thread that holds both takes the subscription lock (`Subs`) first and the
+/// status lock second; nothing takes `Subs` while it holds `status`.
 struct Shared {
     status: Mutex<Status>,
     changed: Condvar,
@@ -747,6 +749,15 @@ fn reader_loop(
                 calls.complete(answer);
                 continue;
             }
+            Reply::Started { ref topics, .. } => {
+                // Before the status lock, never under it: the reconciliation thread holds the
+                // subscription lock while it looks at the status (its `stop`), so taking them
+                // in the other order here deadlocked a consumer whose STARTED came while that
+                // thread was waiting (found by
+                // `live_consumer_lapped_over_the_end_sees_eos_with_exact_missed_count`, 1 run
+                // in ~25).
+                subs.set_table(topics.clone());
+            }
             _ => {}
         }
         let mut st = shared.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -755,7 +766,6 @@ fn reader_loop(
                 topics,
                 source_names,
             } => {
-                subs.set_table(topics.clone());
                 st.started = Some(Started {
                     topics,
                     source_names,
@@ -863,6 +873,111 @@ fn heartbeat_loop(w: &Mutex<UnixStream>, shared: &Shared) {
         let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
         if g.write_all(&line).is_err() {
             break;
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::subscription::{Cause, Desired, Push};
+    use std::collections::BTreeMap;
+    use std::io::Read;
+
+    /// Regression: the reader thread took the subscription lock under the status lock (to
+    /// store STARTED's topic table) while the reconciliation thread takes them in the other
+    /// order (its `stop` looks at the status inside `Subs::wait_push`). A consumer whose
+    /// STARTED arrived at that moment hung in `ready` for ever. Many STARTED lines, each
+    /// followed by a push that wakes the reconciliation thread, make the two meet; the final
+    /// ACK must get through.
+    #[test]
+    fn started_and_pushes_never_deadlock_the_reader_and_the_reconciler() {
+        let (mut daemon, comp) = UnixStream::pair().expect("socket pair");
+        let reader = BufReader::new(comp.try_clone().expect("clone"));
+        reader
+            .get_ref()
+            .set_read_timeout(Some(READER_POLL))
+            .expect("timeout");
+        let writer = Arc::new(Mutex::new(comp));
+        let shared = Arc::new(Shared {
+            status: Mutex::new(Status::default()),
+            changed: Condvar::new(),
+            quit: AtomicBool::new(false),
+        });
+        let subs = Arc::new(Subs::new(Desired::default(), BTreeMap::new()));
+        let (calls, server) = (Arc::new(Calls::default()), Arc::new(Server::default()));
+        let threads = [
+            {
+                let (shared, subs) = (shared.clone(), subs.clone());
+                std::thread::spawn(move || reader_loop(reader, &shared, &subs, &calls, &server))
+            },
+            {
+                let (shared, subs, writer) = (shared.clone(), subs.clone(), writer.clone());
+                std::thread::spawn(move || {
+                    reconcile_loop(&writer, &shared, &subs, Duration::from_secs(1))
+                })
+            },
+        ];
+        // Whatever the component writes is drained, so its writes never block.
+        let mut drain = daemon.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while matches!(drain.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        let started = protocol::encode(&Reply::Started {
+            topics: BTreeMap::from([("trades.BTCUSDT".to_string(), 1)]),
+            source_names: vec!["a".into()],
+        });
+        // A deadlocked reader stops reading: the writes then time out, and the check below
+        // fails.
+        daemon
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut sent = true;
+        for version in 1..=20_000u64 {
+            if daemon.write_all(&started).is_err() {
+                sent = false;
+                break;
+            }
+            let push = Reply::Subscriptions(Push {
+                desired: Desired {
+                    version,
+                    ..Desired::default()
+                },
+                cause: Cause::Changed,
+            });
+            if daemon.write_all(&protocol::encode(&push)).is_err() {
+                sent = false;
+                break;
+            }
+        }
+        sent = sent
+            && daemon
+                .write_all(&protocol::encode(&Reply::Ack {
+                    ack: None,
+                    data: None,
+                }))
+                .is_ok();
+        // `try_lock`: a deadlocked reader holds the status lock for ever.
+        let end = Instant::now() + Duration::from_secs(60);
+        let acked = sent
+            && loop {
+                if shared.status.try_lock().is_ok_and(|st| st.finished_ack) {
+                    break true;
+                }
+                if Instant::now() >= end {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+        assert!(
+            acked,
+            "the reader thread never got to the last line: deadlocked with the reconciliation thread"
+        );
+        shared.quit.store(true, Ordering::Relaxed);
+        let _ = daemon.shutdown(std::net::Shutdown::Both);
+        for t in threads {
+            t.join().expect("thread");
         }
     }
 }

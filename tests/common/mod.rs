@@ -282,10 +282,13 @@ impl Harness {
             if let Some(st) = self.groups[i].try_wait().expect("try_wait") {
                 return st;
             }
-            assert!(
-                Instant::now() < end,
-                "{what} did not finish within {deadline:?}"
-            );
+            if Instant::now() >= end {
+                let pid = self.groups[i].id();
+                panic!(
+                    "{what} did not finish within {deadline:?}; where it is:\n{}",
+                    where_is(pid)
+                );
+            }
             tick();
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -331,6 +334,44 @@ impl Drop for Harness {
             let _ = fs::remove_dir_all(d);
         }
     }
+}
+
+/// What a stuck process is doing, for a failure message: its state and, per thread, the
+/// kernel wait channel, then every thread's stack from gdb (if the machine has it).
+pub fn where_is(pid: u32) -> String {
+    let mut out = String::new();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    for l in status.lines().filter(|l| l.starts_with("State:")) {
+        out.push_str(l);
+        out.push('\n');
+    }
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let p = t.path();
+            let read = |f: &str| fs::read_to_string(p.join(f)).unwrap_or_default();
+            out.push_str(&format!(
+                "thread {} {}: wchan {}\n",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan").trim()
+            ));
+        }
+    }
+    let gdb = Command::new("timeout")
+        .args(["30", "gdb", "-batch", "-p", &pid.to_string()])
+        .args(["-ex", "thread apply all bt"])
+        .stdin(Stdio::null())
+        .output();
+    match gdb {
+        Ok(o) if o.status.success() => out.push_str(&String::from_utf8_lossy(&o.stdout)),
+        Ok(o) => out.push_str(&format!(
+            "(gdb: {}) {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        )),
+        Err(e) => out.push_str(&format!("(no gdb: {e})")),
+    }
+    out
 }
 
 /// Spawns a process that spins on a CPU until killed (by the guard, by pid).
