@@ -143,6 +143,11 @@ struct Shared {
 /// component as gone).
 pub struct Component {
     writer: Arc<Mutex<UnixStream>>,
+    /// Another handle on the socket, for `Drop` to shut it down without the writer lock: the
+    /// heartbeat, handler and reconciliation threads hold that lock while they write, and a
+    /// write to a daemon that stopped reading (SIGSTOPped, its socket buffer full) blocks
+    /// for [`IO_TIMEOUT`] each time. A shutdown wakes such a write at once (`EPIPE`).
+    closer: UnixStream,
     shared: Arc<Shared>,
     /// The desired set and its reconciliation (`crate::reconcile`).
     subs: Arc<Subs>,
@@ -236,6 +241,7 @@ impl Component {
             changed: Condvar::new(),
             quit: AtomicBool::new(false),
         });
+        let closer = writer.try_clone()?;
         let writer = Arc::new(Mutex::new(writer));
         // The desired set of the ACK is the first thing held: it is applied before the
         // component reads or writes anything (`consumer`, `ready`, `on_symbols`).
@@ -286,6 +292,7 @@ impl Component {
         }
         Ok(Component {
             writer,
+            closer,
             shared,
             subs,
             calls,
@@ -679,9 +686,8 @@ impl Drop for Component {
         self.shared.quit.store(true, Ordering::Relaxed);
         self.subs.wake.notify_all();
         self.server.quit();
-        if let Ok(w) = self.writer.lock() {
-            let _ = w.shutdown(std::net::Shutdown::Both);
-        }
+        // Not under the writer lock: a thread blocked in a write holds it (see `closer`).
+        let _ = self.closer.shutdown(std::net::Shutdown::Both);
         for t in self.threads.drain(..) {
             // A handler that held the last reference drops the component on the handler
             // thread itself: that thread ends when the handler returns, never joined by itself.
@@ -883,6 +889,140 @@ mod tests {
     use crate::subscription::{Cause, Desired, Push};
     use std::collections::BTreeMap;
     use std::io::Read;
+
+    /// A daemon for one component: it accepts, ACKs the REGISTER (reconciliation every
+    /// `reconcile_s` seconds), then hands the connection to `then`. The socket file is
+    /// removed when the returned guard drops.
+    struct FakeDaemon {
+        path: PathBuf,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl FakeDaemon {
+        fn start(
+            name: &str,
+            reconcile_s: u64,
+            then: impl FnOnce(UnixStream) + Send + 'static,
+        ) -> FakeDaemon {
+            let path = std::env::temp_dir().join(format!(
+                "aegis-client-test-{}-{name}.sock",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&path);
+            let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+            let thread = std::thread::spawn(move || {
+                let (stream, _) = listener.accept().expect("accept");
+                let mut line = Vec::new();
+                let mut r = BufReader::new(stream.try_clone().expect("clone"));
+                std::io::BufRead::read_until(&mut r, b'\n', &mut line).expect("REGISTER");
+                let ack = protocol::Ack {
+                    session_id: "s".into(),
+                    session: "s".into(),
+                    mode: protocol::Mode::Live,
+                    epoch: 1,
+                    layout_version: 0,
+                    bus: String::new(),
+                    control: String::new(),
+                    slot: None,
+                    sources: vec![],
+                    topics: BTreeMap::new(),
+                    source_names: vec![],
+                    desired: Desired::default(),
+                    reconcile_s,
+                    recording: None,
+                    group: None,
+                };
+                let mut w = stream.try_clone().expect("clone");
+                w.write_all(&protocol::encode(&Reply::Ack {
+                    ack: Some(Box::new(ack)),
+                    data: None,
+                }))
+                .expect("ACK");
+                then(stream);
+            });
+            FakeDaemon {
+                path,
+                thread: Some(thread),
+            }
+        }
+
+        fn connect(&self) -> Component {
+            Component::connect(
+                Some(&self.path),
+                Register {
+                    component_name: "c".into(),
+                    session_token: "t".into(),
+                    ..Register::default()
+                },
+            )
+            .expect("connect")
+        }
+    }
+
+    impl Drop for FakeDaemon {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Regression: `Drop` took the writer lock to shut the socket down. The handler thread
+    /// holds that lock while it writes an answer; with a daemon that stopped reading
+    /// (SIGSTOPped) and a full socket buffer the write blocks until its 5 s timeout, and
+    /// `drop` waited for it (and then for the heartbeat thread's own timed-out write).
+    #[test]
+    fn drop_is_prompt_while_a_write_is_blocked_on_a_daemon_that_stopped_reading() {
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (end_tx, end_rx) = std::sync::mpsc::channel::<()>();
+        let daemon = FakeDaemon::start("stalled", 3600, move |mut stream| {
+            go_rx.recv().expect("go");
+            // Answers of ~60 KB each: a few fill the socket buffer, and nothing is read.
+            for id in 1..=32 {
+                let req = Reply::Request(crate::request::Incoming {
+                    id,
+                    from: None,
+                    request_type: "big".into(),
+                    payload: serde_json::Value::Null,
+                    timeout_ms: 60_000,
+                });
+                stream.write_all(&protocol::encode(&req)).expect("REQUEST");
+            }
+            // Stalled (not reading) until the test is over; the socket stays open.
+            let _ = end_rx.recv();
+        });
+        let c = daemon.connect();
+        let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        {
+            let answered = answered.clone();
+            c.serve("big", move |_| {
+                answered.fetch_add(1, Ordering::Relaxed);
+                Ok(serde_json::Value::String("x".repeat(60_000)))
+            });
+        }
+        go_tx.send(()).expect("go");
+        // The handler thread is blocked in its write once the count stops moving.
+        let mut last = 0;
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let n = answered.load(Ordering::Relaxed);
+            if n == last && n > 0 {
+                break;
+            }
+            last = n;
+        }
+        assert!(last < 32, "the socket buffer never filled ({last} answers)");
+        let t0 = Instant::now();
+        drop(c);
+        let took = t0.elapsed();
+        end_tx.send(()).expect("end");
+        drop(daemon);
+        assert!(
+            took < Duration::from_secs(2),
+            "drop took {took:?}: it waited for the blocked write to time out"
+        );
+    }
 
     /// Regression: the reader thread took the subscription lock under the status lock (to
     /// store STARTED's topic table) while the reconciliation thread takes them in the other
