@@ -684,7 +684,7 @@ impl Component {
 impl Drop for Component {
     fn drop(&mut self) {
         self.shared.quit.store(true, Ordering::Relaxed);
-        self.subs.wake.notify_all();
+        self.subs.wake_all();
         self.server.quit();
         // Not under the writer lock: a thread blocked in a write holds it (see `closer`).
         let _ = self.closer.shutdown(std::net::Shutdown::Both);

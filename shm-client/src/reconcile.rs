@@ -55,8 +55,8 @@ pub(crate) enum Trigger {
 /// thread, the reconciliation thread and the application.
 pub(crate) struct Subs {
     state: Mutex<State>,
-    /// Signalled on a push, an answer, STARTED and shutdown.
-    pub(crate) wake: Condvar,
+    /// Signalled on a push, an answer and shutdown ([`Subs::wake_all`]).
+    wake: Condvar,
     /// Held for the whole of a reconciliation: no two at once.
     running: Mutex<()>,
 }
@@ -196,6 +196,16 @@ impl Subs {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Wakes the reconciliation thread out of [`Subs::wait_push`] or [`Subs::wait_answer`] to
+    /// look at its `stop` again: the component is dropped (`Component::drop` set its quit
+    /// flag first). Under the state lock, as the waits check `stop` under it: a notify sent
+    /// without it could land after the check and before the wait, and be lost; the thread
+    /// then slept out `wait_answer`'s whole timeout (5 s) while `drop` joined it.
+    pub(crate) fn wake_all(&self) {
+        let _st = self.lock();
+        self.wake.notify_all();
     }
 
     /// The figures so far.
@@ -384,6 +394,43 @@ mod tests {
             cause: Cause::Requested,
         });
         assert_eq!(subs.status().desired.version, 2);
+    }
+
+    /// Regression: the shutdown's notify was sent without the state lock, so a waiter that
+    /// had just found `stop()` false, and was not waiting yet, missed it and slept out its
+    /// whole timeout. Here the waiter is caught inside that check when the stop comes.
+    #[test]
+    fn a_stop_between_the_check_and_the_wait_is_not_missed() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let subs = Arc::new(Subs::new(Desired::default(), BTreeMap::new()));
+        let quit = Arc::new(AtomicBool::new(false));
+        let (checking_tx, checking_rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let (subs, quit) = (subs.clone(), quit.clone());
+            std::thread::spawn(move || {
+                let stop = || {
+                    let q = quit.load(Ordering::SeqCst);
+                    let _ = checking_tx.send(());
+                    if !q {
+                        // Found false: the stop comes now, before this thread waits.
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    q
+                };
+                let t0 = Instant::now();
+                let answered = subs.wait_answer(0, Duration::from_secs(10), stop);
+                (answered, t0.elapsed())
+            })
+        };
+        checking_rx.recv().expect("the waiter checks stop");
+        quit.store(true, Ordering::SeqCst);
+        subs.wake_all();
+        let (answered, took) = waiter.join().expect("waiter");
+        assert!(!answered);
+        assert!(
+            took < Duration::from_secs(3),
+            "the stop was missed: the waiter slept {took:?}"
+        );
     }
 
     #[test]
