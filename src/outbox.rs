@@ -117,13 +117,14 @@ fn writer_loop(inner: &Inner, mut stream: UnixStream) {
         };
         q.writing = true;
         drop(q);
-        let result = stream.write_all(&line);
+        let result = write_line(inner, &mut stream, &line);
         q = inner.lock();
         q.writing = false;
         inner.changed.notify_all();
         match result {
             Ok(()) => {}
-            // A write timeout loses this message only, as long as the connection is open.
+            // A write timeout loses this message only (none of it went out, see `write_line`),
+            // as long as the connection is open.
             Err(e)
                 if !q.closed
                     && matches!(
@@ -138,4 +139,86 @@ fn writer_loop(inner: &Inner, mut stream: UnixStream) {
     }
     q.done = true;
     inner.changed.notify_all();
+}
+
+/// Writes `line` to the client. A timeout before any of it went out gives the line up (the
+/// client is not reading; the connection goes on). Once part of it went out, the rest must
+/// follow: cut there, the next line would be glued to the half line and the client would lose
+/// both (a glued line over `MAX_LINE` even ends its reader), so a timeout then only means
+/// trying again, until the line is out or the connection is closed ([`Outbox::close`]). The
+/// queue lock is taken only to look at `closed`, never held across a write.
+fn write_line(inner: &Inner, stream: &mut UnixStream, line: &[u8]) -> std::io::Result<()> {
+    let mut sent = 0;
+    while sent < line.len() {
+        match stream.write(&line[sent..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if sent > 0
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                    && !inner.lock().closed => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aegis_shm_client::protocol::ErrorCode;
+    use std::io::Read;
+
+    /// Regression: a write that timed out part-way through a line gave the rest of it up and
+    /// went on with the next line, which the client then read glued to the half line: both
+    /// were lost (the client drops a line that does not parse), whatever they were (a STOP,
+    /// a request's answer), and the glued line, over `MAX_LINE`, ended the client's reader.
+    /// Lines of ~60 KB fill the socket buffer in the middle of one: the write that hits the
+    /// timeout returns the part that went out, the next one times out with nothing sent.
+    #[test]
+    fn a_line_cut_by_a_write_timeout_is_finished_not_glued_to_the_next() {
+        let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
+        let outbox = Outbox::spawn(ours, "aegis-out-test".into()).expect("spawn");
+        let big = Reply::error(ErrorCode::BadRequest, "x".repeat(60_000));
+        for _ in 0..8 {
+            assert!(outbox.send(&big));
+        }
+        // The client reads nothing for two write timeouts: the first write to time out
+        // returns part of a line, the next one nothing.
+        std::thread::sleep(2 * WRITE_TIMEOUT + Duration::from_millis(500));
+        let reader = std::thread::spawn(move || {
+            theirs
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            let mut all = Vec::new();
+            theirs.read_to_end(&mut all).expect("read");
+            all
+        });
+        assert!(outbox.send(&Reply::Heartbeat));
+        assert!(outbox.flush(Instant::now() + Duration::from_secs(30)));
+        outbox.close();
+        let all = reader.join().expect("reader");
+        let lines: Vec<&[u8]> = all
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        for (i, line) in lines.iter().enumerate() {
+            assert!(
+                serde_json::from_slice::<Reply>(line).is_ok(),
+                "line {i} of {} ({} bytes) is not a message: a cut line glued to the next",
+                lines.len(),
+                line.len()
+            );
+        }
+        assert_eq!(
+            lines
+                .last()
+                .map(|l| serde_json::from_slice::<Reply>(l).ok()),
+            Some(Some(Reply::Heartbeat))
+        );
+    }
 }
