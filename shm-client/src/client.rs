@@ -274,7 +274,7 @@ impl Component {
                         )));
                     }
                     let mut g = writer.lock().unwrap_or_else(|e| e.into_inner());
-                    g.write_all(&line).is_ok()
+                    write_line(&mut g, &line).is_ok()
                 })
             }));
         }
@@ -434,7 +434,7 @@ impl Component {
 
     fn send(&self, req: &Request) -> Result<(), ClientError> {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        w.write_all(&protocol::encode(req))?;
+        write_line(&mut w, &protocol::encode(req))?;
         Ok(())
     }
 
@@ -627,7 +627,7 @@ impl Component {
         }
         let sent = {
             let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            w.write_all(&line)
+            write_line(&mut w, &line)
         };
         if sent.is_err() {
             self.calls.end(ticket.id);
@@ -696,6 +696,31 @@ impl Drop for Component {
             }
         }
     }
+}
+
+/// Writes one line on the control socket; the caller holds the writer lock. A write that
+/// times out before any of the line went out loses that line only. A line cut part-way (the
+/// daemon read nothing for two write timeouts, e.g. it was SIGSTOPped) cannot be taken back:
+/// the next line, from whichever thread, would be glued to the half line and the daemon would
+/// lose both. The connection is shut down there instead, and the component sees itself
+/// disconnected (a daemon that silent has timed its heartbeats out anyway).
+fn write_line(w: &mut UnixStream, line: &[u8]) -> std::io::Result<()> {
+    let mut sent = 0;
+    while sent < line.len() {
+        match w.write(&line[sent..]) {
+            Ok(n @ 1..) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            result => {
+                if sent > 0 {
+                    let _ = w.shutdown(std::net::Shutdown::Both);
+                }
+                return Err(result
+                    .err()
+                    .unwrap_or_else(|| std::io::ErrorKind::WriteZero.into()));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_reply(r: &mut BufReader<UnixStream>) -> Result<Reply, ClientError> {
@@ -842,7 +867,7 @@ fn reconcile_loop(w: &Mutex<UnixStream>, shared: &Shared, subs: &Subs, period: D
     };
     let send = |req: &Request| {
         let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
-        g.write_all(&protocol::encode(req)).is_ok()
+        write_line(&mut g, &protocol::encode(req)).is_ok()
     };
     let mut next = Instant::now() + period;
     while !stop() {
@@ -877,7 +902,7 @@ fn heartbeat_loop(w: &Mutex<UnixStream>, shared: &Shared) {
     while !shared.quit.load(Ordering::Relaxed) {
         std::thread::sleep(HEARTBEAT_INTERVAL);
         let mut g = w.lock().unwrap_or_else(|e| e.into_inner());
-        if g.write_all(&line).is_err() {
+        if write_line(&mut g, &line).is_err() {
             break;
         }
     }
@@ -1022,6 +1047,58 @@ mod tests {
             took < Duration::from_secs(2),
             "drop took {took:?}: it waited for the blocked write to time out"
         );
+    }
+
+    /// Regression: a write that timed out part-way through a line (the daemon read nothing
+    /// for two write timeouts) left half a line on the socket, and the next line, from any
+    /// thread, was glued to it: the daemon lost both. The connection is shut down at a cut
+    /// line now: the daemon reads only whole lines, then the end.
+    #[test]
+    fn a_line_cut_by_a_write_timeout_is_never_glued_to_the_next() {
+        let (read_tx, read_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let daemon = FakeDaemon::start("cut", 3600, move |mut stream| {
+            std::thread::sleep(2 * IO_TIMEOUT + Duration::from_secs(1));
+            // It reads again, for 3 s (heartbeats go on coming) or until the end.
+            stream
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            let (mut all, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                    Err(_) => {}
+                }
+            }
+            read_tx.send(all).expect("send");
+        });
+        let c = Arc::new(daemon.connect());
+        // Requests of ~60 KB fill the socket buffer in the middle of one.
+        let sender = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let payload = serde_json::Value::String("x".repeat(60_000));
+                for _ in 0..8 {
+                    let _ = c.request("t", "big", payload.clone(), Duration::from_millis(1));
+                }
+            })
+        };
+        let all = read_rx.recv().expect("what the daemon read");
+        sender.join().expect("sender");
+        let mut lines: Vec<&[u8]> = all.split(|&b| b == b'\n').collect();
+        lines.pop(); // After the last newline: nothing, or the cut line's first part.
+        for (i, line) in lines.iter().enumerate() {
+            assert!(
+                protocol::parse_request(line).is_ok(),
+                "line {i} of {} ({} bytes) is not a message: a cut line glued to the next",
+                lines.len(),
+                line.len()
+            );
+        }
+        assert!(c.disconnected(), "the cut line shut the connection down");
+        drop(c);
+        drop(daemon);
     }
 
     /// Regression: the reader thread took the subscription lock under the status lock (to
