@@ -562,6 +562,77 @@ fn a_replayed_recording_is_exported_and_imported_as_the_recorded_session() {
     assert_segments_gone(&s.remote);
 }
 
+/// A recording made before recordings kept their sources' kinds and topics (no `declared` in
+/// its manifest) still replays, but cannot be exported: the exporter says why rather than
+/// "does not list source".
+#[test]
+fn an_older_recording_replays_but_its_export_says_it_lacks_kinds_and_topics() {
+    let _g = serial();
+    let Some(mut s) = setup("nats-oldrec") else {
+        return;
+    };
+    let n = 1_000;
+    let inp = inputs(&s.local.dir, n);
+    let (rec, lo) = (s.local.dir.join("rec"), s.local.dir.join("orig.ndjson"));
+    let sock = s.local_sock.clone();
+    let r = session_run(
+        &mut s.local,
+        &s.b,
+        &sock,
+        "orig",
+        "backtest",
+        &["--record", rec.to_str().unwrap()],
+        &[
+            format!("{} {}", q(&s.b.replay), files(&inp)),
+            format!("{} --format ndjson --out {}", q(&s.b.tap), q(&lo)),
+        ],
+    );
+    assert_run_ok(&s.local, &r, events(n));
+    let p = rec.join("manifest.json");
+    let mut m: Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+    assert_eq!(
+        m["declared"].as_array().map(Vec::len),
+        m["sources"].as_array().map(Vec::len),
+        "the recorder declares every source: {m}"
+    );
+    m.as_object_mut().unwrap().remove("declared");
+    fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let ro = s.local.dir.join("replayed.ndjson");
+    let r = session_run(
+        &mut s.local,
+        &s.b,
+        &sock,
+        "replayed",
+        "backtest",
+        &[],
+        &[
+            format!("{} {}", q(&s.b.replay), q(&rec)),
+            format!("{} --format ndjson --out {}", q(&s.b.tap), q(&ro)),
+            format!(
+                "{} export --url {} --stream old1",
+                q(&nats_bin(&s.b)),
+                s.server.url()
+            ),
+        ],
+    );
+    assert!(!r.status.success(), "the export must fail: {}", r.summary);
+    assert!(
+        r.stderr.contains("has no recorded kind and topic"),
+        "the exporter names the cause:\n{}",
+        r.stderr
+    );
+    assert_eq!(s.server.messages("old1"), 0);
+    let (a, b) = (
+        fs::read_to_string(&lo).unwrap(),
+        fs::read_to_string(&ro).unwrap(),
+    );
+    assert!(
+        a == b,
+        "the older recording's replay differs from the recorded session"
+    );
+    assert_segments_gone(&s.local);
+}
+
 #[test]
 fn an_exporter_killed_mid_way_resumes_in_a_rerun_without_duplicate_or_gap() {
     let _g = serial();
