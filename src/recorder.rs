@@ -86,6 +86,9 @@ pub struct SessionFacts {
     pub mode: Mode,
     /// Source names by rank.
     pub sources: Vec<String>,
+    /// Their declared kinds and topics, by rank (empty: unknown, a replayed recording that
+    /// lacks them).
+    pub declared: Vec<aegis_shm_client::recording::RecordedSource>,
     /// Topic table.
     pub topics: std::collections::BTreeMap<String, u32>,
 }
@@ -229,6 +232,7 @@ impl Writer {
                 state: RecordingState::Recording,
                 reason: None,
                 sources: f.sources,
+                declared: f.declared,
                 topics: f.topics,
                 segment_bytes,
                 segments: Vec::new(),

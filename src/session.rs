@@ -13,9 +13,10 @@ use std::time::{Duration, Instant, SystemTime};
 use aegis_shm_client::event;
 use aegis_shm_client::protocol::{
     self, Ack, AckSource, ComponentEvicted, ComponentInfo, ComponentState, ConsumerInfo, ErrorCode,
-    Inspect, Launch, Register, Reply, Role, Segments, SequencerStats, SessionInfo, SessionSpec,
-    SessionState, SourceInfo, SourceKind, SourceProgress, SourceStatus,
+    Inspect, Launch, Register, ReplayedSource, Reply, Role, Segments, SequencerStats, SessionInfo,
+    SessionSpec, SessionState, SourceInfo, SourceKind, SourceProgress, SourceStatus,
 };
+use aegis_shm_client::recording::RecordedSource;
 use aegis_shm_client::segment::{segment_path, ShmRegion, LAYOUT_VERSION};
 use aegis_shm_client::spmc::{self, BusMonitor, BusWriter, Policy, MAX_CONSUMERS};
 use aegis_shm_client::spsc::{self, RingReader};
@@ -220,6 +221,8 @@ pub(crate) enum Backing {
         source: Option<Box<RecordingSource>>,
         names: Vec<String>,
         topics: BTreeMap<String, u32>,
+        /// The recorded sources' kinds and topics, by rank (empty in an older recording).
+        declared: Vec<RecordedSource>,
     },
 }
 
@@ -774,21 +777,66 @@ impl Session {
                 m.sources.len()
             )));
         }
-        let (names, topics) = (m.sources.clone(), m.topics.clone());
+        let (names, topics, declared) = (m.sources.clone(), m.topics.clone(), m.declared.clone());
         Ok(Backing::Recording {
             path,
             source: Some(Box::new(source)),
             names,
             topics,
+            declared,
         })
     }
 
-    /// The recording this session replays, if it does: its source names and topic table.
-    fn recording_source(&self) -> Option<(&Vec<String>, &BTreeMap<String, u32>)> {
+    /// The recording this session replays, if it does: its source names, topic table and
+    /// source declarations.
+    #[allow(clippy::type_complexity)]
+    fn recording_source(
+        &self,
+    ) -> Option<(&Vec<String>, &BTreeMap<String, u32>, &Vec<RecordedSource>)> {
         self.sources.values().find_map(|s| match &s.backing {
-            Backing::Recording { names, topics, .. } => Some((names, topics)),
+            Backing::Recording {
+                names,
+                topics,
+                declared,
+                ..
+            } => Some((names, topics, declared)),
             _ => None,
         })
+    }
+
+    /// The kind and topic of every source by bus `source_id` (see [`Self::bus_source_names`]),
+    /// for a recording of this session; empty when a replayed recording lacks them.
+    fn bus_declared(&self, bus_names: &[String]) -> Vec<RecordedSource> {
+        if let Some((_, _, declared)) = self.recording_source() {
+            return declared.clone();
+        }
+        bus_names
+            .iter()
+            .map(|n| {
+                self.sources.get(n).map(|s| RecordedSource {
+                    kind: s.kind,
+                    topic: s.topic.clone(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default()
+    }
+
+    /// A session replaying a recording: the recorded sources by bus `source_id`, with their
+    /// kinds and topics when the recording has them (`replayed_sources` of `inspect`).
+    fn replayed_sources(&self) -> Vec<ReplayedSource> {
+        let Some((names, _, declared)) = self.recording_source() else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| ReplayedSource {
+                name: n.clone(),
+                kind: declared.get(i).map(|d| d.kind),
+                topic: declared.get(i).map(|d| d.topic.clone()),
+            })
+            .collect()
     }
 
     /// Whether the session replays a recording (`aegis-replay DIR`).
@@ -800,7 +848,7 @@ impl Session {
     /// sources' own, or the recorded ones when the session replays a recording.
     fn bus_source_names(&self) -> Vec<String> {
         match self.recording_source() {
-            Some((names, _)) => names.clone(),
+            Some((names, _, _)) => names.clone(),
             None => self.sources.keys().cloned().collect(),
         }
     }
@@ -809,7 +857,7 @@ impl Session {
     /// depend on registration order. A session replaying a recording has the recorded
     /// table.
     pub fn topic_table(&self) -> BTreeMap<String, u32> {
-        if let Some((_, topics)) = self.recording_source() {
+        if let Some((_, topics, _)) = self.recording_source() {
             return topics.clone();
         }
         let mut names: Vec<&String> = self.sources.values().map(|s| &s.topic).collect();
@@ -904,15 +952,17 @@ impl Session {
         // What consumers (and the recorder) name sources by: the sequencer's ranks, or a
         // replayed recording's own.
         let bus_names = match self.recording_source() {
-            Some((names, _)) => names.clone(),
+            Some((names, _, _)) => names.clone(),
             None => ranks.clone(),
         };
+        let declared = self.bus_declared(&bus_names);
         if let Some(rec) = &mut self.recording {
             let facts = recorder::SessionFacts {
                 session: self.name.clone(),
                 session_id: self.id.clone(),
                 mode: self.spec.mode,
                 sources: bus_names.clone(),
+                declared,
                 topics: topics.clone(),
             };
             let prepared = rec
@@ -1266,6 +1316,7 @@ impl Session {
                 })
                 .collect(),
             sources: self.source_infos(),
+            replayed_sources: self.replayed_sources(),
             consumers: self.consumer_infos(),
             topics: self.topic_table(),
             sequencer: self.sequencer_stats(elapsed),

@@ -458,6 +458,181 @@ fn a_backtest_exported_and_imported_on_another_daemon_gives_the_same_ndjson() {
     assert_segments_gone(&s.remote);
 }
 
+/// Regression: a session that replays a recording (`aegis-replay DIR`) has the recorded
+/// source names on its bus, not the name of the one source `aegis-replay` registers, so the
+/// exporter found them nowhere in `inspect` and refused to start ("the daemon's inspect does
+/// not list source ..."). Record a backtest, replay the recording into a session exported to
+/// a stream, import that stream on the other daemon: every side carries the same bus.
+#[test]
+fn a_replayed_recording_is_exported_and_imported_as_the_recorded_session() {
+    let _g = serial();
+    let Some(mut s) = setup("nats-rec") else {
+        return;
+    };
+    let n = 6_000;
+    let inp = inputs(&s.local.dir, n);
+    let rec = s.local.dir.join("rec");
+    let sock = s.local_sock.clone();
+    let tap = |dir: &Path, tag: &str| {
+        let (nd, dg) = (
+            dir.join(format!("{tag}.ndjson")),
+            dir.join(format!("{tag}.digest")),
+        );
+        let cmds = vec![
+            format!(
+                "{} --name {tag}-ndjson --format ndjson --out {}",
+                q(&s.b.tap),
+                q(&nd)
+            ),
+            format!(
+                "{} --name {tag}-digest --format digest --out {}",
+                q(&s.b.tap),
+                q(&dg)
+            ),
+        ];
+        (cmds, nd, dg)
+    };
+    // The recorded session: the inputs, tapped, recorded.
+    let (mut cmds, orig_nd, orig_dg) = tap(&s.local.dir, "orig");
+    cmds.insert(0, format!("{} {}", q(&s.b.replay), files(&inp)));
+    let r = session_run(
+        &mut s.local,
+        &s.b,
+        &sock,
+        "orig",
+        "backtest",
+        &["--record", rec.to_str().unwrap()],
+        &cmds,
+    );
+    assert_run_ok(&s.local, &r, events(n));
+    // Its recording, replayed into a session that is tapped and exported.
+    let (mut cmds, rep_nd, rep_dg) = tap(&s.local.dir, "replayed");
+    cmds.insert(0, format!("{} {}", q(&s.b.replay), q(&rec)));
+    cmds.push(format!(
+        "{} export --url {} --stream rec1 --json",
+        q(&nats_bin(&s.b)),
+        s.server.url()
+    ));
+    let r = session_run(
+        &mut s.local,
+        &s.b,
+        &sock,
+        "replayed",
+        "backtest",
+        &[],
+        &cmds,
+    );
+    assert_run_ok(&s.local, &r, events(n));
+    // manifest + every event + END-OF-STREAM
+    assert_eq!(s.server.messages("rec1"), events(n) as u64 + 2);
+    // The other daemon imports the stream.
+    let (mut cmds, rem_nd, rem_dg) = tap(&s.remote.dir, "remote");
+    cmds.insert(
+        0,
+        format!(
+            "{} import --url {} --stream rec1 --json",
+            q(&nats_bin(&s.b)),
+            s.server.url()
+        ),
+    );
+    let rsock = s.remote_sock.clone();
+    let r = session_run(
+        &mut s.remote,
+        &s.b,
+        &rsock,
+        "remote",
+        "backtest",
+        &[],
+        &cmds,
+    );
+    assert_run_ok(&s.remote, &r, events(n));
+    // The same bus everywhere: NDJSON line for line, and the digests.
+    assert_same_ndjson(&orig_nd, &rep_nd, events(n));
+    assert_same_ndjson(&orig_nd, &rem_nd, events(n));
+    let digest = fs::read_to_string(&orig_dg).expect("the recorded session's digest");
+    assert!(is_digest(digest.trim()), "{digest}");
+    for (side, p) in [("replay", &rep_dg), ("import", &rem_dg)] {
+        let d = fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(
+            d, digest,
+            "the {side}'s digest differs from the recorded session's"
+        );
+    }
+    assert_segments_gone(&s.local);
+    assert_segments_gone(&s.remote);
+}
+
+/// A recording made before recordings kept their sources' kinds and topics (no `declared` in
+/// its manifest) still replays, but cannot be exported: the exporter says why rather than
+/// "does not list source".
+#[test]
+fn an_older_recording_replays_but_its_export_says_it_lacks_kinds_and_topics() {
+    let _g = serial();
+    let Some(mut s) = setup("nats-oldrec") else {
+        return;
+    };
+    let n = 1_000;
+    let inp = inputs(&s.local.dir, n);
+    let (rec, lo) = (s.local.dir.join("rec"), s.local.dir.join("orig.ndjson"));
+    let sock = s.local_sock.clone();
+    let r = session_run(
+        &mut s.local,
+        &s.b,
+        &sock,
+        "orig",
+        "backtest",
+        &["--record", rec.to_str().unwrap()],
+        &[
+            format!("{} {}", q(&s.b.replay), files(&inp)),
+            format!("{} --format ndjson --out {}", q(&s.b.tap), q(&lo)),
+        ],
+    );
+    assert_run_ok(&s.local, &r, events(n));
+    let p = rec.join("manifest.json");
+    let mut m: Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+    assert_eq!(
+        m["declared"].as_array().map(Vec::len),
+        m["sources"].as_array().map(Vec::len),
+        "the recorder declares every source: {m}"
+    );
+    m.as_object_mut().unwrap().remove("declared");
+    fs::write(&p, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let ro = s.local.dir.join("replayed.ndjson");
+    let r = session_run(
+        &mut s.local,
+        &s.b,
+        &sock,
+        "replayed",
+        "backtest",
+        &[],
+        &[
+            format!("{} {}", q(&s.b.replay), q(&rec)),
+            format!("{} --format ndjson --out {}", q(&s.b.tap), q(&ro)),
+            format!(
+                "{} export --url {} --stream old1",
+                q(&nats_bin(&s.b)),
+                s.server.url()
+            ),
+        ],
+    );
+    assert!(!r.status.success(), "the export must fail: {}", r.summary);
+    assert!(
+        r.stderr.contains("has no recorded kind and topic"),
+        "the exporter names the cause:\n{}",
+        r.stderr
+    );
+    assert_eq!(s.server.messages("old1"), 0);
+    let (a, b) = (
+        fs::read_to_string(&lo).unwrap(),
+        fs::read_to_string(&ro).unwrap(),
+    );
+    assert!(
+        a == b,
+        "the older recording's replay differs from the recorded session"
+    );
+    assert_segments_gone(&s.local);
+}
+
 #[test]
 fn an_exporter_killed_mid_way_resumes_in_a_rerun_without_duplicate_or_gap() {
     let _g = serial();

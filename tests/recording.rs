@@ -455,6 +455,16 @@ fn corrupt_truncated_and_future_recordings_are_refused_clearly() {
             "manifest version 7",
         ),
         (
+            "declarations-short",
+            Box::new(|d| {
+                let p = d.join("manifest.json");
+                let mut m: Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+                m["declared"].as_array_mut().expect("declared").pop();
+                fs::write(&p, serde_json::to_vec(&m).unwrap()).unwrap()
+            }),
+            "sources but",
+        ),
+        (
             "future-segment",
             Box::new(|d| patch(&d.join("00000000.seg"), 8, &[9])),
             "journal layout version 9",

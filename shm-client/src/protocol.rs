@@ -1024,6 +1024,11 @@ pub struct Inspect {
     pub components: Vec<ComponentInfo>,
     /// Every source.
     pub sources: Vec<SourceInfo>,
+    /// A session replaying a recording (`aegis-replay DIR`): the recorded sources by bus
+    /// `source_id`, the names consumers see (`sources` lists the one source the daemon
+    /// reads the recording as). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replayed_sources: Vec<ReplayedSource>,
     /// Every consumer's bus slot.
     pub consumers: Vec<ConsumerInfo>,
     /// Topic table (name → id).
@@ -1110,6 +1115,17 @@ pub struct SourceInfo {
     /// Times it changed hands (a promoted standby, a restarted producer).
     #[serde(default)]
     pub takeovers: u64,
+}
+
+/// A recorded source in [`Inspect::replayed_sources`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ReplayedSource {
+    /// Its recorded name.
+    pub name: String,
+    /// Its declared kind (absent from a recording made before recordings kept it).
+    pub kind: Option<SourceKind>,
+    /// Its topic (absent likewise).
+    pub topic: Option<String>,
 }
 
 /// A running source's counters in [`SourceInfo`].

@@ -5,8 +5,9 @@
 //! A recording is a directory:
 //!
 //! ```text
-//! DIR/manifest.json   the session (name, mode, sources by rank, topic table), the segments,
-//!                     the gaps, and the state: recording | complete | incomplete (+ reason)
+//! DIR/manifest.json   the session (name, mode, sources by rank with their kinds and topics,
+//!                     topic table), the segments, the gaps, and the state:
+//!                     recording | complete | incomplete (+ reason)
 //! DIR/00000000.seg    segments: a journal header of kind RECORDING_KIND (crate::journal),
 //! DIR/00000001.seg    then the bus frames, exactly as the bus carried them (bus seq, flags,
 //! ...                 topic and source ids, payload), rolled at a configured size
@@ -34,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::frame::{flags, FrameHeader, Seq, FRAME_HEADER_LEN};
 use crate::journal::{self, HeaderError, RecordingHeader, HEADER_LEN};
-use crate::protocol::Mode;
+use crate::protocol::{Mode, SourceKind};
 pub use crate::stats::RecordingState;
 
 /// The manifest's file name.
@@ -84,6 +85,15 @@ pub struct SegmentInfo {
     pub complete: bool,
 }
 
+/// A recorded source's declaration, in [`Manifest::declared`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RecordedSource {
+    /// Its declared kind.
+    pub kind: SourceKind,
+    /// Its topic.
+    pub topic: String,
+}
+
 /// `manifest.json`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +112,10 @@ pub struct Manifest {
     pub reason: Option<String>,
     /// Source names by rank (the `source_id` of the frames).
     pub sources: Vec<String>,
+    /// Each source's declared kind and topic, by rank (what an importer of an exported
+    /// replay registers). Empty in a recording made before the recorder wrote them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub declared: Vec<RecordedSource>,
     /// Topic table (name → the `topic_id` of the frames).
     pub topics: BTreeMap<String, u32>,
     /// The segment size.
@@ -210,6 +224,16 @@ impl Manifest {
             path: path.clone(),
             reason: e.to_string(),
         })?;
+        if !m.declared.is_empty() && m.declared.len() != m.sources.len() {
+            return Err(RecordingError::Manifest {
+                path,
+                reason: format!(
+                    "{} sources but {} declarations",
+                    m.sources.len(),
+                    m.declared.len()
+                ),
+            });
+        }
         for (i, s) in m.segments.iter().enumerate() {
             if s.file != segment_file(i as u32) {
                 return Err(RecordingError::Manifest {

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use aegis_shm_client::client::Component;
 use aegis_shm_client::frame::{flags, Kind, Seq};
-use aegis_shm_client::protocol::{Mode, Register, Role};
+use aegis_shm_client::protocol::{Inspect, Mode, Register, Role};
 use aegis_shm_client::spmc::{BusReader, ReadError};
 use aegis_shm_client::stats::{SourceState, StatsView};
 use aegis_shm_client::wait::{Deadline, Park};
@@ -134,16 +134,7 @@ pub fn run(args: &Export) -> Result<Summary, String> {
     let inspect = daemon::inspect(c.socket.as_deref(), &ack.session)?;
     let mut sources = Vec::new();
     for s in &started.source_names {
-        let info = inspect
-            .sources
-            .iter()
-            .find(|i| &i.name == s)
-            .ok_or_else(|| format!("the daemon's inspect does not list source {s}"))?;
-        let (Some(kind), Some(topic)) = (info.kind, info.topic.clone()) else {
-            return Err(format!(
-                "the daemon does not know the kind and topic of source {s}"
-            ));
-        };
+        let (kind, topic) = source_decl(&inspect, s)?;
         wire::check_topic(&topic).map_err(|e| format!("source {s}: {e}"))?;
         sources.push(ManifestSource {
             name: s.clone(),
@@ -177,9 +168,14 @@ pub fn run(args: &Export) -> Result<Summary, String> {
         .map(|(n, id)| (*id, n.clone()))
         .collect();
     // Source ends matter to a backtest merge on the other side; a live one has none to wait for.
+    // A replayed recording has none to tell either: the ctl segment counts the one source the
+    // daemon reads it as, whose id is no bus source id (the importer ends them all at
+    // END-OF-STREAM).
     let stats = match ack.mode {
-        Mode::Backtest => Some(comp.stats().map_err(|e| e.to_string())?),
-        Mode::Live => None,
+        Mode::Backtest if inspect.replayed_sources.is_empty() => {
+            Some(comp.stats().map_err(|e| e.to_string())?)
+        }
+        Mode::Backtest | Mode::Live => None,
     };
     let comp = Arc::new(comp);
     let (tx, rx) = mpsc::channel(args.max_in_flight.max(64));
@@ -216,6 +212,44 @@ pub fn run(args: &Export) -> Result<Summary, String> {
             let _ = comp.error("export_failed", &e);
             Err(e)
         }
+    }
+}
+
+/// The kind and topic of source `name` of the bus (a name of STARTED). A session that
+/// replays a recording names its bus sources as the recorded session did: `inspect` lists
+/// them apart (`replayed_sources`) from the one source the daemon reads the recording as.
+fn source_decl(
+    inspect: &Inspect,
+    name: &str,
+) -> Result<(aegis_shm_client::protocol::SourceKind, String), String> {
+    if !inspect.replayed_sources.is_empty() {
+        let info = inspect
+            .replayed_sources
+            .iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| {
+                format!(
+                    "the daemon's inspect does not list source {name} of the replayed recording"
+                )
+            })?;
+        return match (info.kind, info.topic.clone()) {
+            (Some(kind), Some(topic)) => Ok((kind, topic)),
+            _ => Err(format!(
+                "source {name} of the replayed recording has no recorded kind and topic: the \
+                 recording predates them (record the session again to export its replay)"
+            )),
+        };
+    }
+    let info = inspect
+        .sources
+        .iter()
+        .find(|i| i.name == name)
+        .ok_or_else(|| format!("the daemon's inspect does not list source {name}"))?;
+    match (info.kind, info.topic.clone()) {
+        (Some(kind), Some(topic)) => Ok((kind, topic)),
+        _ => Err(format!(
+            "the daemon does not know the kind and topic of source {name}"
+        )),
     }
 }
 
