@@ -9,6 +9,12 @@
 //! Timestamps interleave irregularly across sources (each event goes to a pseudo-random
 //! source) with ties, so the merge switches source at most events.
 //!
+//! `merge/journals/3`: the real [`Sequencer`] merging three trade journals that it maps itself
+//! (as the daemon does in a backtest, [`JournalSource`]) into an overwrite bus with no
+//! consumer, timed by the sequencer thread's own CPU clock: the merge's cost per event alone,
+//! with nothing waited for and nothing of a busy machine's scheduling in it. This is the
+//! stage that bounds the real path's throughput (`aegis-shmctl bench`).
+//!
 //! `merge/pick/{linear,linear-packed,heap}/{1,3,8,32,64}`: the data-structure choice behind
 //! the sequencer. `k` sorted streams of `u128` merge keys are merged into an output vector by
 //! a linear scan over the cached heads kept, as in the sequencer, inside a per-source state of
@@ -22,17 +28,21 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::hint::black_box;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aegis::sequencer::{merge_key, Config, Input, Mode, Sequencer};
-use aegis_shm_client::event::{encode_into, Decimal, Symbol, Trade};
+use aegis::source::JournalSource;
+use aegis_shm_client::event::{encode_into, AnyEvent, Decimal, Symbol, Trade};
 use aegis_shm_client::frame::{FrameHeader, Kind};
 use aegis_shm_client::segment::HeapRegion;
 use aegis_shm_client::spmc::{self, BusReader, BusWriter, Policy};
 use aegis_shm_client::spsc::{self, Producer, RingReader};
 use aegis_shm_client::wait::{Backoff, Deadline, SpinYield, WaitStrategy};
+use aegis_tools::journal::JournalWriter;
+use aegis_tools::names::{FileInfo, FileKind};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const EPOCH: u64 = 0x3E5;
@@ -214,6 +224,92 @@ fn check_sequencer(k: usize, payload: &[u8]) {
     assert_eq!(keys, reference(&sources), "k = {k}: the reference merge");
 }
 
+/// The sequencer thread's CPU time so far.
+fn thread_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid out-pointer; CLOCK_THREAD_CPUTIME_ID exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// Three trade journals of `EVENTS` events in all, in `dir`: the bench's interleaving (two
+/// events per timestamp, sources 60/30/10 %), written as `aegis-replay --convert` does.
+fn write_journals(dir: &Path) -> Vec<PathBuf> {
+    let pattern = [0usize, 1, 0, 2, 0, 1, 0, 1, 0, 0];
+    let paths: Vec<PathBuf> = (0..3).map(|k| dir.join(format!("s{k}.aegisj"))).collect();
+    let info = FileInfo::new(FileKind::Trade, "BTCUSDT", None).unwrap();
+    let mut ws: Vec<JournalWriter> = paths
+        .iter()
+        .map(|p| JournalWriter::create(p, &info).unwrap())
+        .collect();
+    for i in 0..EVENTS {
+        let t = Trade {
+            symbol: Symbol(*b"BTCUSDT\0\0\0\0\0\0\0\0\0"),
+            id: i,
+            price: Decimal {
+                mantissa: 6_320_105 + (i % 1000) as i64,
+                scale: 2,
+            },
+            qty: Decimal {
+                mantissa: 5 + (i % 7) as i64,
+                scale: 1,
+            },
+            buyer_maker: i.is_multiple_of(3),
+        };
+        ws[pattern[(i % 10) as usize]]
+            .append(TS0 + (i / 2) * 1_000, 0, &AnyEvent::Trade(t))
+            .unwrap();
+    }
+    for w in ws {
+        w.finish().unwrap();
+    }
+    paths
+}
+
+/// One merge of the journals; the sequencer thread's CPU time and the events merged.
+fn run_journals(paths: &[PathBuf]) -> (Duration, u64) {
+    let inputs = paths
+        .iter()
+        .enumerate()
+        .map(|(k, p)| Input {
+            name: name(k),
+            topic_id: None,
+            reader: JournalSource::open(p, Kind::Trade).unwrap().into(),
+        })
+        .collect();
+    let region = Arc::new(HeapRegion::new(spmc::region_len(BUS_CAP)));
+    let bus = BusWriter::create(region, BUS_CAP, EPOCH, Policy::Overwrite).unwrap();
+    let seq = Sequencer::new(inputs, bus, Config::new(Mode::Backtest), None).unwrap();
+    let stop = AtomicBool::new(false);
+    let t0 = thread_cpu();
+    let summary = seq.run(&stop, &mut SpinYield::default()).unwrap();
+    (thread_cpu() - t0, summary.merged)
+}
+
+fn bench_journals(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("aegis-bench-journals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let paths = write_journals(&dir);
+    let mut g = c.benchmark_group("merge/journals");
+    g.throughput(Throughput::Elements(EVENTS));
+    g.bench_function("3", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (t, n) = run_journals(&paths);
+                assert_eq!(n, EVENTS, "every event merged");
+                total += t;
+            }
+            total
+        })
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn bench_sequencer(c: &mut Criterion) {
     let payload = trade_payload();
     let mut g = c.benchmark_group("merge/sequencer");
@@ -374,6 +470,6 @@ criterion_group! {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_sequencer, bench_pick
+    targets = bench_sequencer, bench_journals, bench_pick
 }
 criterion_main!(benches);

@@ -335,6 +335,11 @@ impl JournalSource {
 
     /// The frame at data position `pos` (the `index`-th), checked; END-OF-STREAM (stride 0)
     /// at the end of the data; `None` once that was consumed.
+    // Inlined into the merge: returned through memory, the large `Result` was copied back
+    // with wide loads over the narrower stores that wrote it, and that stall alone was a
+    // third of `refill` in a profile (`--example`-free measure: the sequencer's CPU time per
+    // event over three journals, 53.5 -> 49 ns).
+    #[inline(always)]
     fn frame_at(&self, pos: u64, index: u64) -> Result<Option<(FrameHeader, u64)>, SourceError> {
         if pos == self.data_len {
             if self.ended {
@@ -360,7 +365,11 @@ impl JournalSource {
         };
         let mut h = FrameHeader::from_bytes(bytes);
         let stride = check_frame(&h, available, self.kind).map_err(|r| self.bad(index, pos, r))?;
-        h.source_seq = index;
+        // Our journal writer stores the index already: no store into the header then, which
+        // later whole-header copies would have to wait for (a store-forwarding stall).
+        if h.source_seq != index {
+            h.source_seq = index;
+        }
         Ok(Some((h, stride as u64)))
     }
 
@@ -381,6 +390,7 @@ impl JournalSource {
         }
     }
 
+    #[inline(always)]
     fn peek_header(&mut self) -> Result<Option<FrameHeader>, SourceError> {
         if self.peeked.is_none() {
             self.peeked = self.frame_at(self.head, self.index)?;

@@ -43,7 +43,9 @@ fn write_journals(events: u64, dir: &Path) -> Result<Vec<PathBuf>, CliError> {
         let path = dir.join(format!("{}.aegisj", s.name));
         let mut w = JournalWriter::create(&path, &info).map_err(|e| CliError(e.to_string()))?;
         for j in 0..s.len() {
-            let (h, payload) = s.frame(j);
+            // `source_seq` = the index, as `aegis-replay --convert` writes journals.
+            let (mut h, payload) = s.frame(j);
+            h.source_seq = j as u64;
             w.append_frame(&h, payload)
                 .map_err(|e| CliError(e.to_string()))?;
         }
