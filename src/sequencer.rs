@@ -853,8 +853,12 @@ impl Sequencer {
             ..
         } = self;
         let reader = &mut sources[i].reader;
-        let frame = reader.peek().ok().flatten().expect("a head was peeked");
-        match bus.try_write(&h, frame.payload) {
+        let payload = reader
+            .peeked_payload()
+            .ok()
+            .flatten()
+            .expect("a head was peeked");
+        match bus.try_write(&h, payload) {
             Ok(_) => {
                 reader.consume();
                 self.merged += 1;
@@ -864,7 +868,7 @@ impl Sequencer {
                 // The bus is full (block policy): copy the frame out, hand the ring its bytes
                 // back, and wait for the slowest consumer.
                 scratch.clear();
-                scratch.extend_from_slice(frame.payload);
+                scratch.extend_from_slice(payload);
                 reader.consume();
                 let payload = std::mem::take(scratch);
                 let r = self.write_frame(&h, &payload, stop);

@@ -89,6 +89,17 @@ impl SourceReader {
         }
     }
 
+    /// The payload of the frame under the read position, once peeked ([`Self::peek_header`]):
+    /// [`Self::peek`] without a second copy of the header.
+    #[inline]
+    pub fn peeked_payload(&mut self) -> Result<Option<&[u8]>, SourceError> {
+        match self {
+            SourceReader::Ring(r) => Ok(r.peek()?.map(|f| f.payload)),
+            SourceReader::Journal(j) => Ok(j.peeked_payload()),
+            SourceReader::Recording(r) => Ok(r.peek()?.map(|f| f.payload)),
+        }
+    }
+
     /// The header of the next frame, if any.
     #[inline]
     pub fn peek_header(&mut self) -> Result<Option<FrameHeader>, SourceError> {
@@ -396,6 +407,19 @@ impl JournalSource {
             self.peeked = self.frame_at(self.head, self.index)?;
         }
         Ok(self.peeked.map(|(h, _)| h))
+    }
+
+    /// The payload of the peeked frame (reading only its length from the peeked header).
+    #[inline]
+    fn peeked_payload(&self) -> Option<&[u8]> {
+        let len = self.peeked.as_ref()?.0.len as usize;
+        // Checked by `frame_at`: the payload lies inside the data. END-OF-STREAM has none.
+        Some(if len == 0 {
+            &[][..]
+        } else {
+            let at = HEADER_LEN + self.head as usize + FRAME_HEADER_LEN;
+            &self.map[at..at + len]
+        })
     }
 
     fn peek(&mut self) -> Result<Option<FrameRef<'_>>, SourceError> {
