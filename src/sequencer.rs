@@ -793,12 +793,24 @@ impl Sequencer {
         }
         let mut h = match &staged {
             Some(f) => f.header,
-            None => s
-                .reader
-                .peek_header()
-                .ok()
-                .flatten()
-                .expect("a head was peeked"),
+            None => {
+                // Field by field from the peek slot, not one whole-header copy: the slot was
+                // stored field by field when the frame was checked, and a wide load over
+                // those stores waits for them (a store-forwarding stall on every event).
+                let p = s.reader.peeked_header().expect("a head was peeked");
+                FrameHeader {
+                    len: p.len,
+                    kind: p.kind,
+                    flags: p.flags,
+                    source_id: p.source_id,
+                    topic_id: p.topic_id,
+                    reserved: p.reserved,
+                    ts: p.ts,
+                    source_seq: p.source_seq,
+                    bus_seq: p.bus_seq,
+                    publish_ns: p.publish_ns,
+                }
+            }
         };
         if aegis_shm_client::frame::stride(h.len as usize) > bus_cap / 2 {
             let reason = format!(

@@ -89,6 +89,17 @@ impl SourceReader {
         }
     }
 
+    /// The header of the frame under the read position, by reference, once peeked
+    /// ([`Self::peek_header`]); `None` before (and at a recording's end).
+    #[inline]
+    pub fn peeked_header(&self) -> Option<&FrameHeader> {
+        match self {
+            SourceReader::Ring(r) => r.peeked_header(),
+            SourceReader::Journal(j) => j.peeked.as_ref().map(|(h, _)| h),
+            SourceReader::Recording(r) => r.head.as_ref(),
+        }
+    }
+
     /// The payload of the frame under the read position, once peeked ([`Self::peek_header`]):
     /// [`Self::peek`] without a second copy of the header.
     #[inline]

@@ -103,6 +103,13 @@ impl RingReader {
         Ok(Some(FrameRef { header, payload }))
     }
 
+    /// The header of the frame under the read position, by reference, once peeked
+    /// ([`RingReader::peek_header`] or [`RingReader::peek`]); `None` before.
+    #[inline]
+    pub fn peeked_header(&self) -> Option<&FrameHeader> {
+        self.peeked.as_ref().map(|p| &p.0)
+    }
+
     /// The header of the next frame, if any (cheap once peeked).
     pub fn peek_header(&mut self) -> Result<Option<FrameHeader>, FrameError> {
         if self.peeked.is_none() && !self.peek_inner()? {
