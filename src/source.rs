@@ -89,6 +89,33 @@ impl SourceReader {
         }
     }
 
+    /// [`Self::peek_header`] by reference: the next frame's header where the reader keeps
+    /// it, for a caller that reads a few fields (a whole-header copy right after the reader
+    /// stored it field by field waits for those stores: a store-forwarding stall).
+    #[inline]
+    pub fn peek_header_ref(&mut self) -> Result<Option<&FrameHeader>, SourceError> {
+        match self {
+            SourceReader::Ring(r) => {
+                if r.peek_header()?.is_none() {
+                    return Ok(None);
+                }
+                Ok(r.peeked_header())
+            }
+            SourceReader::Journal(j) => {
+                if j.peeked.is_none() {
+                    j.peeked = j.frame_at(j.head, j.index)?;
+                }
+                Ok(j.peeked.as_ref().map(|(h, _)| h))
+            }
+            SourceReader::Recording(r) => {
+                if r.peek_header()?.is_none() {
+                    return Ok(None);
+                }
+                Ok(Some(r.head.as_ref().unwrap_or(&RECORDING_EOF)))
+            }
+        }
+    }
+
     /// The header of the frame under the read position, by reference, once peeked
     /// ([`Self::peek_header`]); `None` before (and at a recording's end).
     #[inline]
@@ -493,6 +520,20 @@ impl JournalSource {
         }
     }
 }
+
+/// The END-OF-STREAM header a recording source hands out after its last frame.
+const RECORDING_EOF: FrameHeader = FrameHeader {
+    len: 0,
+    kind: Kind::Control as u8,
+    flags: flags::EOF,
+    source_id: 0,
+    topic_id: 0,
+    reserved: 0,
+    ts: 0,
+    source_seq: 0,
+    bus_seq: 0,
+    publish_ns: 0,
+};
 
 /// A recording replayed by the daemon (`aegis-replay DIR`, SPEC section 11): the bus frames
 /// of a window of it ([`Replay`]), read with `pread` (a file truncated under it is an error,
