@@ -89,9 +89,9 @@ impl SourceReader {
         }
     }
 
-    /// [`Self::peek_header`] by reference: the next frame's header where the reader keeps
-    /// it, for a caller that reads a few fields (a whole-header copy right after the reader
-    /// stored it field by field waits for those stores: a store-forwarding stall).
+    /// The header of the next frame, if any, by reference: where the reader keeps it, for a
+    /// caller that reads a few fields (a whole-header copy right after the reader stored it
+    /// field by field waits for those stores: a store-forwarding stall).
     #[inline]
     pub fn peek_header_ref(&mut self) -> Result<Option<&FrameHeader>, SourceError> {
         match self {
@@ -101,12 +101,7 @@ impl SourceReader {
                 }
                 Ok(r.peeked_header())
             }
-            SourceReader::Journal(j) => {
-                if j.peeked.is_none() {
-                    j.peeked = j.frame_at(j.head, j.index)?;
-                }
-                Ok(j.peeked.as_ref().map(|(h, _)| h))
-            }
+            SourceReader::Journal(j) => j.peek_ref(),
             SourceReader::Recording(r) => {
                 if r.peek_header()?.is_none() {
                     return Ok(None);
@@ -117,7 +112,7 @@ impl SourceReader {
     }
 
     /// The header of the frame under the read position, by reference, once peeked
-    /// ([`Self::peek_header`]); `None` before (and at a recording's end).
+    /// ([`Self::peek_header_ref`]); `None` before (and at a recording's end).
     #[inline]
     pub fn peeked_header(&self) -> Option<&FrameHeader> {
         match self {
@@ -127,7 +122,7 @@ impl SourceReader {
         }
     }
 
-    /// The payload of the frame under the read position, once peeked ([`Self::peek_header`]):
+    /// The payload of the frame under the read position, once peeked ([`Self::peek_header_ref`]):
     /// [`Self::peek`] without a second copy of the header.
     #[inline]
     pub fn peeked_payload(&mut self) -> Result<Option<&[u8]>, SourceError> {
@@ -135,16 +130,6 @@ impl SourceReader {
             SourceReader::Ring(r) => Ok(r.peek()?.map(|f| f.payload)),
             SourceReader::Journal(j) => Ok(j.peeked_payload()),
             SourceReader::Recording(r) => Ok(r.peek()?.map(|f| f.payload)),
-        }
-    }
-
-    /// The header of the next frame, if any.
-    #[inline]
-    pub fn peek_header(&mut self) -> Result<Option<FrameHeader>, SourceError> {
-        match self {
-            SourceReader::Ring(r) => Ok(r.peek_header()?),
-            SourceReader::Journal(j) => j.peek_header(),
-            SourceReader::Recording(r) => r.peek_header(),
         }
     }
 
@@ -439,12 +424,13 @@ impl JournalSource {
         }
     }
 
+    /// The next frame's header, in the peek slot (checked and stored there on the first look).
     #[inline(always)]
-    fn peek_header(&mut self) -> Result<Option<FrameHeader>, SourceError> {
+    fn peek_ref(&mut self) -> Result<Option<&FrameHeader>, SourceError> {
         if self.peeked.is_none() {
             self.peeked = self.frame_at(self.head, self.index)?;
         }
-        Ok(self.peeked.map(|(h, _)| h))
+        Ok(self.peeked.as_ref().map(|(h, _)| h))
     }
 
     /// The payload of the peeked frame (reading only its length from the peeked header).
@@ -461,7 +447,7 @@ impl JournalSource {
     }
 
     fn peek(&mut self) -> Result<Option<FrameRef<'_>>, SourceError> {
-        let Some(header) = self.peek_header()? else {
+        let Some(&header) = self.peek_ref()? else {
             return Ok(None);
         };
         // Checked by `frame_at`: the payload lies inside the data. END-OF-STREAM (after the
