@@ -491,7 +491,7 @@ impl Sequencer {
                 return Ok(changed);
             }
             let h = match s.reader.peek_header_ref() {
-                Ok(Some(p)) => by_fields(p),
+                Ok(Some(p)) => p.copy_by_fields(),
                 Ok(None) => {
                     if live && s.dry_since.is_none() {
                         s.dry_since = Some(Instant::now());
@@ -793,7 +793,11 @@ impl Sequencer {
         }
         let mut h = match &staged {
             Some(f) => f.header,
-            None => by_fields(s.reader.peeked_header().expect("a head was peeked")),
+            None => s
+                .reader
+                .peeked_header()
+                .expect("a head was peeked")
+                .copy_by_fields(),
         };
         if aegis_shm_client::frame::stride(h.len as usize) > bus_cap / 2 {
             let reason = format!(
@@ -952,28 +956,6 @@ impl Sequencer {
                 c.set_state(rank, SourceState::Removed, Some("producer is gone"));
             }
         }
-    }
-}
-
-/// A copy of the header in a source's peek slot, made field by field. A whole-struct copy is
-/// made of wide loads, and the slot was written field by field a moment before (when the
-/// frame was checked): a wide load over narrower stores that have not reached the cache waits
-/// for them (a store-forwarding stall). Two such copies per event were half of the merge's
-/// time (`cargo bench --bench merge -- merge/journals`: 19.5 -> 34.7 M events/s with
-/// this and the inlining of the journal peek).
-#[inline(always)]
-fn by_fields(p: &FrameHeader) -> FrameHeader {
-    FrameHeader {
-        len: p.len,
-        kind: p.kind,
-        flags: p.flags,
-        source_id: p.source_id,
-        topic_id: p.topic_id,
-        reserved: p.reserved,
-        ts: p.ts,
-        source_seq: p.source_seq,
-        bus_seq: p.bus_seq,
-        publish_ns: p.publish_ns,
     }
 }
 

@@ -117,7 +117,7 @@ impl SourceReader {
     pub fn peeked_header(&self) -> Option<&FrameHeader> {
         match self {
             SourceReader::Ring(r) => r.peeked_header(),
-            SourceReader::Journal(j) => j.peeked.as_ref().map(|(h, _)| h),
+            SourceReader::Journal(j) => j.peeked_stride.map(|_| &j.peeked_header),
             SourceReader::Recording(r) => r.head.as_ref(),
         }
     }
@@ -149,7 +149,7 @@ impl SourceReader {
     pub fn peeked_end(&self) -> Option<u64> {
         match self {
             SourceReader::Ring(r) => r.peeked_end(),
-            SourceReader::Journal(j) => j.peeked.map(|(_, stride)| j.head + stride),
+            SourceReader::Journal(j) => j.peeked_stride.map(|stride| j.head + stride),
             SourceReader::Recording(_) => None,
         }
     }
@@ -223,8 +223,14 @@ pub struct JournalSource {
     /// frame). `open` checked `frame_count * stride == data_len`, and `check_frame` holds
     /// every frame to that stride, so the count needs no check of its own while reading.
     index: u64,
-    /// The frame at `head`, once checked: (header, stride).
-    peeked: Option<(FrameHeader, u64)>,
+    /// The frame at `head`, once checked: its header, valid while `peeked_stride` is set.
+    /// Written whole, straight from the mapping, and never through a temporary: the merge
+    /// then reads it with loads as wide as the stores that wrote it (a header returned
+    /// through a `Result`, stored field by field and copied back whole, was a
+    /// store-forwarding stall, the largest single cost of the merge).
+    peeked_header: FrameHeader,
+    /// The stride of the frame in `peeked_header` (0: END-OF-STREAM); `None`: not peeked.
+    peeked_stride: Option<u64>,
     /// The END-OF-STREAM frame was consumed.
     ended: bool,
     /// Data bytes already given back to the kernel.
@@ -346,7 +352,8 @@ impl JournalSource {
             map,
             head: 0,
             index: 0,
-            peeked: None,
+            peeked_header: FrameHeader::default(),
+            peeked_stride: None,
             ended: false,
             released: 0,
             stride,
@@ -368,75 +375,45 @@ impl JournalSource {
     }
 
     /// The frame at data position `pos` (the `index`-th), checked; END-OF-STREAM (stride 0)
-    /// at the end of the data; `None` once that was consumed.
-    // Inlined into the merge: returned through memory, the large `Result` was copied back
-    // with wide loads over the narrower stores that wrote it, and that stall alone was a
-    // third of `refill` in a profile (`--example`-free measure: the sequencer's CPU time per
-    // event over three journals, 53.5 -> 49 ns).
-    #[inline(always)]
+    /// at the end of the data; `None` once that was consumed. For look-aheads: the merge's
+    /// own peek reads into the peek slot ([`JournalSource::peek_ref`]).
     fn frame_at(&self, pos: u64, index: u64) -> Result<Option<(FrameHeader, u64)>, SourceError> {
-        if pos == self.data_len {
-            if self.ended {
-                return Ok(None);
-            }
-            let eof = FrameHeader {
-                kind: Kind::Control as u8,
-                flags: flags::EOF,
-                ..FrameHeader::default()
-            };
-            return Ok(Some((eof, 0)));
+        if pos == self.data_len && self.ended {
+            return Ok(None);
         }
-        let at = HEADER_LEN + pos as usize;
-        self.prefetch(at + PREFETCH_AHEAD);
-        let available = (self.data_len - pos) as usize;
-        let Some(bytes) = self
-            .map
-            .get(at..at + FRAME_HEADER_LEN)
-            .and_then(|b| <&[u8; FRAME_HEADER_LEN]>::try_from(b).ok())
-        else {
-            let reason = format!("truncated frame header: {available} bytes left");
-            return Err(self.bad(index, pos, reason));
-        };
-        let mut h = FrameHeader::from_bytes(bytes);
-        let stride = check_frame(&h, available, self.kind).map_err(|r| self.bad(index, pos, r))?;
-        // Our journal writer stores the index already: no store into the header then, which
-        // later whole-header copies would have to wait for (a store-forwarding stall).
-        if h.source_seq != index {
-            h.source_seq = index;
-        }
-        Ok(Some((h, stride as u64)))
-    }
-
-    /// Asks the CPU to start loading the journal bytes at file offset `at` (a hint: nothing
-    /// happens past the end, or off x86-64). The merge reads a journal front to back, one
-    /// frame per event, and the first touch of each line was its largest cost.
-    #[inline]
-    fn prefetch(&self, at: usize) {
-        #[cfg(target_arch = "x86_64")]
-        if at < self.map.len() {
-            // SAFETY: `at` is inside the mapping; a prefetch never faults and reads nothing
-            // the program can observe.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    self.map.as_ptr().add(at).cast(),
-                )
-            };
-        }
+        let mut h = FrameHeader::default();
+        let stride = read_frame(&self.map, self.data_len, self.kind, (pos, index), &mut h)
+            .map_err(|r| self.bad(index, pos, r))?;
+        Ok(Some((h, stride)))
     }
 
     /// The next frame's header, in the peek slot (checked and stored there on the first look).
     #[inline(always)]
     fn peek_ref(&mut self) -> Result<Option<&FrameHeader>, SourceError> {
-        if self.peeked.is_none() {
-            self.peeked = self.frame_at(self.head, self.index)?;
+        if self.peeked_stride.is_none() {
+            if self.head == self.data_len && self.ended {
+                return Ok(None);
+            }
+            let at = (self.head, self.index);
+            match read_frame(
+                &self.map,
+                self.data_len,
+                self.kind,
+                at,
+                &mut self.peeked_header,
+            ) {
+                Ok(stride) => self.peeked_stride = Some(stride),
+                Err(r) => return Err(self.bad(at.1, at.0, r)),
+            }
         }
-        Ok(self.peeked.as_ref().map(|(h, _)| h))
+        Ok(Some(&self.peeked_header))
     }
 
     /// The payload of the peeked frame (reading only its length from the peeked header).
     #[inline]
     fn peeked_payload(&self) -> Option<&[u8]> {
-        let len = self.peeked.as_ref()?.0.len as usize;
+        self.peeked_stride?;
+        let len = self.peeked_header.len as usize;
         // Checked by `frame_at`: the payload lies inside the data. END-OF-STREAM has none.
         Some(if len == 0 {
             &[][..]
@@ -476,8 +453,8 @@ impl JournalSource {
     }
 
     fn consume(&mut self) {
-        if let Some((h, stride)) = self.peeked.take() {
-            if h.kind == Kind::Control as u8 {
+        if let Some(stride) = self.peeked_stride.take() {
+            if self.peeked_header.kind == Kind::Control as u8 {
                 self.ended = true;
             } else {
                 self.head += stride;
@@ -505,6 +482,66 @@ impl JournalSource {
             self.released = upto;
         }
     }
+}
+
+/// Reads the frame at data position `at.0` (the `at.1`-th) of a journal's mapping `map` into
+/// `out` and checks it; returns its stride. At the end of the data (`data_len`), the
+/// END-OF-STREAM header, stride 0. `Err`: why the frame is refused.
+// Inlined into the merge, and writing into the caller's slot: returned through memory, a
+// large `Result` was copied back with wide loads over the narrower stores that wrote it, and
+// that stall alone was a third of `refill` in a profile.
+#[inline(always)]
+fn read_frame(
+    map: &[u8],
+    data_len: u64,
+    kind: JournalKind,
+    (pos, index): (u64, u64),
+    out: &mut FrameHeader,
+) -> Result<u64, String> {
+    if pos == data_len {
+        *out = FrameHeader {
+            kind: Kind::Control as u8,
+            flags: flags::EOF,
+            ..FrameHeader::default()
+        };
+        return Ok(0);
+    }
+    let at = HEADER_LEN + pos as usize;
+    prefetch(map, at + PREFETCH_AHEAD);
+    let available = (data_len - pos) as usize;
+    let Some(bytes) = map
+        .get(at..at + FRAME_HEADER_LEN)
+        .and_then(|b| <&[u8; FRAME_HEADER_LEN]>::try_from(b).ok())
+    else {
+        return Err(format!("truncated frame header: {available} bytes left"));
+    };
+    *out = FrameHeader::from_bytes(bytes);
+    let stride = check_frame(out, available, kind)?;
+    // Our journal writer stores the index already: no store into the header then, which
+    // later whole-header copies would have to wait for (a store-forwarding stall).
+    if out.source_seq != index {
+        out.source_seq = index;
+    }
+    Ok(stride as u64)
+}
+
+/// Asks the CPU to start loading the journal bytes at file offset `at` (a hint: nothing
+/// happens past the end, or off x86-64). The merge reads a journal front to back, one frame
+/// per event, and the first touch of each line was its largest cost.
+#[inline]
+fn prefetch(map: &[u8], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < map.len() {
+        // SAFETY: `at` is inside the mapping; a prefetch never faults and reads nothing the
+        // program can observe.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                map.as_ptr().add(at).cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (map, at);
 }
 
 /// The END-OF-STREAM header a recording source hands out after its last frame.

@@ -163,7 +163,7 @@ fn merge(
                 Deadline::after(Duration::from_secs(30)),
             )
             .expect("a bus frame within 30 s");
-        let mut h: FrameHeader = f.header;
+        let mut h: FrameHeader = *f.header;
         h.publish_ns = 0;
         hasher.update(h.to_bytes());
         hasher.update(f.payload);

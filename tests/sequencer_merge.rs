@@ -154,7 +154,7 @@ fn run(
                 Deadline::after(Duration::from_secs(60)),
             )
             .expect("bus frame within 60 s");
-        let mut h: FrameHeader = f.header;
+        let mut h: FrameHeader = *f.header;
         h.publish_ns = 0;
         hasher.update(h.to_bytes());
         hasher.update(f.payload);

@@ -2367,7 +2367,7 @@ fn bus_slots_run_out_and_come_back() {
 /// Reads a frame that must be there.
 fn must_read(c: &mut BusReader) -> (FrameHeader, Vec<u8>) {
     match c.try_next() {
-        Ok(Some(f)) => (f.header, f.payload.to_vec()),
+        Ok(Some(f)) => (*f.header, f.payload.to_vec()),
         other => panic!("{:?}", other.map(|o| o.map(|f| f.header))),
     }
 }

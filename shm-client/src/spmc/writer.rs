@@ -218,7 +218,8 @@ impl BusWriter {
         // SAFETY: `at` was placed at `tail`; the bytes to the wrap are free (block) or
         // announced in `claim` (overwrite), and unpublished.
         self.tail = unsafe { ring.pad_to_frame(self.tail, at) };
-        let mut h = *header;
+        // Field by field: the caller has just adjusted some of its fields.
+        let mut h = header.copy_by_fields();
         h.len = payload.len() as u32;
         h.bus_seq = self.next_seq;
         // SAFETY: `off + stride <= cap` (placed); the bytes are free or announced, and

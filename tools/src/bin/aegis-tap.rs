@@ -651,7 +651,7 @@ impl Tap {
         loop {
             if live {
                 let f = match self.bus.try_next() {
-                    Ok(Some(f)) => Owned::new(f.header, f.payload),
+                    Ok(Some(f)) => Owned::new(*f.header, f.payload),
                     Ok(None) => {
                         idle.wait(args, &self.comp, &self.bus, &mut w);
                         continue;
@@ -740,7 +740,7 @@ impl Tap {
                             Ok(Some(f)) => {
                                 idle.since = None;
                                 if f.header.bus_seq >= expected {
-                                    parked = Some(Owned::new(f.header, f.payload));
+                                    parked = Some(Owned::new(*f.header, f.payload));
                                 }
                                 continue;
                             }
