@@ -308,7 +308,7 @@ impl Writer {
                 Err(ReadError::Overrun { .. } | ReadError::Timeout) => continue,
                 Err(e) => return Err(RecordError::Bus(e)),
             };
-            self.record(&h, &payload)?;
+            self.record(h, &payload)?;
             if h.kind == Kind::Control as u8 && h.has(flags::EOF) {
                 let reason = if h.has(flags::ABORT) {
                     Some("the session failed: its stream was aborted".to_string())

@@ -1870,7 +1870,7 @@ fn bus_wrap_case(policy: Policy, cap: usize, k: usize, len: usize) {
         "{ctx}: alignment padding is zero"
     );
     let f = c.try_next().unwrap().unwrap_or_else(|| panic!("{ctx}"));
-    check_frame(&f.header, f.payload, seq, len);
+    check_frame(f.header, f.payload, seq, len);
     if policy == Policy::Block {
         assert_eq!(
             f.payload.as_ptr() as usize,
@@ -1938,7 +1938,7 @@ fn bus_block_slow_consumer_is_never_overwritten() {
     for seq in 0..4 {
         {
             let f = c.try_next().unwrap().unwrap();
-            check_frame(&f.header, f.payload, seq, 16);
+            check_frame(f.header, f.payload, seq, 16);
             assert_eq!(
                 f.payload.as_ptr() as usize,
                 bus_data_ptr(&region, cap) + 64 * seq as usize + 48
@@ -1984,7 +1984,7 @@ fn bus_block_slow_consumer_is_never_overwritten() {
         let snapshot = copy_out(&*region, data, cap);
         assert_eq!(wr(&mut w, seq, len_of(seq, cap)), Err(WriteError::Full));
         while let Some(f) = c.try_next().unwrap() {
-            check_frame(&f.header, f.payload, next, len_of(next, cap));
+            check_frame(f.header, f.payload, next, len_of(next, cap));
             next += 1;
             if next < seq {
                 assert_eq!(copy_out(&*region, data, cap), snapshot);
@@ -2043,7 +2043,7 @@ fn bus_block_two_consumers_get_every_frame() {
                     assert!(f.is_eof());
                     eof_seen[i] = true;
                 } else {
-                    check_frame(&f.header, f.payload, next[i], len_of(next[i], cap));
+                    check_frame(f.header, f.payload, next[i], len_of(next[i], cap));
                 }
                 next[i] += 1;
                 n += 1;
@@ -2579,7 +2579,7 @@ fn bus_overwrite_accounts_for_every_frame() {
                     Ok(Some(f)) => {
                         let seq = f.header.bus_seq;
                         assert_eq!(seq, last + 1, "a gap nobody reported");
-                        check_frame(&f.header, f.payload, seq, lens[seq as usize]);
+                        check_frame(f.header, f.payload, seq, lens[seq as usize]);
                         last = seq;
                         delivered += 1;
                     }
@@ -2633,7 +2633,7 @@ fn bus_block_threads_lose_nothing() {
                         assert_eq!(f.header.bus_seq, total);
                         return next;
                     }
-                    check_frame(&f.header, f.payload, next, len_of(next, cap));
+                    check_frame(f.header, f.payload, next, len_of(next, cap));
                     next += 1;
                 }
             })
@@ -2687,7 +2687,7 @@ fn bus_overwrite_threads_account_for_every_frame() {
                         assert_eq!(seq, l + 1 + pending_missed, "inexact accounting");
                     }
                     pending_missed = 0;
-                    check_frame(&f.header, f.payload, seq, len(seq));
+                    check_frame(f.header, f.payload, seq, len(seq));
                     last = Some(seq);
                     delivered += 1;
                 }

@@ -334,7 +334,7 @@ fn read_bus(
             token: String::new(),
             from,
             ended: Vec::new(),
-            bytes: wire::encode_frame(&h, f.payload),
+            bytes: wire::encode_frame(h, f.payload),
         };
         if f.is_eof() {
             out.token = wire::EOS.to_string();

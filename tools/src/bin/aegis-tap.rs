@@ -370,17 +370,17 @@ impl Tap {
                         .source_names
                         .get(h.source_id as usize)
                         .unwrap_or(&unknown);
-                    ndjson::write_line(out, h.bus_seq, &h, source, topic, ev)
+                    ndjson::write_line(out, h.bus_seq, h, source, topic, ev)
                 }
                 Format::Digest => {
                     if let Err(e) = f.event() {
                         fail(format!("bus frame {}: {e}", h.bus_seq));
                     }
-                    totals.digest.update(&h, f.payload);
+                    totals.digest.update(h, f.payload);
                     Ok(())
                 }
                 Format::Count => {
-                    totals.counts.add_by_id(&h, &unknown);
+                    totals.counts.add_by_id(h, &unknown);
                     Ok(())
                 }
             };
