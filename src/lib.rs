@@ -11,6 +11,7 @@ pub mod daemon;
 mod dispatch;
 pub mod groups;
 pub mod outbox;
+pub mod pager;
 pub mod recorder;
 pub mod refusal;
 mod registry;

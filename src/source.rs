@@ -5,6 +5,7 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aegis_shm_client::frame::{flags, stride, FrameError, FrameHeader, Kind, FRAME_HEADER_LEN};
 use aegis_shm_client::journal::{
@@ -13,6 +14,8 @@ use aegis_shm_client::journal::{
 use aegis_shm_client::recording::{RecordingError, Replay, ReplayNext};
 use aegis_shm_client::spsc::{FrameRef, RingReader};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
+
+use crate::pager::{self, Pager};
 
 /// Why a frame could not be read from a source.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -213,7 +216,10 @@ const RELEASE_ALIGN: u64 = 1 << 20;
 /// Frames get `source_seq` = their index, as a producer pushing them would give them.
 pub struct JournalSource {
     path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
+    /// Pages the mapping in ahead of the read position and out behind it, on a thread of its
+    /// own (a journal larger than the pager's window); without one, `release` drops pages.
+    pager: Option<Pager>,
     kind: JournalKind,
     frame_count: u64,
     data_len: u64,
@@ -312,7 +318,7 @@ impl JournalSource {
         // then renamed) and never modified in place. A process that truncates a journal while
         // it is mapped makes reads past the new end fault (SIGBUS), the documented limit of
         // every mapped file (README, "Security").
-        let map = unsafe { Mmap::map(&file) }.map_err(io("map the journal"))?;
+        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(io("map the journal"))?);
         let header = JournalHeader::parse(&map).map_err(|error| JournalOpenError::Header {
             path: path.to_path_buf(),
             error,
@@ -344,8 +350,13 @@ impl JournalSource {
         }
         // A hint only: the merge reads the file front to back.
         let _ = map.advise(Advice::Sequential);
+        // Without a thread (it could not start), the merge takes its own page faults.
+        let pager = (map.len() as u64 > pager::AHEAD)
+            .then(|| Pager::start(map.clone(), "aegis-pager".into()).ok())
+            .flatten();
         Ok(JournalSource {
             path: path.to_path_buf(),
+            pager,
             kind: header.kind,
             frame_count: header.frame_count,
             data_len: header.data_len,
@@ -466,6 +477,10 @@ impl JournalSource {
     fn release(&mut self) {
         // Only what is consumed and not under a peek: the frame under the read position may
         // still be borrowed by the caller.
+        if let Some(p) = &self.pager {
+            p.advance(HEADER_LEN as u64 + self.head);
+            return;
+        }
         let upto = (HEADER_LEN as u64 + self.head) & !(RELEASE_ALIGN - 1);
         if upto >= self.released + RELEASE_EVERY {
             // SAFETY: the map is a read-only file mapping, so MADV_DONTNEED only drops this
