@@ -350,9 +350,11 @@ impl JournalSource {
         }
         // A hint only: the merge reads the file front to back.
         let _ = map.advise(Advice::Sequential);
+        // The first window now, the rest on a thread of its own (if the journal is longer).
         // Without a thread (it could not start), the merge takes its own page faults.
-        let pager = (map.len() as u64 > pager::AHEAD)
-            .then(|| Pager::start(map.clone(), "aegis-pager".into()).ok())
+        let primed = pager::prime(&map);
+        let pager = (map.len() as u64 > primed)
+            .then(|| Pager::start(map.clone(), "aegis-pager".into(), primed).ok())
             .flatten();
         Ok(JournalSource {
             path: path.to_path_buf(),
