@@ -317,6 +317,10 @@ pub struct BenchArgs {
     /// Pace of the live real-path feed, events per second.
     #[arg(long, default_value_t = 1_000)]
     pub live_rate: u64,
+    /// Runs of the real path and of the in-process merge, alternated; each of the two rows
+    /// is its median run (runs of one build spread by about ±10 % on a shared machine).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=99))]
+    pub rounds: u64,
     /// Also draw the latency rows' distributions (p50 to max, log scales) into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,

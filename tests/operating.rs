@@ -118,6 +118,8 @@ fn bench_plot_is_an_svg_with_one_line_per_latency_row() {
             "3000",
             "--samples",
             "400",
+            "--rounds",
+            "2",
             "--plot",
             svg.to_str().unwrap(),
         ],
@@ -139,6 +141,23 @@ fn bench_plot_is_an_svg_with_one_line_per_latency_row() {
         assert!(r.get("percentiles").is_none(), "{r}");
     }
     assert!(v["throughput"][0]["events_per_s"].is_f64(), "{v}");
+    // Two alternated runs of the real path and of its baseline; each row is the lower middle
+    // (with two runs, the slower) one.
+    let runs = &v["throughput_runs"];
+    assert_eq!(runs["rounds"], 2, "{v}");
+    for (row, key) in [(0, "real_path_events_per_s"), (1, "inproc_events_per_s")] {
+        let rates: Vec<f64> = runs[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {key}: {v}"))
+            .iter()
+            .map(|r| r.as_f64().expect("a rate"))
+            .collect();
+        assert_eq!(rates.len(), 2, "{key}: {v}");
+        let shown = v["throughput"][row]["events_per_s"]
+            .as_f64()
+            .expect("a rate");
+        assert_eq!(shown, rates[0].min(rates[1]), "{key}: {v}");
+    }
 
     let file = fs::read_to_string(&svg).expect("the plot file");
     let doc = roxmltree::Document::parse(&file).expect("the plot is well-formed XML");

@@ -100,6 +100,25 @@ struct PeakRss {
     tap_kb: Option<u64>,
 }
 
+impl PeakRss {
+    /// The larger of each figure.
+    fn max(self, o: PeakRss) -> PeakRss {
+        let m = |a: Option<u64>, b: Option<u64>| a.max(b);
+        PeakRss {
+            daemon_kb: m(self.daemon_kb, o.daemon_kb),
+            replay_kb: m(self.replay_kb, o.replay_kb),
+            tap_kb: m(self.tap_kb, o.tap_kb),
+        }
+    }
+}
+
+/// The run with the median rate (the lower middle one of an even count).
+fn median_run(mut runs: Vec<ThroughputRow>) -> ThroughputRow {
+    runs.sort_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s));
+    let mid = (runs.len() - 1) / 2;
+    runs.swap_remove(mid)
+}
+
 /// Bus bytes of the real-path session.
 const REAL_PATH_BUS: usize = 4 << 20;
 
@@ -200,10 +219,31 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     eprintln!("aegis bench: throughput ({} events)...", a.events);
     let tmp = TempDir::new("aegis-bench")?;
     let journals = write_journals(a.events, &tmp.0)?;
-    let (real, rss) = real_path_throughput(&journals, &tmp.0)?;
+    // The real path and its baseline alternate, so that both sample the same spells of a
+    // busy machine; each row is its median run.
+    let (mut reals, mut inprocs) = (Vec::new(), Vec::new());
+    let mut rss = PeakRss::default();
+    for round in 0..a.rounds {
+        if a.rounds > 1 {
+            eprintln!(
+                "aegis bench: throughput round {}/{}...",
+                round + 1,
+                a.rounds
+            );
+        }
+        let (real, r) = real_path_throughput(&journals, &tmp.0)?;
+        reals.push(real);
+        rss = rss.max(r);
+        inprocs.push(t(compare::inproc_merge_throughput(a.events))?);
+    }
+    let runs = json!({
+        "rounds": a.rounds,
+        "real_path_events_per_s": reals.iter().map(|r| r.events_per_s).collect::<Vec<_>>(),
+        "inproc_events_per_s": inprocs.iter().map(|r| r.events_per_s).collect::<Vec<_>>(),
+    });
+    let (real, inproc) = (median_run(reals), median_run(inprocs));
     let threads = threads_throughput(&journals)?;
     drop(tmp);
-    let inproc = t(compare::inproc_merge_throughput(a.events))?;
     let sock_thr = t(compare::socket_json_throughput(a.events.min(2_000_000)))?;
     let latency = vec![aegis, pingpong, socket, fanout, bus_hop];
     let throughput = vec![real, inproc, sock_thr, threads];
@@ -224,11 +264,11 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     if json_out {
         println!(
             "{}",
-            json!({"latency": latency, "live": live, "throughput": throughput, "ratios": ratios, "peak_rss": rss})
+            json!({"latency": latency, "live": live, "throughput": throughput, "ratios": ratios, "peak_rss": rss, "throughput_runs": runs})
         );
         return Ok(());
     }
-    print_tables(&latency, &live, &throughput, &rss, &ratios);
+    print_tables(&latency, &live, &throughput, &rss, &ratios, &runs);
     Ok(())
 }
 
@@ -253,6 +293,7 @@ fn print_tables(
     throughput: &[ThroughputRow],
     rss: &PeakRss,
     ratios: &serde_json::Value,
+    runs: &serde_json::Value,
 ) {
     let mut t = TextTable::new(&[
         ("latency (one way)", Left),
@@ -321,6 +362,23 @@ fn print_tables(
         mb(rss.daemon_kb),
         mb(rss.replay_kb),
         mb(rss.tap_kb)
+    );
+    let rates = |k: &str| {
+        runs[k]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|r| format!("{:.1}", r.as_f64().unwrap_or(f64::NAN) / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "real path and in-process rows: the median of {} alternated runs each (M events/s: real path {}; in-process {})",
+        runs["rounds"],
+        rates("real_path_events_per_s"),
+        rates("inproc_events_per_s")
     );
     let f = |k: &str| ratios[k].as_f64().unwrap_or(f64::NAN);
     let mut t = TextTable::new(&[("ratio", Left), ("measured", Right), ("target", Left)]);
