@@ -197,8 +197,8 @@ mod tests {
 
     #[test]
     fn keeps_a_window_ahead_populated_and_drops_what_is_behind() {
-        let dir = tempfile_dir();
-        let path = dir.join("j");
+        let dir = TempDir::new("window");
+        let path = dir.0.join("j");
         let len = 64usize << 20;
         let mut f = std::fs::File::create(&path).unwrap();
         let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
@@ -241,13 +241,12 @@ mod tests {
         }
         std::hint::black_box(sum);
         drop(pager);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn dropping_the_pager_stops_and_joins_its_thread() {
-        let dir = tempfile_dir();
-        let path = dir.join("j");
+        let dir = TempDir::new("drop");
+        let path = dir.0.join("j");
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
         let file = std::fs::File::open(&path).unwrap();
         // SAFETY: as above.
@@ -263,16 +262,23 @@ mod tests {
             1,
             "the thread let go of the mapping"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    fn tempfile_dir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "aegis-pager-test-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A directory of its own, removed on drop (a failing test too).
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(test: &str) -> TempDir {
+            let d = std::env::temp_dir()
+                .join(format!("aegis-pager-test-{}-{test}", std::process::id()));
+            std::fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
