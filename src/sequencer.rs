@@ -692,6 +692,7 @@ impl Sequencer {
 
     /// Moves up to `batch` frames. Publishes the bus and releases the rings once.
     fn pass(&mut self, stop: &AtomicBool) -> Result<Pass, SequencerError> {
+        let live = matches!(self.config.mode, Mode::Live { .. });
         let mut progress = false;
         self.pass_ns = 0;
         // A load first: the swap (a locked instruction) only when there is something to take.
@@ -721,6 +722,15 @@ impl Sequencer {
             let Some(i) = self.pick() else { break };
             self.emit(i, stop)?;
             moved += 1;
+            if live && self.sources[i].reader.drained() {
+                // The refill below finds this source empty and hands its bytes back to the
+                // producer: a store to a line of the producer's core. Stores become visible in
+                // program order, so the bus tail published after it would wait for that line
+                // too, a round trip to the producer's core. Publish first. The bench's bus
+                // hop went from ~380 to ~260 ns, end to end from ~640 to ~535 ns (4
+                // alternating runs each). A source with frames already seen stays batched.
+                self.bus.publish();
+            }
             progress |= self.refill(i)?;
         }
         if moved > 0 {

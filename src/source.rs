@@ -178,6 +178,18 @@ impl SourceReader {
         }
     }
 
+    /// Whether the reader has consumed every frame it knows of (a ring: everything published
+    /// as last seen): its next peek looks at the producer's cursor again and, finding
+    /// nothing, hands the consumed bytes back. Never for a journal or a recording, which are
+    /// read whole.
+    #[inline]
+    pub fn drained(&self) -> bool {
+        match self {
+            SourceReader::Ring(r) => r.backlog() == 0,
+            SourceReader::Journal(_) | SourceReader::Recording(_) => false,
+        }
+    }
+
     /// Whether every frame of the source has one kind (a journal: checked frame by frame).
     /// Then a run of equal timestamps is always in merge-key order, and the sequencer need
     /// not look ahead.
