@@ -52,15 +52,16 @@ struct Shared {
 }
 
 /// Populates the first window of `map` in the calling thread, before the merge starts (at
-/// most [`AHEAD`] bytes); returns where it ends. A pager started after it goes on from there
-/// and never races the merge over the first pages: the merge of a short journal took more CPU
-/// with a pager that started at the same time than with none.
-pub fn prime(map: &Mmap) -> u64 {
+/// most [`AHEAD`] bytes); returns where it ends, or `None` if the kernel refuses the advice
+/// (before Linux 5.14): then a pager would only take the reader's faults in turns with it. A
+/// pager started after it goes on from there and never races the merge over the first pages:
+/// the merge of a short journal took more CPU with a pager that started at the same time
+/// than with none.
+pub fn prime(map: &Mmap) -> Option<u64> {
     let end = (map.len() as u64).min(AHEAD);
-    match map.advise_range(Advice::PopulateRead, 0, end as usize) {
-        Ok(()) => end,
-        Err(_) => 0,
-    }
+    map.advise_range(Advice::PopulateRead, 0, end as usize)
+        .ok()
+        .map(|()| end)
 }
 
 impl Pager {
@@ -115,7 +116,6 @@ impl Drop for Pager {
 fn run(map: &Mmap, s: &Shared, populated: u64) {
     let len = map.len() as u64;
     let (mut populated, mut released) = (populated, 0u64);
-    let mut populate = true;
     while !s.stop.load(Ordering::Relaxed) {
         let read = s.read.load(Ordering::Relaxed).min(len);
         let behind = read & !(ALIGN - 1);
@@ -134,17 +134,15 @@ fn run(map: &Mmap, s: &Shared, populated: u64) {
         }
         populated = populated.max(behind);
         let want = (read + AHEAD).min(len);
-        if populate && populated < want {
+        if populated < want {
             let to = ((populated + STEP) & !(STEP - 1)).min(len);
-            // An old kernel (before 5.14) refuses the advice: the reader then takes its own
-            // faults, as it would without a pager.
-            populate = map
-                .advise_range(
-                    Advice::PopulateRead,
-                    populated as usize,
-                    (to - populated) as usize,
-                )
-                .is_ok();
+            // A step that fails (a journal truncated under the map) is left to the reader's
+            // own faults, which report it; the window moves on either way.
+            let _ = map.advise_range(
+                Advice::PopulateRead,
+                populated as usize,
+                (to - populated) as usize,
+            );
             populated = to;
             s.populated.store(populated, Ordering::Relaxed);
             continue;
@@ -212,7 +210,7 @@ mod tests {
         assert!(resident(&map) > 0, "the file is in the page cache");
         assert_eq!(mapped_kb(&map), 0, "nothing mapped before the pager starts");
         // The first window is populated without any read, before the pager starts.
-        let primed = prime(&map);
+        let primed = prime(&map).expect("MADV_POPULATE_READ (Linux 5.14)");
         assert_eq!(primed, AHEAD);
         assert!(
             mapped_kb(&map) >= AHEAD / 1024,

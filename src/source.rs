@@ -366,10 +366,10 @@ impl JournalSource {
         // window of it: for less, a thread costs the merge more than the faults it would save
         // (`merge/journals`, whose largest journal is 8.8 MiB: 30.6 M events/s with a pager
         // for it, 32.2 without). Without a thread, the merge takes its own page faults.
-        let primed = pager::prime(&map);
-        let pager = (map.len() as u64 > primed + pager::AHEAD)
-            .then(|| Pager::start(map.clone(), "aegis-pager".into(), primed).ok())
-            .flatten();
+        // A kernel without `MADV_POPULATE_READ` (before 5.14) gets no pager either.
+        let pager = pager::prime(&map)
+            .filter(|&primed| map.len() as u64 > primed + pager::AHEAD)
+            .and_then(|primed| Pager::start(map.clone(), "aegis-pager".into(), primed).ok());
         Ok(JournalSource {
             path: path.to_path_buf(),
             pager,
@@ -441,7 +441,7 @@ impl JournalSource {
     fn peeked_payload(&self) -> Option<&[u8]> {
         self.peeked_stride?;
         let len = self.peeked_header.len as usize;
-        // Checked by `frame_at`: the payload lies inside the data. END-OF-STREAM has none.
+        // Checked by `read_frame`: the payload lies inside the data. END-OF-STREAM has none.
         Some(if len == 0 {
             &[][..]
         } else {
@@ -454,14 +454,7 @@ impl JournalSource {
         let Some(&header) = self.peek_ref()? else {
             return Ok(None);
         };
-        // Checked by `frame_at`: the payload lies inside the data. END-OF-STREAM (after the
-        // data) has none.
-        let payload = if header.len == 0 {
-            &[][..]
-        } else {
-            let at = HEADER_LEN + self.head as usize + FRAME_HEADER_LEN;
-            &self.map[at..at + header.len as usize]
-        };
+        let payload = self.peeked_payload().expect("just peeked");
         Ok(Some(FrameRef { header, payload }))
     }
 
