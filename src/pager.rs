@@ -136,8 +136,9 @@ fn run(map: &Mmap, s: &Shared, populated: u64) {
         let want = (read + AHEAD).min(len);
         if populated < want {
             let to = ((populated + STEP) & !(STEP - 1)).min(len);
-            // A step that fails (a journal truncated under the map) is left to the reader's
-            // own faults, which report it; the window moves on either way.
+            // A step that fails is left to the reader's own faults; the window moves on
+            // either way. (A journal truncated under the map fails here with EFAULT, where
+            // the reader gets SIGBUS: the documented limit of a mapped file.)
             let _ = map.advise_range(
                 Advice::PopulateRead,
                 populated as usize,
