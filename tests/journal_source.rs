@@ -10,7 +10,7 @@ use std::time::Duration;
 use aegis::sequencer::{merge_key, Config, Input, Mode, Sequencer, SequencerError};
 use aegis::source::{JournalOpenError, JournalSource, SourceReader};
 use aegis_shm_client::event::{AnyEvent, Book, Decimal, Kline, Symbol, Trade};
-use aegis_shm_client::frame::{FrameHeader, Kind};
+use aegis_shm_client::frame::{flags, FrameHeader, Kind};
 use aegis_shm_client::segment::HeapRegion;
 use aegis_shm_client::spmc::{self, BusReader, BusWriter, Policy};
 use aegis_shm_client::spsc::{self, Producer, RingReader};
@@ -214,31 +214,106 @@ fn journal_backed_sources_give_the_same_bus_as_rings() {
     assert_eq!(mixed, rings);
 }
 
-#[test]
-fn a_corrupt_journal_frame_fails_the_backtest_naming_file_and_frame() {
-    let dir = Dir::new("corrupt");
-    let path = write_journal(&dir.0, "t", FileKind::Trade, 100, 1);
-    // Frame #42's kind byte (the journal header is 64 bytes; frames have a fixed stride).
+/// A change to a frame header's first 8 bytes.
+type Edit = dyn Fn(&mut [u8]);
+
+/// Writes a 100-trade journal in `dir` with frame #42's header changed by `edit` (given the
+/// header's first 8 bytes: len, kind, flags, source id) and merges it straight from the
+/// journal: the bus's merge keys, or why the merge failed.
+fn merge_edited(
+    dir: &Dir,
+    name: &str,
+    edit: impl Fn(&mut [u8]),
+) -> (PathBuf, Result<usize, String>) {
+    let path = write_journal(&dir.0, name, FileKind::Trade, 100, 1);
+    // The journal header is 64 bytes; frames have a fixed stride.
     let mut bytes = std::fs::read(&path).unwrap();
     let stride = (bytes.len() - 64) / 100;
-    bytes[64 + 42 * stride + 4] = 9;
+    edit(&mut bytes[64 + 42 * stride..64 + 42 * stride + 8]);
     std::fs::write(&path, &bytes).unwrap();
     let journals = [("trades", path.clone(), FileKind::Trade)];
-    match merge(&journals, &[true]) {
+    let r = match merge(&journals, &[true]) {
+        Ok((_, keys)) => Ok(keys.len()),
         Err(SequencerError::SourceFailed {
             source_name,
             reason,
         }) => {
             assert_eq!(source_name, "trades");
-            assert!(
-                reason.contains(&path.display().to_string())
-                    && reason.contains("frame #42")
-                    && reason.contains("unknown frame kind 9"),
-                "{reason}"
-            );
+            Err(reason)
         }
-        other => panic!("expected a failure, got {:?}", other.map(|r| r.1.len())),
+        Err(other) => panic!("expected a source failure, got {other}"),
+    };
+    (path, r)
+}
+
+#[test]
+fn a_corrupt_journal_frame_fails_the_backtest_naming_file_and_frame() {
+    let dir = Dir::new("corrupt");
+    let len = |b: &[u8]| u32::from_le_bytes(b[..4].try_into().unwrap());
+    let set_len = |b: &mut [u8], n: u32| b[..4].copy_from_slice(&n.to_le_bytes());
+    // Each rule the merge's quick check of a journal frame stands for (its kind, its payload
+    // length, its flags), broken alone: every one is refused with check_frame's own reason.
+    let cases: [(&str, Box<Edit>, &str); 8] = [
+        ("kind9", Box::new(|b| b[4] = 9), "unknown frame kind 9"),
+        (
+            "book",
+            Box::new(|b| b[4] = Kind::Book as u8),
+            "a book frame in a trade journal",
+        ),
+        (
+            "control",
+            Box::new(|b| {
+                b[4] = Kind::Control as u8;
+                b[5] = flags::EOF
+            }),
+            "control frame (flags 0x01) where an event was expected",
+        ),
+        (
+            "longer",
+            Box::new(move |b| {
+                let n = len(b);
+                set_len(b, n + 8)
+            }),
+            "payload of 72 bytes, a trade is 64 bytes",
+        ),
+        (
+            "shorter",
+            Box::new(move |b| {
+                let n = len(b);
+                set_len(b, n - 1)
+            }),
+            "payload of 63 bytes, a trade is 64 bytes",
+        ),
+        (
+            "huge",
+            Box::new(move |b| set_len(b, u32::MAX)),
+            "does not fit",
+        ),
+        (
+            "eof",
+            Box::new(|b| b[5] = flags::EOF),
+            "unexpected flags 0x01 on an event",
+        ),
+        (
+            "padding",
+            Box::new(|b| b[5] = flags::PADDING | flags::LATE),
+            "padding on an event",
+        ),
+    ];
+    for (name, edit, expected) in cases {
+        let (path, r) = merge_edited(&dir, name, edit);
+        let reason = r.expect_err(name);
+        assert!(
+            reason.contains(&path.display().to_string())
+                && reason.contains("frame #42")
+                && reason.contains(expected),
+            "{name}: {reason}"
+        );
     }
+    // LATE is the one flag a journal frame may carry (a recorded late event): merged, and
+    // the bus's flags are the sequencer's own.
+    let (_, r) = merge_edited(&dir, "late", |b| b[5] = flags::LATE);
+    assert_eq!(r, Ok(100));
 }
 
 #[test]
