@@ -206,6 +206,31 @@ const STAGED_OVERHEAD: usize = aegis_shm_client::frame::FRAME_HEADER_LEN;
 const MIN_STAGING_BYTES: usize = 1 << 20;
 
 /// A frame copied out of its ring to be reordered within its run.
+/// What the merge reads of a peeked frame's header.
+#[derive(Copy, Clone)]
+struct Head {
+    kind: Kind,
+    flags: u8,
+    ts: u64,
+    source_seq: u64,
+}
+
+impl Head {
+    #[inline(always)]
+    fn of(h: &FrameHeader) -> Head {
+        Head {
+            kind: h.kind().unwrap_or(Kind::Control),
+            flags: h.flags,
+            ts: h.ts,
+            source_seq: h.source_seq,
+        }
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+}
+
 struct Staged {
     key: u128,
     header: FrameHeader,
@@ -490,8 +515,10 @@ impl Sequencer {
             if s.state != State::Active {
                 return Ok(changed);
             }
+            // The four fields the merge needs, not the whole header: the header is copied
+            // once per event, into the bus (`emit`).
             let h = match s.reader.peek_header_ref() {
-                Ok(Some(p)) => p.copy_by_fields(),
+                Ok(Some(p)) => Head::of(p),
                 Ok(None) => {
                     if live && s.dry_since.is_none() {
                         s.dry_since = Some(Instant::now());
@@ -501,7 +528,7 @@ impl Sequencer {
                 Err(e) => return self.fail(i, e.to_string()).map(|()| true),
             };
             changed = true;
-            let kind = h.kind().unwrap_or(Kind::Control);
+            let kind = h.kind;
             if live && kind != Kind::Control && s.seqs.duplicate(h.source_seq) {
                 // Resent after a failover or a restart (SPEC section 12): merged once
                 // already. Checked before the time order: a resend is older by nature.
@@ -512,7 +539,7 @@ impl Sequencer {
                 // Copying a run of equal timestamps out of key order: it ends at the first
                 // frame with another ts, or at end-of-stream.
                 if kind != Kind::Control && h.ts == run_ts {
-                    if let Err(reason) = self.stage(i, h) {
+                    if let Err(reason) = self.stage(i) {
                         return self.fail(i, reason).map(|()| true);
                     }
                     continue;
@@ -574,7 +601,7 @@ impl Sequencer {
             s.last_ts = h.ts;
             s.watermark = s.watermark.max(h.ts);
             if !live && !s.presequenced {
-                match self.check_run(i, &h) {
+                match self.check_run(i, kind, h.ts) {
                     Ok(Run::Ordered) => {}
                     Ok(Run::Unordered) => {
                         self.sources[i].collecting = Some(h.ts);
@@ -589,14 +616,16 @@ impl Sequencer {
         }
     }
 
-    /// Copies the frame under source `i`'s reader (header `h`) into its staging queue and
+    /// Copies the frame under source `i`'s reader into its staging queue and
     /// consumes it. Staging holds at most the source ring's capacity (and at least
     /// [`MIN_STAGING_BYTES`]): a longer run of equal timestamps out of kind order is refused
     /// with the reason, so memory stays bounded by the ring sizes, never by the stream.
-    fn stage(&mut self, i: usize, h: FrameHeader) -> Result<(), String> {
+    fn stage(&mut self, i: usize) -> Result<(), String> {
         let s = &mut self.sources[i];
-        let need = STAGED_OVERHEAD + h.len as usize;
         let cap = s.reader.capacity().max(MIN_STAGING_BYTES);
+        let f = s.reader.peek().ok().flatten().expect("peeked");
+        let h = f.header;
+        let need = STAGED_OVERHEAD + h.len as usize;
         if s.staged_bytes + need > cap {
             return Err(format!(
                 "a run of events at one timestamp ({}) out of kind order (trade, book, kline, custom) \
@@ -606,7 +635,6 @@ impl Sequencer {
             ));
         }
         let kind = h.kind().unwrap_or(Kind::Control);
-        let f = s.reader.peek().ok().flatten().expect("peeked");
         let staged = Staged {
             key: merge_key(h.ts, kind, s.rank, h.source_seq),
             header: h,
@@ -620,8 +648,8 @@ impl Sequencer {
 
     /// Backtest: whether the run of frames with the head's ts is complete and in key order.
     /// Looks ahead in the ring without consuming; a run already checked is not rescanned.
-    fn check_run(&mut self, i: usize, head: &FrameHeader) -> Result<Run, SourceError> {
-        let mut prio = head.kind().map_or(3, Kind::priority);
+    fn check_run(&mut self, i: usize, kind: Kind, ts: u64) -> Result<Run, SourceError> {
+        let mut prio = kind.priority();
         if prio == Kind::Trade.priority() || self.sources[i].reader.single_kind() {
             // Nothing later in the source can sort before a trade at this ts (later frames
             // have a ts at least as large, and a trade has the lowest priority), nor before
@@ -655,7 +683,7 @@ impl Sequencer {
                         pos = next;
                         continue;
                     }
-                    if g.ts != head.ts {
+                    if g.ts != ts {
                         break;
                     }
                     if kind.priority() < prio {
