@@ -161,7 +161,7 @@ impl BusWriter {
     /// # Panics
     /// After the END-OF-STREAM frame: nothing is written after it (a consumer lapped over
     /// the end relies on it staying in place).
-    #[inline]
+    #[inline(always)]
     pub fn try_write(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<Seq, WriteError> {
         assert!(
             self.eof_at.is_none(),
