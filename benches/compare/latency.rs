@@ -43,15 +43,16 @@ impl Rig {
 /// machine the hypervisor moves virtual cores between physical cores (same core, sibling,
 /// another complex) from one second to the next, and a cross-core hop then costs anywhere
 /// between 25 and 175 ns; interleaving makes both rows sample the same placements, so their
-/// ratio is meaningful. Returns `[ping-pong, aegis, fan-out, bus hop]`.
+/// ratio is meaningful. Returns `[ping-pong, aegis, fan-out, bus hop, raw relay]`.
 pub fn latency_interleaved(
     samples: u64,
     rounds: u64,
     spin: bool,
-) -> Result<[LatencyRow; 4], BenchError> {
+) -> Result<[LatencyRow; 5], BenchError> {
     let rounds = rounds.clamp(1, samples.max(1));
     let per = samples / rounds;
     let (mut pp, mut ae, mut fan, mut hop) = (histogram(), histogram(), histogram(), histogram());
+    let mut relay = histogram();
     let fan_rig = Rig {
         extra: 1,
         ..Rig::ONE
@@ -75,12 +76,16 @@ pub fn latency_interleaved(
             .map_err(|e| BenchError::Failed(e.to_string()))?;
         hop.add(aegis_latency_histogram(n, spin, hop_rig)?)
             .map_err(|e| BenchError::Failed(e.to_string()))?;
+        relay
+            .add(relay_histogram(n)?)
+            .map_err(|e| BenchError::Failed(e.to_string()))?;
     }
     Ok([
         latency_row(PINGPONG, &pp),
         latency_row(aegis_latency_name(spin), &ae),
         latency_row(FANOUT_NAME, &fan),
         latency_row(BUS_HOP_NAME, &hop),
+        latency_row(RELAY, &relay),
     ])
 }
 

@@ -10,6 +10,13 @@
 //!
 //! - [`pingpong`] — the floor. Two threads pinned to the first two allowed cores bounce one
 //!   cache line; one round trip crosses between the cores twice, so one-way = round trip / 2.
+//! - The raw relay (a row of [`latency_interleaved`]) — the Aegis row's path with none of its
+//!   work: the first core stamps the clock and writes a 112-byte frame (a header and a trade)
+//!   and a tail word into one ring, a thread on the second core spins on that tail and copies
+//!   the frame into a second ring the same way, and the first core spins on it. Two hops of a
+//!   two-line frame with a separate tail word, in plain atomics: the floor under the Aegis
+//!   row, which the round trip alone does not show (a frame's payload lines come after its
+//!   tail, one more transfer per hop).
 //! - [`aegis_latency`] — one thread pinned to the first core is both the producer and the
 //!   consumer; the sequencer is pinned to the second core. The thread pushes one 64-byte
 //!   `Trade` (the ring stamps `publish_ns` at commit), waits for it on the bus, decodes it
@@ -445,7 +452,8 @@ mod tests {
         sane_latency(&pingpong(2_000).unwrap(), 2_000);
         sane_latency(&aegis_latency(2_000, true).unwrap(), 2_000);
         sane_latency(&aegis_latency(100, false).unwrap(), 100);
-        let [pp, ae, fan, hop] = latency_interleaved(1_001, 4, true).unwrap();
+        let [pp, ae, fan, hop, relay] = latency_interleaved(1_001, 4, true).unwrap();
+        sane_latency(&relay, 1_001);
         sane_latency(&pp, 1_001);
         sane_latency(&ae, 1_001);
         sane_latency(&fan, 1_001);

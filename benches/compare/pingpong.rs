@@ -75,3 +75,121 @@ pub(super) fn pingpong_histogram(samples: u64) -> Result<Histogram<u64>, BenchEr
     };
     Ok(h)
 }
+
+pub(super) const RELAY: &str = "raw relay (2 hops through a thread, 112-byte frame, tail words)";
+
+/// Words of one relayed frame: a frame header and a `Trade` (48 + 64 bytes).
+const RELAY_WORDS: usize = (FRAME_HEADER_LEN + 64) / 8;
+/// Words of one ring of the relay (64 KiB, as the latency rig's): 128-byte slots.
+const RELAY_RING_WORDS: usize = 1 << 13;
+
+/// One ring of the relay: slots of 128 bytes, and a tail word on a line pair of its own.
+#[repr(align(128))]
+struct RelayRing {
+    words: [AtomicU64; RELAY_RING_WORDS],
+    tail: Line,
+}
+
+impl RelayRing {
+    fn new() -> Box<RelayRing> {
+        Box::new(RelayRing {
+            words: std::array::from_fn(|_| AtomicU64::new(0)),
+            tail: Line(AtomicU64::new(0)),
+        })
+    }
+
+    fn slot(k: u64) -> usize {
+        (k as usize * 16) % RELAY_RING_WORDS
+    }
+
+    /// Writes frame `k` (its first word `first`, the others `k`), then publishes it in the
+    /// tail word. Release: pairs with the Acquire load in [`RelayRing::wait`].
+    fn write(&self, k: u64, first: u64) {
+        let s = Self::slot(k);
+        self.words[s].store(first, Ordering::Relaxed);
+        for w in &self.words[s + 1..s + RELAY_WORDS] {
+            w.store(k, Ordering::Relaxed);
+        }
+        self.tail.0.store(k, Ordering::Release);
+    }
+
+    /// Waits for frame `k` and reads it whole; returns its first word.
+    fn wait(
+        &self,
+        k: u64,
+        w: &mut Waiter<SpinYield>,
+        abort: &AtomicBool,
+    ) -> Result<u64, BenchError> {
+        while self.tail.0.load(Ordering::Acquire) != k {
+            w.idle(abort)?;
+        }
+        w.progress();
+        let s = Self::slot(k);
+        let sum: u64 = self.words[s + 1..s + RELAY_WORDS]
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add);
+        if sum != k.wrapping_mul(RELAY_WORDS as u64 - 1) {
+            return Err(BenchError::Failed(format!("relay: frame {k} torn")));
+        }
+        Ok(self.words[s].load(Ordering::Relaxed))
+    }
+}
+
+/// The floor of the Aegis latency rig's own path, with none of its work: one thread (first
+/// core) stamps the clock, writes a 112-byte frame and a tail word into one ring, and spins
+/// for the frame on a second ring; a thread on the second core spins on the first ring's
+/// tail, reads the frame and writes it into the second ring the same way. Plain atomics, no
+/// validation, no encoding: what two hops of that size cost on this machine, measured like
+/// the Aegis row (`now - stamp`, not halved).
+pub(super) fn relay_histogram(samples: u64) -> Result<Histogram<u64>, BenchError> {
+    let total = warmup(samples) + samples;
+    let skip = warmup(samples);
+    let cores = two_cores();
+    let (there, back) = (Arc::new(RelayRing::new()), Arc::new(RelayRing::new()));
+    let abort = Arc::new(AtomicBool::new(false));
+    let _guard = StopOnDrop(vec![abort.clone()]);
+    let (t, b, a) = (there.clone(), back.clone(), abort.clone());
+    let relay = std::thread::Builder::new()
+        .name("aegis-bench-relay".into())
+        .spawn(move || -> Result<(), BenchError> {
+            pin(cores.map(|c| c.1));
+            let mut w = Waiter::new(spinning(), "relay");
+            for k in 1..=total {
+                let first = t.wait(k, &mut w, &a)?;
+                b.write(k, first);
+            }
+            Ok(())
+        })
+        .map_err(setup_err("spawn"))?;
+    let a = abort.clone();
+    let origin = std::thread::Builder::new()
+        .name("aegis-bench-origin".into())
+        .spawn(move || -> Result<Histogram<u64>, BenchError> {
+            pin(cores.map(|c| c.0));
+            let mut h = histogram();
+            let mut w = Waiter::new(spinning(), "relay origin");
+            for k in 1..=total {
+                there.write(k, monotonic_ns());
+                let stamp = back.wait(k, &mut w, &a)?;
+                let now = monotonic_ns();
+                if k > skip {
+                    h.saturating_record(now.saturating_sub(stamp));
+                }
+            }
+            Ok(h)
+        })
+        .map_err(setup_err("spawn"))?;
+    let h = join(origin, "relay origin");
+    if h.is_err() {
+        abort.store(true, Ordering::Relaxed);
+    }
+    let r = join(relay, "relay");
+    match (h, r) {
+        (Ok(h), Ok(())) => Ok(h),
+        (h, r) => {
+            first_error(h.map(drop), r)?;
+            unreachable!("one of them failed")
+        }
+    }
+}

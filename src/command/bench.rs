@@ -203,7 +203,7 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     eprintln!("aegis bench: latency ({} samples)...", a.samples);
     // Interleaved rounds: the hypervisor moves virtual cores around, so the two rows are
     // only comparable when measured under the same placements.
-    let [pingpong, aegis, fanout, bus_hop] =
+    let [pingpong, aegis, fanout, bus_hop, relay] =
         compare::latency_interleaved(a.samples, 20, true).map_err(|e| CliError(e.to_string()))?;
     let socket = e(compare::socket_json_latency(a.samples))?;
     let live = if a.live_events > 0 {
@@ -245,7 +245,7 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
     let threads = threads_throughput(&journals)?;
     drop(tmp);
     let sock_thr = t(compare::socket_json_throughput(a.events.min(2_000_000)))?;
-    let latency = vec![aegis, pingpong, socket, fanout, bus_hop];
+    let latency = vec![aegis, pingpong, socket, fanout, bus_hop, relay];
     let throughput = vec![real, inproc, sock_thr, threads];
     let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
     let ratios = json!({
@@ -254,6 +254,8 @@ pub fn run(json_out: bool, a: &BenchArgs) -> Result<(), CliError> {
         "fanout_2_over_1_consumer_p50": ratio(latency[3].p50_ns as f64, latency[0].p50_ns as f64),
         "bus_hop_p50_over_pingpong_p50": ratio(latency[4].p50_ns as f64, latency[1].p50_ns as f64),
         "bus_hop_share_of_aegis_p50": ratio(latency[4].p50_ns as f64, latency[0].p50_ns as f64),
+        "aegis_p50_over_raw_relay_p50": ratio(latency[0].p50_ns as f64, latency[5].p50_ns as f64),
+        "raw_relay_p50_over_round_trip_p50": ratio(latency[5].p50_ns as f64, 2.0 * latency[1].p50_ns as f64),
         "socket_json_p50_over_aegis_p50": ratio(latency[2].p50_ns as f64, latency[0].p50_ns as f64),
         "aegis_over_inproc_throughput": ratio(throughput[0].events_per_s, throughput[1].events_per_s),
         "aegis_over_socket_json_throughput": ratio(throughput[0].events_per_s, throughput[2].events_per_s),
@@ -395,6 +397,16 @@ fn print_tables(
     t.row([
         "bus hop p50 / ping-pong p50 (sequencer → consumer, one transfer)".to_string(),
         format!("{:.2}x", f("bus_hop_p50_over_pingpong_p50")),
+        "(where the latency goes)".to_string(),
+    ]);
+    t.row([
+        "raw relay p50 / ping-pong round trip (the path's floor, no Aegis work)".to_string(),
+        format!("{:.2}x", f("raw_relay_p50_over_round_trip_p50")),
+        "(the floor of the target above)".to_string(),
+    ]);
+    t.row([
+        "aegis p50 / raw relay p50 (Aegis's own work on the path)".to_string(),
+        format!("{:.2}x", f("aegis_p50_over_raw_relay_p50")),
         "(where the latency goes)".to_string(),
     ]);
     t.row([
