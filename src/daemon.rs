@@ -192,7 +192,7 @@ impl Daemon {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     }
 
-    /// Serves until a signal (or [`Daemon::stop_flag`]), then stops every session, removes
+    /// Serves until a signal (or [`Daemon::stop_handle`]), then stops every session, removes
     /// every segment and the socket.
     pub fn run(self) {
         let monitor = {
