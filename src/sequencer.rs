@@ -205,7 +205,6 @@ const STAGED_OVERHEAD: usize = aegis_shm_client::frame::FRAME_HEADER_LEN;
 /// tiny rings (tests, latency runs) still reorder ordinary runs.
 const MIN_STAGING_BYTES: usize = 1 << 20;
 
-/// A frame copied out of its ring to be reordered within its run.
 /// What the merge reads of a peeked frame's header.
 #[derive(Copy, Clone)]
 struct Head {
@@ -231,6 +230,7 @@ impl Head {
     }
 }
 
+/// A frame copied out of its ring to be reordered within its run.
 struct Staged {
     key: u128,
     header: FrameHeader,

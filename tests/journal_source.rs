@@ -252,8 +252,10 @@ fn a_corrupt_journal_frame_fails_the_backtest_naming_file_and_frame() {
     let len = |b: &[u8]| u32::from_le_bytes(b[..4].try_into().unwrap());
     let set_len = |b: &mut [u8], n: u32| b[..4].copy_from_slice(&n.to_le_bytes());
     // Each rule the merge's quick check of a journal frame stands for (its kind, its payload
-    // length, its flags), broken alone: every one is refused with check_frame's own reason.
-    let cases: [(&str, Box<Edit>, &str); 8] = [
+    // length, its flags: each known flag but LATE, and unknown bits), broken alone (the
+    // control case breaks kind and flags together, as an end-of-stream frame in the middle
+    // would): every one is refused with check_frame's own reason.
+    let cases: [(&str, Box<Edit>, &str); 12] = [
         ("kind9", Box::new(|b| b[4] = 9), "unknown frame kind 9"),
         (
             "book",
@@ -298,6 +300,26 @@ fn a_corrupt_journal_frame_fails_the_backtest_naming_file_and_frame() {
             "padding",
             Box::new(|b| b[5] = flags::PADDING | flags::LATE),
             "padding on an event",
+        ),
+        (
+            "heartbeat",
+            Box::new(|b| b[5] = flags::HEARTBEAT),
+            "unexpected flags 0x04 on an event",
+        ),
+        (
+            "abort",
+            Box::new(|b| b[5] = flags::ABORT | flags::LATE),
+            "unexpected flags 0x12 on an event",
+        ),
+        (
+            "gap",
+            Box::new(|b| b[5] = flags::GAP),
+            "unknown frame flags 0x20",
+        ),
+        (
+            "unknown",
+            Box::new(|b| b[5] = 0x80),
+            "unknown frame flags 0x80",
         ),
     ];
     for (name, edit, expected) in cases {

@@ -154,11 +154,15 @@ pub(super) fn relay_histogram(samples: u64) -> Result<Histogram<u64>, BenchError
         .name("aegis-bench-relay".into())
         .spawn(move || -> Result<(), BenchError> {
             pin(cores.map(|c| c.1));
+            // A relay that fails or panics stops the origin at once, which then reports
+            // `Aborted` and lets the relay's own error through (`first_error`).
+            let failed = AbortUnlessDone(&a, false);
             let mut w = Waiter::new(spinning(), "relay");
             for k in 1..=total {
                 let first = t.wait(k, &mut w, &a)?;
                 b.write(k, first);
             }
+            failed.done();
             Ok(())
         })
         .map_err(setup_err("spawn"))?;
@@ -190,6 +194,24 @@ pub(super) fn relay_histogram(samples: u64) -> Result<Histogram<u64>, BenchError
         (h, r) => {
             first_error(h.map(drop), r)?;
             unreachable!("one of them failed")
+        }
+    }
+}
+
+/// Sets the abort flag when dropped before [`AbortUnlessDone::done`]: on an early return
+/// or a panic of the thread that holds it.
+struct AbortUnlessDone<'a>(&'a AtomicBool, bool);
+
+impl AbortUnlessDone<'_> {
+    fn done(mut self) {
+        self.1 = true;
+    }
+}
+
+impl Drop for AbortUnlessDone<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.store(true, Ordering::Relaxed);
         }
     }
 }
