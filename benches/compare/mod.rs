@@ -212,6 +212,27 @@ fn join<T>(h: JoinHandle<Result<T, BenchError>>, what: &str) -> Result<T, BenchE
         .unwrap_or_else(|_| Err(BenchError::Failed(format!("{what} thread panicked"))))
 }
 
+/// Joins the measuring thread `main`, then its helper thread (stopped through `abort` first
+/// if the measuring one failed); the measurement, or the error that caused the failure.
+fn join_pair<T>(
+    main: (JoinHandle<Result<T, BenchError>>, &str),
+    helper: (JoinHandle<Result<(), BenchError>>, &str),
+    abort: &AtomicBool,
+) -> Result<T, BenchError> {
+    let m = join(main.0, main.1);
+    if m.is_err() {
+        abort.store(true, Ordering::Relaxed);
+    }
+    let h = join(helper.0, helper.1);
+    match (m, h) {
+        (Ok(m), Ok(())) => Ok(m),
+        (m, h) => {
+            first_error(m.map(drop), h)?;
+            unreachable!("one of them failed")
+        }
+    }
+}
+
 /// Sets the flags when dropped: whatever way the measuring thread leaves (error or panic),
 /// the other threads of the run stop.
 struct StopOnDrop(Vec<Arc<AtomicBool>>);

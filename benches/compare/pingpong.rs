@@ -61,19 +61,11 @@ pub(super) fn pingpong_histogram(samples: u64) -> Result<Histogram<u64>, BenchEr
             Ok(h)
         })
         .map_err(setup_err("spawn"))?;
-    let h = join(pinger, "ping-pong initiator");
-    if h.is_err() {
-        abort.store(true, Ordering::Relaxed);
-    }
-    let p = join(ponger, "ping-pong responder");
-    let h = match (h, p) {
-        (Ok(h), Ok(())) => h,
-        (h, p) => {
-            first_error(h.map(drop), p)?;
-            unreachable!("one of them failed")
-        }
-    };
-    Ok(h)
+    join_pair(
+        (pinger, "ping-pong initiator"),
+        (ponger, "ping-pong responder"),
+        &abort,
+    )
 }
 
 pub(super) const RELAY: &str = "raw relay (2 hops through a thread, 112-byte frame, tail words)";
@@ -184,18 +176,7 @@ pub(super) fn relay_histogram(samples: u64) -> Result<Histogram<u64>, BenchError
             Ok(h)
         })
         .map_err(setup_err("spawn"))?;
-    let h = join(origin, "relay origin");
-    if h.is_err() {
-        abort.store(true, Ordering::Relaxed);
-    }
-    let r = join(relay, "relay");
-    match (h, r) {
-        (Ok(h), Ok(())) => Ok(h),
-        (h, r) => {
-            first_error(h.map(drop), r)?;
-            unreachable!("one of them failed")
-        }
-    }
+    join_pair((origin, "relay origin"), (relay, "relay"), &abort)
 }
 
 /// Sets the abort flag when dropped before [`AbortUnlessDone::done`]: on an early return
